@@ -1,0 +1,529 @@
+//! Plan analysis: derive every column's *use* from DataFusion's logical plan,
+//! check it against the grant, and extract the query's DP shape.
+//!
+//! Decisions depend on the plan, the policy and public metadata only.
+
+use std::collections::BTreeSet;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchemaRef, TableReference};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use datafusion::scalar::ScalarValue;
+use veil_policy::{Column, Dataset, Grant, Policy, Use};
+
+use crate::error::{EngineError, Result, Rule};
+
+/// One aggregate of the query, in the Aggregate node's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AggregateCall {
+    /// `COUNT(*)` (or `COUNT(<literal>)`).
+    CountStar,
+    /// `SUM(col)`.
+    Sum(String),
+    /// `AVG(col)`.
+    Avg(String),
+}
+
+/// The DP shape of an aggregate query over one private dataset.
+#[derive(Debug, Clone)]
+pub struct PrivateQuery {
+    /// Dataset id.
+    pub dataset: String,
+    /// Operator predicates (below the aggregate), to be AND-ed.
+    pub predicates: Vec<Expr>,
+    /// GROUP BY columns, in order.
+    pub group_columns: Vec<String>,
+    /// Aggregates, in the Aggregate node's order.
+    pub aggregates: Vec<AggregateCall>,
+    /// Output schema of the Aggregate node (group columns, then aggregates).
+    pub aggregate_schema: DFSchemaRef,
+    /// The operator's whole plan; everything above the Aggregate node is
+    /// post-processing of noisy values.
+    pub plan: LogicalPlan,
+}
+
+/// What a query is, once checked.
+#[derive(Debug, Clone)]
+pub enum Analyzed {
+    /// Touches public datasets only: runs as planned, no DP, no charge.
+    Public(LogicalPlan),
+    /// Aggregates one private dataset.
+    Private(PrivateQuery),
+}
+
+/// An expression without any of its (possibly nested) aliases.
+pub fn strip_aliases(e: &Expr) -> Expr {
+    let mut e = e.clone();
+    while let Expr::Alias(a) = e {
+        e = *a.expr;
+    }
+    e
+}
+
+/// Dataset ids scanned by a plan, subqueries included.
+pub fn scanned_datasets(plan: &LogicalPlan) -> Result<Vec<String>> {
+    let mut out = BTreeSet::new();
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            out.insert(dataset_id(&scan.table_name));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    Ok(out.into_iter().collect())
+}
+
+/// The dataset id a table reference names.
+pub fn dataset_id(t: &TableReference) -> String {
+    match t.schema() {
+        Some(s) => format!("{s}.{}", t.table()),
+        None => t.table().to_owned(),
+    }
+}
+
+struct Ctx<'a> {
+    grant: &'a Grant,
+    dataset: &'a Dataset,
+    schema: SchemaRef,
+}
+
+impl Ctx<'_> {
+    fn column(&self, name: &str) -> Result<&Column> {
+        self.dataset.column(name).ok_or_else(|| {
+            EngineError::rejected(
+                Rule::ColumnNotGranted,
+                format!(
+                    "column `{name}` is not part of dataset `{}` under grant `{}`",
+                    self.dataset.id, self.grant.id
+                ),
+            )
+        })
+    }
+
+    fn require(&self, name: &str, u: Use) -> Result<&Column> {
+        let col = self.column(name)?;
+        if col.identifier && matches!(u, Use::GroupBy | Use::Aggregate | Use::Project) {
+            let rule = if u == Use::GroupBy {
+                Rule::GroupByIdentifier
+            } else {
+                Rule::ColumnUseNotGranted
+            };
+            return Err(EngineError::rejected(
+                rule,
+                format!(
+                    "`{}.{name}` is an identifier; it may never be used for {u} (group by a public attribute such as district instead)",
+                    self.dataset.id
+                ),
+            ));
+        }
+        let granted = self
+            .grant
+            .scope(&self.dataset.id)
+            .and_then(|s| s.columns.get(name));
+        match granted {
+            Some(uses) if uses.contains(&u) => Ok(col),
+            Some(uses) => Err(EngineError::rejected(
+                Rule::ColumnUseNotGranted,
+                format!(
+                    "grant `{}` does not allow {u} on `{}.{name}` (granted: {}); rewrite the query or ask the data owner to widen the grant",
+                    self.grant.id,
+                    self.dataset.id,
+                    if uses.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        uses.iter()
+                            .map(|u| u.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+            )),
+            None => Err(EngineError::rejected(
+                Rule::ColumnNotGranted,
+                format!(
+                    "column `{}.{name}` is not granted to operator `{}` under grant `{}`",
+                    self.dataset.id, self.grant.grantee, self.grant.id
+                ),
+            )),
+        }
+    }
+}
+
+/// Checks a planned query against the grant and extracts its shape.
+pub fn analyze(plan: LogicalPlan, policy: &Policy, grant: &Grant) -> Result<Analyzed> {
+    reject_forbidden_nodes(&plan)?;
+    let datasets = scanned_datasets(&plan)?;
+    let private: Vec<&Dataset> = datasets
+        .iter()
+        .filter_map(|d| policy.datasets.get(d))
+        .filter(|d| !d.is_public())
+        .collect();
+    if private.is_empty() {
+        return Ok(Analyzed::Public(plan));
+    }
+    let mut scans = 0;
+    let mut subqueries = false;
+    plan.apply_with_subqueries(|node| {
+        match node {
+            LogicalPlan::TableScan(_) => scans += 1,
+            LogicalPlan::Subquery(_) => subqueries = true,
+            _ => {}
+        }
+        for e in node.expressions() {
+            subqueries |= e
+                .exists(|e| {
+                    Ok(matches!(
+                        e,
+                        Expr::ScalarSubquery(_)
+                            | Expr::Exists(_)
+                            | Expr::InSubquery(_)
+                            | Expr::OuterReferenceColumn(..)
+                    ))
+                })
+                .unwrap_or(true);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    if subqueries {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            "subqueries over private datasets are not supported yet; aggregate the private table directly",
+        ));
+    }
+    if scans != 1 || datasets.len() != 1 {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            "queries combining a private dataset with other tables are not supported yet; query one private table",
+        ));
+    }
+    let mut schema = None;
+    plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            schema = Some(scan.source.schema());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let ctx = Ctx {
+        grant,
+        dataset: private[0],
+        schema: schema.ok_or_else(|| EngineError::Internal("no table scan".into()))?,
+    };
+    analyze_private(plan, &ctx)
+}
+
+fn reject_forbidden_nodes(plan: &LogicalPlan) -> Result<()> {
+    let mut bad: Option<&'static str> = None;
+    plan.apply_with_subqueries(|node| {
+        bad = match node {
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => Some("EXPLAIN"),
+            LogicalPlan::DescribeTable(_) => Some("DESCRIBE"),
+            LogicalPlan::RecursiveQuery(_) => Some("recursive CTEs"),
+            LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) | LogicalPlan::Copy(_) => {
+                Some("data definition or modification")
+            }
+            LogicalPlan::Statement(_) => Some("statements"),
+            LogicalPlan::Extension(_) => Some("extension nodes"),
+            _ => None,
+        };
+        Ok(if bad.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
+    match bad {
+        Some(what) => Err(EngineError::rejected(
+            Rule::SingleSelect,
+            format!("{what} is not accepted"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
+    // Walk down from the root through post-processing nodes to the aggregate.
+    let mut node = &plan;
+    let aggregate = loop {
+        match node {
+            LogicalPlan::Aggregate(a) => break a,
+            LogicalPlan::Projection(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::SubqueryAlias(_) => node = node.inputs()[0],
+            LogicalPlan::TableScan(_) => {
+                return Err(project_private(ctx, &plan));
+            }
+            other => return Err(unsupported_node(other)),
+        }
+    };
+    let mut group_columns = Vec::new();
+    for g in &aggregate.group_expr {
+        match strip_aliases(g) {
+            Expr::Column(c) => {
+                let col = ctx.require(&c.name, Use::GroupBy)?;
+                if col.domain.is_none() {
+                    return Err(EngineError::rejected(
+                        Rule::GroupKeyWithoutDomain,
+                        format!(
+                            "`{}.{}` has no declared public domain, so its keys cannot be released without DP partition selection (not supported yet); group by a column with a declared domain",
+                            ctx.dataset.id, c.name
+                        ),
+                    ));
+                }
+                group_columns.push(c.name.clone());
+            }
+            _ => {
+                return Err(EngineError::rejected(
+                    Rule::UnsupportedShape,
+                    "GROUP BY accepts plain columns only (no expressions or grouping sets yet)",
+                ));
+            }
+        }
+    }
+    let mut aggregates = Vec::new();
+    for a in &aggregate.aggr_expr {
+        aggregates.push(aggregate_call(a, ctx)?);
+    }
+    let mut predicates = Vec::new();
+    let mut below = aggregate.input.as_ref();
+    loop {
+        match below {
+            LogicalPlan::Filter(f) => {
+                check_predicate(&f.predicate, ctx)?;
+                predicates.push(f.predicate.clone());
+                below = f.input.as_ref();
+            }
+            LogicalPlan::SubqueryAlias(s) => below = s.input.as_ref(),
+            LogicalPlan::TableScan(_) => break,
+            other => return Err(unsupported_node(other)),
+        }
+    }
+    Ok(Analyzed::Private(PrivateQuery {
+        dataset: ctx.dataset.id.clone(),
+        predicates,
+        group_columns,
+        aggregates,
+        aggregate_schema: aggregate.schema.clone(),
+        plan: plan.clone(),
+    }))
+}
+
+fn unsupported_node(node: &LogicalPlan) -> EngineError {
+    let what = match node {
+        LogicalPlan::Join(_) => "joins",
+        LogicalPlan::Window(_) => "window functions",
+        LogicalPlan::Union(_) => "UNION",
+        LogicalPlan::Distinct(_) => "DISTINCT",
+        LogicalPlan::Aggregate(_) => "nested aggregates",
+        LogicalPlan::Unnest(_) => "UNNEST",
+        LogicalPlan::Values(_) => "VALUES",
+        LogicalPlan::Projection(_) => "expressions below the aggregate",
+        _ => "this query shape",
+    };
+    EngineError::rejected(
+        Rule::UnsupportedShape,
+        format!("{what} over private data are not supported yet"),
+    )
+}
+
+fn project_private(ctx: &Ctx<'_>, plan: &LogicalPlan) -> EngineError {
+    let name = plan
+        .schema()
+        .fields()
+        .first()
+        .map(|f| f.name().clone())
+        .unwrap_or_default();
+    EngineError::rejected(
+        Rule::ProjectPrivateColumn,
+        format!(
+            "`{}.{name}` is private (dataset level {}) and may not appear in output rows; veil releases only noisy aggregates, e.g. SELECT district, COUNT(*) FROM {} GROUP BY district",
+            ctx.dataset.id, ctx.dataset.level, ctx.dataset.id
+        ),
+    )
+}
+
+fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
+    let Expr::AggregateFunction(AggregateFunction { func, params }) = strip_aliases(e) else {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            "only plain aggregate calls are supported",
+        ));
+    };
+    let name = func.name().to_ascii_uppercase();
+    if name == "MIN" || name == "MAX" {
+        return Err(EngineError::rejected(
+            Rule::AggregateNotAllowed,
+            format!(
+                "{name} reveals one unit's value and is not released; use a percentile instead"
+            ),
+        ));
+    }
+    if !ctx.grant.agg_functions.contains(&name) {
+        return Err(EngineError::rejected(
+            Rule::AggregateNotAllowed,
+            format!(
+                "grant `{}` allows only {}; {name} is not among them",
+                ctx.grant.id,
+                ctx.grant
+                    .agg_functions
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    if params.distinct || params.filter.is_some() || !params.order_by.is_empty() {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            format!("{name} with DISTINCT, FILTER or ORDER BY is not supported yet"),
+        ));
+    }
+    let column = |args: &[Expr]| -> Result<String> {
+        match args {
+            [Expr::Column(c)] => Ok(c.name.clone()),
+            _ => Err(EngineError::rejected(
+                Rule::UnsupportedShape,
+                format!("{name} accepts a plain column argument"),
+            )),
+        }
+    };
+    let call = match name.as_str() {
+        "COUNT" => match params.args.as_slice() {
+            [Expr::Literal(v, _)] if !v.is_null() => AggregateCall::CountStar,
+            _ => {
+                return Err(EngineError::rejected(
+                    Rule::AggregateNotAllowed,
+                    "COUNT(column) is not supported yet; use COUNT(*)",
+                ));
+            }
+        },
+        "SUM" => AggregateCall::Sum(column(&params.args)?),
+        "AVG" => AggregateCall::Avg(column(&params.args)?),
+        _ => {
+            return Err(EngineError::rejected(
+                Rule::AggregateNotAllowed,
+                format!("{name} is not supported"),
+            ));
+        }
+    };
+    if let AggregateCall::Sum(c) | AggregateCall::Avg(c) = &call {
+        let col = ctx.require(c, Use::Aggregate)?;
+        if col.bounds.is_none() {
+            return Err(EngineError::rejected(
+                Rule::AggregateNotAllowed,
+                format!(
+                    "`{}.{c}` has no bounds in the policy; ask the data owner to declare them, or query COUNT instead",
+                    ctx.dataset.id
+                ),
+            ));
+        }
+    }
+    Ok(call)
+}
+
+/// Checks a WHERE predicate: comparisons of a column with literals need
+/// `filter_literal`; any other use of a column needs `filter`.
+fn check_predicate(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And | Operator::Or,
+            right,
+        }) => {
+            check_predicate(left, ctx)?;
+            check_predicate(right, ctx)
+        }
+        Expr::Not(inner) => check_predicate(inner, ctx),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) if is_comparison(*op) => {
+            match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
+                    literal_use(c.name.as_str(), std::slice::from_ref(v), ctx)
+                }
+                _ => general_use(e, ctx),
+            }
+        }
+        Expr::InList(list) => match list.expr.as_ref() {
+            Expr::Column(c) => {
+                let values: Option<Vec<ScalarValue>> = list
+                    .list
+                    .iter()
+                    .map(|x| match x {
+                        Expr::Literal(v, _) => Some(v.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                match values {
+                    Some(vs) => literal_use(&c.name, &vs, ctx),
+                    None => general_use(e, ctx),
+                }
+            }
+            _ => general_use(e, ctx),
+        },
+        Expr::Between(b) => match (b.expr.as_ref(), b.low.as_ref(), b.high.as_ref()) {
+            (Expr::Column(c), Expr::Literal(lo, _), Expr::Literal(hi, _)) => {
+                literal_use(&c.name, &[lo.clone(), hi.clone()], ctx)
+            }
+            _ => general_use(e, ctx),
+        },
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => match inner.as_ref() {
+            Expr::Column(c) => literal_use(&c.name, &[], ctx),
+            _ => general_use(e, ctx),
+        },
+        _ => general_use(e, ctx),
+    }
+}
+
+fn is_comparison(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+    )
+}
+
+fn literal_use(column: &str, values: &[ScalarValue], ctx: &Ctx<'_>) -> Result<()> {
+    ctx.require(column, Use::FilterLiteral)?;
+    // A literal of another type class would make DataFusion cast the column,
+    // and a failing cast is a data-dependent error: refuse it up front.
+    let Ok(field) = ctx.schema.field_with_name(column) else {
+        return Ok(());
+    };
+    let want = type_class(field.data_type());
+    for v in values.iter().filter(|v| !v.is_null()) {
+        if type_class(&v.data_type()) != want {
+            return Err(EngineError::rejected(
+                Rule::InvalidSql,
+                format!("`{column}` holds {want}; compare it with {want} literals"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn type_class(t: &DataType) -> &'static str {
+    if t.is_numeric() {
+        "numbers"
+    } else if matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+        "text"
+    } else {
+        "other values"
+    }
+}
+
+fn general_use(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
+    for c in e.column_refs() {
+        ctx.require(&c.name, Use::Filter)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,510 @@
+//! The broker pipeline for one query: gate → plan → check → certify →
+//! reserve → execute → release → post-process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::Column as DfColumn;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::error::DataFusionError;
+use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, col};
+use datafusion::physical_plan::collect;
+use veil_policy::{Grant, Policy};
+
+use crate::accounting::Budget;
+use crate::analyze::{Analyzed, analyze, dataset_id};
+use crate::catalog::Catalog;
+use crate::error::{EngineError, Result, Rule};
+use crate::execute::execute_certified;
+use crate::gate::gate;
+use crate::ledger::{ChargeState, Ledger, ReserveError};
+use crate::mechanisms::{Release, release};
+use crate::rewrite::{CertifiedPlan, certify};
+
+/// Schema metadata keys of an answer.
+pub mod meta {
+    /// Cost charged, in the grant's unit.
+    pub const COST: &str = "veil.cost";
+    /// `epsilon` or `rho`.
+    pub const UNIT: &str = "veil.budget_unit";
+    /// Remaining budget after this query.
+    pub const REMAINING: &str = "veil.budget_remaining";
+    /// Total budget of the grant.
+    pub const TOTAL: &str = "veil.budget_total";
+    /// Grant id.
+    pub const GRANT: &str = "veil.grant";
+    /// Policy hash.
+    pub const POLICY: &str = "veil.policy_hash";
+    /// Request id.
+    pub const REQUEST: &str = "veil.request_id";
+    /// How group keys were chosen.
+    pub const KEYS: &str = "veil.keys";
+    /// Field: mechanism.
+    pub const MECHANISM: &str = "veil.mechanism";
+    /// Field: noise scale in output units.
+    pub const SCALE: &str = "veil.scale";
+    /// Field: half-width of the 95% interval.
+    pub const CI95: &str = "veil.ci95_half_width";
+    /// Field: aggregate computed.
+    pub const AGGREGATE: &str = "veil.aggregate";
+}
+
+/// What a query returns.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Schema, with accuracy and budget metadata.
+    pub schema: SchemaRef,
+    /// Rows.
+    pub batches: Vec<RecordBatch>,
+    /// Request id.
+    pub request_id: String,
+}
+
+/// The engine of one domain: policy, catalog and ledger.
+#[derive(Debug)]
+pub struct Engine {
+    policy: Arc<Policy>,
+    catalog: Catalog,
+    ledger: Ledger,
+}
+
+enum Planned {
+    Public {
+        plan: LogicalPlan,
+        grant: Grant,
+    },
+    Private {
+        certified: Box<CertifiedPlan>,
+        planning: SessionState,
+        grant: Grant,
+    },
+}
+
+impl Engine {
+    /// Assembles an engine.
+    pub fn new(policy: Arc<Policy>, catalog: Catalog, ledger: Ledger) -> Engine {
+        Engine {
+            policy,
+            catalog,
+            ledger,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Remaining budget of each grant of an operator: (grant, unit, remaining, total).
+    pub fn budgets(&self, operator: &str) -> Result<Vec<(String, &'static str, f64, f64)>> {
+        let mut out = Vec::new();
+        for g in self.policy.grants_of(operator) {
+            if let Some(dp) = &g.dp {
+                let unit = crate::accounting::Mechanism::for_grant(dp).unit();
+                let total = Budget::total(dp.budget)?;
+                let spent = self.ledger.spent(&g.id, unit)?;
+                out.push((
+                    g.id.clone(),
+                    unit,
+                    total.micro().saturating_sub(spent.micro()) as f64
+                        / crate::accounting::MICRO as f64,
+                    total.as_f64(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs one query for an authenticated operator.
+    pub async fn run(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<Answer> {
+        let request_id = crate::mechanisms::request_id()?;
+        let outcome = self.run_inner(operator, sql, now, &request_id).await;
+        match &outcome {
+            Ok(_) => {
+                tracing::info!(request = %request_id, operator, decision = "released", "query answered")
+            }
+            Err(e) => {
+                tracing::info!(request = %request_id, operator, decision = "refused", code = e.code(), "query refused")
+            }
+        }
+        outcome
+    }
+
+    async fn run_inner(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+        request_id: &str,
+    ) -> Result<Answer> {
+        match self.plan(operator, sql, now).await? {
+            Planned::Public { plan, grant } => self.run_public(plan, &grant, request_id).await,
+            Planned::Private {
+                certified,
+                planning,
+                grant,
+            } => {
+                self.run_private(*certified, &planning, &grant, operator, request_id)
+                    .await
+            }
+        }
+    }
+
+    async fn plan(&self, operator: &str, sql: &str, now: DateTime<FixedOffset>) -> Result<Planned> {
+        let gated = gate(sql)?;
+        // Resolve the datasets from the AST, so the grant (and with it the
+        // visible columns) is known before planning.
+        let (tables, _ctes) = datafusion::sql::resolve::resolve_table_references(&gated.0, true)
+            .map_err(|e| EngineError::rejected(Rule::InvalidSql, e.to_string()))?;
+        let mut datasets = Vec::new();
+        for t in &tables {
+            let id = dataset_id(t);
+            if !self.policy.datasets.contains_key(&id) {
+                return Err(EngineError::rejected(
+                    Rule::InvalidSql,
+                    format!(
+                        "table `{t}` is not in the catalog; tables are named schema.table, e.g. pop.residents"
+                    ),
+                ));
+            }
+            if !datasets.contains(&id) {
+                datasets.push(id);
+            }
+        }
+        if datasets.is_empty() {
+            return Err(EngineError::rejected(
+                Rule::UnsupportedShape,
+                "the query reads no dataset",
+            ));
+        }
+        let ids: Vec<&str> = datasets.iter().map(String::as_str).collect();
+        let grant = self.policy.grant_for(operator, &ids, now)?.clone();
+        let planning = self.catalog.planning_state(&grant)?;
+        let plan = planning
+            .statement_to_plan(gated.0)
+            .await
+            .map_err(|e| self.planning_error(e, &grant, &datasets))?;
+        datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| EngineError::rejected(Rule::SingleSelect, e.to_string()))?;
+        match analyze(plan, &self.policy, &grant)? {
+            Analyzed::Public(plan) => Ok(Planned::Public { plan, grant }),
+            Analyzed::Private(q) => {
+                let certified = certify(q, &self.policy, &grant, &self.catalog, &planning)?;
+                Ok(Planned::Private {
+                    certified: Box::new(certified),
+                    planning,
+                    grant,
+                })
+            }
+        }
+    }
+
+    /// Maps a planning error; an unknown field that exists in the dataset but
+    /// is not granted is reported as such.
+    fn planning_error(
+        &self,
+        e: DataFusionError,
+        grant: &Grant,
+        datasets: &[String],
+    ) -> EngineError {
+        if let DataFusionError::SchemaError(err, _) = e.find_root()
+            && let datafusion::common::SchemaError::FieldNotFound { field, .. } = err.as_ref()
+        {
+            for d in datasets {
+                if let Some(ds) = self.policy.datasets.get(d)
+                    && ds.column(&field.name).is_some()
+                {
+                    return EngineError::rejected(
+                        Rule::ColumnNotGranted,
+                        format!(
+                            "column `{d}.{}` is not granted to operator `{}` under grant `{}`",
+                            field.name, grant.grantee, grant.id
+                        ),
+                    );
+                }
+            }
+        }
+        EngineError::rejected(
+            Rule::InvalidSql,
+            format!("the query does not plan: {}", e.strip_backtrace()),
+        )
+    }
+
+    async fn run_public(
+        &self,
+        plan: LogicalPlan,
+        grant: &Grant,
+        request_id: &str,
+    ) -> Result<Answer> {
+        // Swap the planning session's empty tables for the data files.
+        let plan = plan
+            .transform_up(|node| {
+                if let LogicalPlan::TableScan(mut scan) = node {
+                    let id = dataset_id(&scan.table_name);
+                    let schema = self
+                        .catalog
+                        .granted_schema(grant, &id)
+                        .map_err(|e| DataFusionError::Plan(e.to_string()))?;
+                    let table = self
+                        .catalog
+                        .data_table(&self.policy, &id, schema)
+                        .map_err(|e| DataFusionError::Plan(e.to_string()))?;
+                    scan.source = provider_as_source(table);
+                    Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+                } else {
+                    Ok(Transformed::no(node))
+                }
+            })
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .data;
+        let plan = LogicalPlanBuilder::from(plan)
+            .limit(0, Some(grant.max_result_rows as usize))
+            .and_then(|b| b.build())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let state = self.catalog.execution_state()?;
+        let failed = || EngineError::ExecutionFailed {
+            request: request_id.to_owned(),
+        };
+        let physical = state
+            .create_physical_plan(&plan)
+            .await
+            .map_err(|_| failed())?;
+        let batches = collect(physical, state.task_ctx())
+            .await
+            .map_err(|_| failed())?;
+        let mut metadata = HashMap::new();
+        metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
+        metadata.insert(meta::POLICY.to_owned(), self.policy.hash.clone());
+        metadata.insert(meta::REQUEST.to_owned(), request_id.to_owned());
+        metadata.insert(meta::COST.to_owned(), "0".to_owned());
+        let schema = Arc::new(plan.schema().as_arrow().clone().with_metadata(metadata));
+        let batches = with_schema(batches, &schema)?;
+        Ok(Answer {
+            schema,
+            batches,
+            request_id: request_id.to_owned(),
+        })
+    }
+
+    async fn run_private(
+        &self,
+        certified: CertifiedPlan,
+        planning: &SessionState,
+        grant: &Grant,
+        operator: &str,
+        request_id: &str,
+    ) -> Result<Answer> {
+        let spec = certified.spec();
+        let dp = grant
+            .dp
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
+        let unit = spec.mechanism.unit();
+        let total = Budget::total(dp.budget)?;
+        // 1. Durable charge before any data is read.
+        let reservation = self
+            .ledger
+            .reserve(
+                request_id,
+                &grant.id,
+                operator,
+                &self.policy.hash,
+                unit,
+                total,
+                spec.cost,
+            )
+            .map_err(|e| match e {
+                ReserveError::Exhausted { spent } => EngineError::BudgetExhausted {
+                    grant: grant.id.clone(),
+                    cost: spec.cost.as_f64(),
+                    remaining: total.micro().saturating_sub(spent.micro()) as f64
+                        / crate::accounting::MICRO as f64,
+                    budget: total.as_f64(),
+                    unit,
+                },
+                ReserveError::Ledger(m) => EngineError::Unavailable(format!(
+                    "privacy-budget ledger: {m}; no query is admitted until it is fixed"
+                )),
+            })?;
+        // 2. Execute; failures keep the charge.
+        self.ledger.advance(request_id, ChargeState::Dispatched)?;
+        let state = self.catalog.execution_state()?;
+        let exact = match execute_certified(&certified, &state, request_id).await {
+            Ok(x) => x,
+            Err(e) => {
+                self.ledger
+                    .advance(request_id, ChargeState::FailedAfterDispatch)?;
+                return Err(e);
+            }
+        };
+        // 3. Noise, then post-processing of noisy values only.
+        let aggregate_schema = Arc::new(spec.query.aggregate_schema.as_arrow().clone());
+        let released = release(spec, &exact, aggregate_schema)?;
+        drop(exact);
+        let (schema, batches) = post_process(&released, &certified, planning).await?;
+        self.ledger.advance(request_id, ChargeState::Released)?;
+        let mut metadata: HashMap<String, String> = HashMap::new();
+        metadata.insert(meta::COST.to_owned(), fmt_budget(spec.cost.as_f64()));
+        metadata.insert(meta::UNIT.to_owned(), unit.to_owned());
+        metadata.insert(
+            meta::REMAINING.to_owned(),
+            fmt_budget(reservation.remaining().as_f64()),
+        );
+        metadata.insert(meta::TOTAL.to_owned(), fmt_budget(total.as_f64()));
+        metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
+        metadata.insert(meta::POLICY.to_owned(), self.policy.hash.clone());
+        metadata.insert(meta::REQUEST.to_owned(), request_id.to_owned());
+        metadata.insert(meta::KEYS.to_owned(), "public_domain".to_owned());
+        let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
+        let batches = with_schema(batches, &schema)?;
+        Ok(Answer {
+            schema,
+            batches,
+            request_id: request_id.to_owned(),
+        })
+    }
+}
+
+fn fmt_budget(x: f64) -> String {
+    format!("{x:.6}")
+}
+
+fn with_schema(batches: Vec<RecordBatch>, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+    batches
+        .into_iter()
+        .map(|b| {
+            RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                .map_err(|e| EngineError::Internal(e.to_string()))
+        })
+        .collect()
+}
+
+/// Runs the operator's plan above its Aggregate node over the release, and
+/// labels every output column that carries a noisy aggregate.
+async fn post_process(
+    released: &Release,
+    certified: &CertifiedPlan,
+    planning: &SessionState,
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let spec = certified.spec();
+    let agg_schema = spec.query.aggregate_schema.clone();
+    let batch = released.batch().clone();
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    // Re-create the Aggregate node's exact output schema (names and qualifiers).
+    let exprs: Vec<Expr> = agg_schema
+        .iter()
+        .map(|(qualifier, field)| {
+            col(DfColumn::new(Some("__veil_release"), field.name()))
+                .alias_qualified(qualifier.cloned(), field.name())
+        })
+        .collect();
+    let replacement =
+        LogicalPlanBuilder::scan("__veil_release", provider_as_source(Arc::new(table)), None)
+            .and_then(|b| b.project(exprs))
+            .and_then(|b| b.build())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let plan = spec
+        .query
+        .plan
+        .clone()
+        .transform_up(|node| {
+            Ok(if matches!(node, LogicalPlan::Aggregate(_)) {
+                Transformed::yes(replacement.clone())
+            } else {
+                Transformed::no(node)
+            })
+        })
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .data
+        .recompute_schema()
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let physical = planning
+        .create_physical_plan(&plan)
+        .await
+        .map_err(|e| EngineError::Internal(format!("post-processing: {}", e.strip_backtrace())))?;
+    let batches = collect(physical, planning.task_ctx())
+        .await
+        .map_err(|e| EngineError::Internal(format!("post-processing: {}", e.strip_backtrace())))?;
+    // Label output columns: trace each through the top projection to the
+    // aggregate it shows.
+    let groups = spec.group_columns.len();
+    let out_schema = plan.schema().as_arrow().clone();
+    let origins = output_origins(&plan, &agg_schema);
+    let fields: Vec<Field> = out_schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(k, f)| {
+            let mut md = HashMap::new();
+            match origins.get(k).copied().flatten() {
+                Some(j) if j >= groups => {
+                    let acc = &released.accuracy()[j - groups];
+                    md.insert(meta::MECHANISM.to_owned(), acc.mechanism.to_owned());
+                    md.insert(meta::SCALE.to_owned(), format!("{}", acc.scale));
+                    md.insert(meta::CI95.to_owned(), format!("{}", acc.half_width_95));
+                    md.insert(meta::AGGREGATE.to_owned(), acc.aggregate.clone());
+                }
+                Some(_) => {
+                    md.insert(meta::KEYS.to_owned(), "public_domain".to_owned());
+                }
+                None => {
+                    md.insert(meta::MECHANISM.to_owned(), "post_processing".to_owned());
+                }
+            }
+            f.as_ref().clone().with_metadata(md)
+        })
+        .collect();
+    Ok((Arc::new(Schema::new(fields)), batches))
+}
+
+/// For each output column, the index of the Aggregate output column it shows
+/// unchanged (if any).
+fn output_origins(
+    plan: &LogicalPlan,
+    agg_schema: &datafusion::common::DFSchemaRef,
+) -> Vec<Option<usize>> {
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Projection(p) => {
+                return p
+                    .expr
+                    .iter()
+                    .map(|e| match crate::analyze::strip_aliases(e) {
+                        Expr::Column(c) => agg_schema.index_of_column(&c).ok().or_else(|| {
+                            agg_schema.fields().iter().position(|f| f.name() == &c.name)
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            LogicalPlan::Sort(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::Filter(_)
+            | LogicalPlan::SubqueryAlias(_) => {
+                node = node.inputs()[0];
+            }
+            _ => return (0..agg_schema.fields().len()).map(Some).collect(),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The catalog: what each dataset looks like, and the hand-built DataFusion
+//! sessions that plan and execute queries.
+//!
+//! Operators plan against a session whose tables are [`EmptyTable`]s holding
+//! only the columns their grant exposes: planning can never touch data.
+//! Execution sessions read Parquet through an object store confined to the
+//! data directory; there is no `file://` store, no table factory, no table
+//! function and no information_schema.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::{
+    CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
+    SchemaProvider, TableProvider,
+};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::SessionStateDefaults;
+use datafusion::execution::object_store::ObjectStoreRegistry;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::functions::core::planner::CoreFunctionPlanner;
+use datafusion::functions_aggregate::planner::AggregateFunctionPlanner;
+use datafusion::logical_expr::planner::ExprPlanner;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::prelude::SessionConfig;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use url::Url;
+use veil_policy::{Grant, Policy};
+
+use crate::error::{EngineError, Result};
+
+/// Catalog name every session uses.
+pub const CATALOG: &str = "veil";
+/// URL scheme of the data directory's object store.
+const DATA_SCHEME: &str = "veil-data";
+
+/// Scalar functions an operator's SQL may call. Everything else DataFusion
+/// ships (file readers, regexes, crypto, random) is absent from the session.
+pub const ALLOWED_SCALAR_FUNCTIONS: &[&str] = &[
+    "abs", "ceil", "floor", "round", "trunc", "coalesce", "nullif", "greatest", "least",
+];
+/// Aggregate functions the planner knows; the policy narrows them further.
+pub const ALLOWED_AGGREGATE_FUNCTIONS: &[&str] = &["count", "sum", "avg", "min", "max"];
+
+/// Datasets' file schemas and the data directory.
+#[derive(Debug)]
+pub struct Catalog {
+    data_dir: PathBuf,
+    schemas: BTreeMap<String, SchemaRef>,
+}
+
+impl Catalog {
+    /// Reads each dataset's schema from its Parquet footer (metadata only).
+    pub fn open(policy: &Policy, data_dir: &Path) -> Result<Catalog> {
+        let data_dir = data_dir.canonicalize().map_err(|e| {
+            EngineError::Unavailable(format!(
+                "data directory {} is not readable: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let mut schemas = BTreeMap::new();
+        for ds in policy.datasets.values() {
+            let path = data_dir.join(&ds.source_path);
+            let file = File::open(&path).map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "dataset `{}`: cannot open {}: {e}",
+                    ds.id,
+                    path.display()
+                ))
+            })?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "dataset `{}`: {} is not a Parquet file: {e}",
+                    ds.id,
+                    path.display()
+                ))
+            })?;
+            let schema = builder.schema().clone();
+            for col in &ds.columns {
+                if schema.field_with_name(&col.name).is_err() {
+                    return Err(EngineError::Unavailable(format!(
+                        "dataset `{}`: column `{}` declared in the policy is missing from {}",
+                        ds.id,
+                        col.name,
+                        path.display()
+                    )));
+                }
+            }
+            schemas.insert(ds.id.clone(), schema);
+        }
+        Ok(Catalog { data_dir, schemas })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The file schema of a dataset.
+    pub fn file_schema(&self, dataset: &str) -> Result<SchemaRef> {
+        self.schemas
+            .get(dataset)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("dataset `{dataset}` has no schema")))
+    }
+
+    /// The schema an operator sees of a dataset under a grant: granted columns only.
+    pub fn granted_schema(&self, grant: &Grant, dataset: &str) -> Result<SchemaRef> {
+        let file = self.file_schema(dataset)?;
+        let scope = grant
+            .scope(dataset)
+            .ok_or_else(|| EngineError::Internal(format!("grant lacks dataset `{dataset}`")))?;
+        let fields: Vec<_> = file
+            .fields()
+            .iter()
+            .filter(|f| scope.columns.contains_key(f.name()))
+            .cloned()
+            .collect();
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    /// A session for planning an operator's SQL: only granted tables and
+    /// columns, backed by empty tables.
+    pub fn planning_state(&self, grant: &Grant) -> Result<SessionState> {
+        let catalog = MemoryCatalogProvider::new();
+        for scope in &grant.scopes {
+            let (schema_name, table) = scope
+                .dataset
+                .split_once('.')
+                .ok_or_else(|| EngineError::Internal("dataset id without schema".into()))?;
+            let schema = match catalog.schema(schema_name) {
+                Some(s) => s,
+                None => {
+                    let s: Arc<dyn SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+                    catalog
+                        .register_schema(schema_name, s.clone())
+                        .map_err(internal)?;
+                    s
+                }
+            };
+            let provider: Arc<dyn TableProvider> =
+                Arc::new(EmptyTable::new(self.granted_schema(grant, &scope.dataset)?));
+            schema
+                .register_table(table.to_owned(), provider)
+                .map_err(internal)?;
+        }
+        let list = MemoryCatalogProviderList::new();
+        datafusion::catalog::CatalogProviderList::register_catalog(
+            &list,
+            CATALOG.to_owned(),
+            Arc::new(catalog),
+        );
+        let scalar = SessionStateDefaults::default_scalar_functions()
+            .into_iter()
+            .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()))
+            .collect();
+        let aggregate = SessionStateDefaults::default_aggregate_functions()
+            .into_iter()
+            .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
+            .collect();
+        let planners: Vec<Arc<dyn ExprPlanner>> = vec![
+            Arc::new(CoreFunctionPlanner::default()),
+            Arc::new(AggregateFunctionPlanner),
+        ];
+        Ok(SessionStateBuilder::new()
+            .with_config(session_config())
+            .with_runtime_env(
+                RuntimeEnvBuilder::new()
+                    .with_object_store_registry(Arc::new(NoStores))
+                    .build_arc()
+                    .map_err(internal)?,
+            )
+            .with_catalog_list(Arc::new(list))
+            .with_scalar_functions(scalar)
+            .with_aggregate_functions(aggregate)
+            .with_window_functions(vec![])
+            .with_table_function_list(vec![])
+            .with_expr_planners(planners)
+            .build())
+    }
+
+    /// A session that executes certified plans: reads only the data directory.
+    pub fn execution_state(&self) -> Result<SessionState> {
+        let registry = DataDirStore {
+            store: Arc::new(LocalFileSystem::new_with_prefix(&self.data_dir).map_err(internal)?),
+        };
+        Ok(SessionStateBuilder::new()
+            .with_config(session_config())
+            .with_runtime_env(
+                RuntimeEnvBuilder::new()
+                    .with_object_store_registry(Arc::new(registry))
+                    .build_arc()
+                    .map_err(internal)?,
+            )
+            .with_table_function_list(vec![])
+            .build())
+    }
+
+    /// A table provider that reads a dataset's Parquet file with `schema`
+    /// (a subset of the file's columns).
+    pub fn data_table(
+        &self,
+        policy: &Policy,
+        dataset: &str,
+        schema: SchemaRef,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let ds = policy
+            .datasets
+            .get(dataset)
+            .ok_or_else(|| EngineError::Internal(format!("unknown dataset `{dataset}`")))?;
+        let url = ListingTableUrl::parse(format!("{DATA_SCHEME}://data/{}", ds.source_path))
+            .map_err(internal)?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(Arc::new(ListingTable::try_new(config).map_err(internal)?))
+    }
+}
+
+fn session_config() -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_information_schema(false)
+        .with_create_default_catalog_and_schema(false)
+        .with_default_catalog_and_schema(CATALOG, "public")
+        .with_target_partitions(2);
+    let options = config.options_mut();
+    options.execution.parquet.schema_force_view_types = false;
+    options.sql_parser.map_string_types_to_utf8view = false;
+    options.sql_parser.enable_ident_normalization = true;
+    config
+}
+
+fn internal(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Internal(e.to_string())
+}
+
+/// An object-store registry with no stores at all: planning sessions read nothing.
+#[derive(Debug)]
+struct NoStores;
+
+impl ObjectStoreRegistry for NoStores {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        Err(datafusion::error::DataFusionError::Plan(format!(
+            "no object store for scheme `{}`",
+            url.scheme()
+        )))
+    }
+}
+
+/// The execution registry: one store, confined to the data directory.
+#[derive(Debug)]
+struct DataDirStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ObjectStoreRegistry for DataDirStore {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        if url.scheme() == DATA_SCHEME && url.host_str() == Some("data") {
+            Ok(self.store.clone())
+        } else {
+            Err(datafusion::error::DataFusionError::Plan(format!(
+                "no object store for scheme `{}`",
+                url.scheme()
+            )))
+        }
+    }
+}

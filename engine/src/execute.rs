@@ -1,0 +1,139 @@
+//! The executor side: runs a [`CertifiedPlan`] and returns bounded aggregates.
+//!
+//! This is the only code that reads raw data. Its sole output is
+//! [`BoundedAggregates`]; any failure becomes [`EngineError::ExecutionFailed`]
+//! with no detail, because what failed may depend on the data.
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Int64Type};
+use datafusion::execution::session_state::SessionState;
+use datafusion::physical_plan::collect;
+use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
+
+use crate::error::{EngineError, Result};
+use crate::rewrite::{COUNT_COLUMN, CertifiedPlan, sum_column};
+
+/// Executes a certified plan on `state` (an execution session of the catalog).
+///
+/// Runs on its own task, so that a panic anywhere in planning or execution
+/// becomes the uniform error instead of taking the caller down. `request` is
+/// the correlation id used in the uniform error.
+pub async fn execute_certified(
+    plan: &CertifiedPlan,
+    state: &SessionState,
+    request: &str,
+) -> Result<BoundedAggregates> {
+    let (plan, state, id) = (plan.clone(), state.clone(), request.to_owned());
+    match tokio::spawn(async move { execute_inner(&plan, &state, &id).await }).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(request, "the executor task panicked or was cancelled");
+            Err(EngineError::ExecutionFailed {
+                request: request.to_owned(),
+            })
+        }
+    }
+}
+
+async fn execute_inner(
+    plan: &CertifiedPlan,
+    state: &SessionState,
+    request: &str,
+) -> Result<BoundedAggregates> {
+    let failed = || EngineError::ExecutionFailed {
+        request: request.to_owned(),
+    };
+    let physical = state.create_physical_plan(plan.plan()).await.map_err(|e| {
+        tracing::warn!(
+            request,
+            error_kind = error_kind(&e),
+            "planning the certified plan failed"
+        );
+        failed()
+    })?;
+    let batches = collect(physical, state.task_ctx()).await.map_err(|e| {
+        tracing::warn!(
+            request,
+            error_kind = error_kind(&e),
+            "executing the certified plan failed"
+        );
+        failed()
+    })?;
+    let spec = plan.spec();
+    let mut groups = Vec::new();
+    for batch in &batches {
+        read_batch(
+            batch,
+            spec.group_columns.len(),
+            spec.sums.len(),
+            &mut groups,
+        )
+        .ok_or_else(|| {
+            tracing::warn!(request, "bounded aggregate had an unexpected shape");
+            failed()
+        })?;
+    }
+    Ok(BoundedAggregates { groups })
+}
+
+fn read_batch(
+    batch: &RecordBatch,
+    keys: usize,
+    sums: usize,
+    out: &mut Vec<GroupAggregate>,
+) -> Option<()> {
+    let count = batch
+        .column_by_name(COUNT_COLUMN)?
+        .as_primitive_opt::<Int64Type>()?;
+    let sum_arrays: Vec<_> = (0..sums)
+        .map(|i| {
+            batch
+                .column_by_name(&sum_column(i))
+                .and_then(|a| a.as_primitive_opt::<Decimal128Type>())
+        })
+        .collect::<Option<_>>()?;
+    for row in 0..batch.num_rows() {
+        let mut key = Vec::with_capacity(keys);
+        for k in 0..keys {
+            let col = batch.column(k);
+            if col.is_null(row) {
+                return None;
+            }
+            key.push(match col.data_type() {
+                DataType::Utf8 => KeyValue::Text(col.as_string::<i32>().value(row).to_owned()),
+                DataType::LargeUtf8 => KeyValue::Text(col.as_string::<i64>().value(row).to_owned()),
+                DataType::Utf8View => KeyValue::Text(col.as_string_view().value(row).to_owned()),
+                _ => {
+                    let ints = datafusion::arrow::compute::cast(col, &DataType::Int64).ok()?;
+                    KeyValue::Int(ints.as_primitive::<Int64Type>().value(row))
+                }
+            });
+        }
+        out.push(GroupAggregate {
+            key,
+            count: count.value(row),
+            // A NULL sum means every value was NULL: the empty sum, zero.
+            sums: sum_arrays
+                .iter()
+                .map(|a| if a.is_null(row) { 0 } else { a.value(row) })
+                .collect(),
+        });
+    }
+    Some(())
+}
+
+/// A data-independent classification of a DataFusion error: its variant only,
+/// never its message (which can quote cell values).
+fn error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
+    use datafusion::error::DataFusionError as E;
+    match e.find_root() {
+        E::ArrowError(..) => "arrow",
+        E::ParquetError(..) => "parquet",
+        E::ObjectStore(..) | E::IoError(..) => "io",
+        E::ResourcesExhausted(..) => "resources_exhausted",
+        E::Execution(..) | E::ExecutionJoin(..) => "execution",
+        E::Plan(..) | E::SchemaError(..) | E::NotImplemented(..) => "planning",
+        E::Internal(..) => "internal",
+        _ => "other",
+    }
+}

@@ -1,0 +1,294 @@
+//! Mechanisms: the only place veil draws randomness.
+//!
+//! Noise comes from opendp's exact samplers (discrete Laplace and discrete
+//! Gaussian, OpenSSL's CSPRNG); bounding keys come from opendp's `fill_bytes`.
+//! A [`Release`] (noisy aggregates plus their accuracy) can only be built here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dashu::integer::IBig;
+use dashu::rational::RBig;
+use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use opendp::domains::{AtomDomain, VectorDomain};
+use opendp::measurements::{MakeNoise, ZExpFamily};
+use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{L1Distance, L2Distance};
+use veil_policy::DomainValue;
+use veil_sandbox::{BoundedAggregates, KeyValue};
+
+use crate::accounting::{Mechanism, NoisePlan, opendp_err};
+use crate::error::{EngineError, Result};
+use crate::rewrite::{ReleaseSpec, ReleasedAggregate};
+
+/// Per-query secret keys for contribution bounding.
+#[derive(Clone, Copy)]
+pub struct BoundingKeys {
+    /// Key ranking a unit's groups.
+    pub groups: [u8; 16],
+    /// Key ranking a unit's rows within a group.
+    pub rows: [u8; 16],
+}
+
+impl std::fmt::Debug for BoundingKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoundingKeys(<redacted>)")
+    }
+}
+
+impl BoundingKeys {
+    /// Fresh keys from opendp's CSPRNG.
+    pub fn fresh() -> Result<BoundingKeys> {
+        let mut bytes = [0u8; 32];
+        opendp::traits::samplers::fill_bytes(&mut bytes).map_err(opendp_err)?;
+        let mut groups = [0u8; 16];
+        let mut rows = [0u8; 16];
+        groups.copy_from_slice(&bytes[..16]);
+        rows.copy_from_slice(&bytes[16..]);
+        Ok(BoundingKeys { groups, rows })
+    }
+}
+
+/// Accuracy and provenance of one released aggregate column.
+#[derive(Debug, Clone)]
+pub struct Accuracy {
+    /// Mechanism name.
+    pub mechanism: &'static str,
+    /// Noise scale in output units (for AVG: of the sum).
+    pub scale: f64,
+    /// Half-width of the 95% interval, valid for every cell of the column.
+    pub half_width_95: f64,
+    /// What was computed, e.g. `AVG(wage_base)`.
+    pub aggregate: String,
+}
+
+/// Noisy aggregates over every public key, with their accuracy.
+///
+/// Built only by [`release`]; the broker turns it into the response.
+#[derive(Debug, Clone)]
+pub struct Release {
+    batch: RecordBatch,
+    accuracy: Vec<Accuracy>,
+}
+
+impl Release {
+    /// One row per public key: group columns, then aggregates, typed as the
+    /// operator's Aggregate node promised.
+    pub fn batch(&self) -> &RecordBatch {
+        &self.batch
+    }
+
+    /// Accuracy of each aggregate column, in order.
+    pub fn accuracy(&self) -> &[Accuracy] {
+        &self.accuracy
+    }
+}
+
+/// Adds noise to a vector of exact integers through an opendp measurement.
+fn noisy_vector(plan: &NoisePlan, exact: Vec<IBig>) -> Result<Vec<IBig>> {
+    let domain = VectorDomain::new(AtomDomain::<IBig>::default());
+    let scale = plan.scale.clone();
+    match plan.mechanism {
+        Mechanism::DiscreteLaplace => {
+            let m = MakeNoise::<_, _, MaxDivergence>::make_noise(
+                ZExpFamily::<1> { scale },
+                (domain, L1Distance::<RBig>::default()),
+            )
+            .map_err(opendp_err)?;
+            m.invoke(&exact).map_err(opendp_err)
+        }
+        Mechanism::DiscreteGaussian => {
+            let m = MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
+                ZExpFamily::<2> { scale },
+                (domain, L2Distance::<RBig>::default()),
+            )
+            .map_err(opendp_err)?;
+            m.invoke(&exact).map_err(opendp_err)
+        }
+    }
+}
+
+fn to_f64(x: &IBig) -> f64 {
+    x.to_f64().value()
+}
+
+fn key_value(v: &DomainValue) -> KeyValue {
+    match v {
+        DomainValue::Int(i) => KeyValue::Int(*i),
+        DomainValue::Text(s) => KeyValue::Text(s.clone()),
+    }
+}
+
+/// Releases a certified plan's bounded aggregates: every public key, noisy.
+///
+/// `schema` is the arrow schema of the operator's Aggregate node.
+pub fn release(
+    spec: &ReleaseSpec,
+    exact: &BoundedAggregates,
+    schema: SchemaRef,
+) -> Result<Release> {
+    let by_key: HashMap<&[KeyValue], (i64, &[i128])> = exact
+        .groups
+        .iter()
+        .map(|g| (g.key.as_slice(), (g.count, g.sums.as_slice())))
+        .collect();
+    let keys: Vec<Vec<KeyValue>> = spec
+        .keys
+        .iter()
+        .map(|k| k.iter().map(key_value).collect())
+        .collect();
+    let n = keys.len();
+    let lookup = |k: &[KeyValue]| by_key.get(k).copied();
+    // Exact per-key statistics; absent keys are empty groups (zero).
+    let counts: Vec<IBig> = keys
+        .iter()
+        .map(|k| IBig::from(lookup(k).map(|(c, _)| c).unwrap_or(0)))
+        .collect();
+    let noisy_count = match &spec.count {
+        Some(plan) => Some(noisy_vector(plan, counts)?),
+        None => None,
+    };
+    let mut noisy_sums = Vec::new();
+    for (i, s) in spec.sums.iter().enumerate() {
+        let exact: Vec<IBig> = keys
+            .iter()
+            .map(|k| {
+                IBig::from(
+                    lookup(k)
+                        .and_then(|(_, sums)| sums.get(i).copied())
+                        .unwrap_or(0),
+                )
+            })
+            .collect();
+        noisy_sums.push(noisy_vector(&s.noise, exact)?);
+    }
+
+    let groups = spec.group_columns.len();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for g in 0..groups {
+        let target = schema.field(g).data_type().clone();
+        let array: ArrayRef = match spec.keys.first().and_then(|k| k.get(g)) {
+            Some(DomainValue::Int(_)) => Arc::new(Int64Array::from_iter_values(
+                spec.keys.iter().map(|k| match &k[g] {
+                    DomainValue::Int(i) => *i,
+                    DomainValue::Text(_) => 0,
+                }),
+            )),
+            _ => Arc::new(StringArray::from_iter_values(
+                spec.keys.iter().map(|k| k[g].to_string()),
+            )),
+        };
+        columns.push(cast(&array, &target).map_err(|e| EngineError::Internal(e.to_string()))?);
+    }
+    let mut accuracy = Vec::new();
+    for (j, agg) in spec.aggregates.iter().enumerate() {
+        let field = schema.field(groups + j);
+        let (array, acc): (ArrayRef, Accuracy) = match *agg {
+            ReleasedAggregate::Count => {
+                let plan = spec
+                    .count
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+                let values = noisy_count
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+                let array = Int64Array::from_iter_values(values.iter().map(|v| {
+                    i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
+                }));
+                (
+                    Arc::new(array),
+                    Accuracy {
+                        mechanism: plan.mechanism.name(),
+                        scale: plan.scale_f64(),
+                        half_width_95: plan.half_width(0.05)?,
+                        aggregate: "COUNT(*)".into(),
+                    },
+                )
+            }
+            ReleasedAggregate::Sum(i) => {
+                let s = &spec.sums[i];
+                let unit = 10f64.powi(s.precision as i32);
+                let array =
+                    Float64Array::from_iter_values(noisy_sums[i].iter().map(|v| to_f64(v) / unit));
+                (
+                    Arc::new(array),
+                    Accuracy {
+                        mechanism: s.noise.mechanism.name(),
+                        scale: s.noise.scale_f64() / unit,
+                        half_width_95: s.noise.half_width(0.05)? / unit,
+                        aggregate: format!("SUM({})", s.column),
+                    },
+                )
+            }
+            ReleasedAggregate::Avg(i) => {
+                let s = &spec.sums[i];
+                let plan = spec
+                    .count
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+                let values = noisy_count
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+                let unit = 10f64.powi(s.precision as i32);
+                let (lo, hi) = s.bounds;
+                // Each interval at 97.5% so that both hold together with ≥ 95%.
+                let a_s = s.noise.half_width(0.025)? / unit;
+                let a_c = plan.half_width(0.025)?;
+                let mut widest: f64 = 0.0;
+                let mut out = Vec::with_capacity(n);
+                for (sum, cnt) in noisy_sums[i].iter().zip(values) {
+                    let (s_hat, c_hat) = (to_f64(sum) / unit, to_f64(cnt));
+                    let avg = (s_hat / c_hat.max(1.0)).clamp(lo, hi);
+                    let width = if c_hat - a_c >= 1.0 {
+                        let corners = [
+                            (s_hat - a_s) / (c_hat - a_c),
+                            (s_hat - a_s) / (c_hat + a_c),
+                            (s_hat + a_s) / (c_hat - a_c),
+                            (s_hat + a_s) / (c_hat + a_c),
+                        ];
+                        corners
+                            .iter()
+                            .map(|c| (c.clamp(lo, hi) - avg).abs())
+                            .fold(0.0, f64::max)
+                    } else {
+                        hi - lo
+                    };
+                    widest = widest.max(width);
+                    out.push(avg);
+                }
+                (
+                    Arc::new(Float64Array::from(out)),
+                    Accuracy {
+                        mechanism: s.noise.mechanism.name(),
+                        scale: s.noise.scale_f64() / unit,
+                        half_width_95: widest,
+                        aggregate: format!("AVG({})", s.column),
+                    },
+                )
+            }
+        };
+        columns.push(
+            cast(&array, field.data_type()).map_err(|e| EngineError::Internal(e.to_string()))?,
+        );
+        accuracy.push(acc);
+    }
+    let plain = Arc::new(datafusion::arrow::datatypes::Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let batch =
+        RecordBatch::try_new(plain, columns).map_err(|e| EngineError::Internal(e.to_string()))?;
+    Ok(Release { batch, accuracy })
+}
+
+/// A fresh, unguessable request id (hex), from opendp's CSPRNG.
+pub fn request_id() -> Result<String> {
+    let mut bytes = [0u8; 12];
+    opendp::traits::samplers::fill_bytes(&mut bytes).map_err(opendp_err)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

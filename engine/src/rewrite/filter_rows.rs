@@ -1,0 +1,69 @@
+//! `FilterRows`: the operator's predicates, the grant's mandatory row filter,
+//! and every group key restricted to its public domain (rows outside it could
+//! otherwise create keys that are not public).
+
+use datafusion::common::Column as DfColumn;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
+use veil_policy::DomainValue;
+
+use super::{RewriteContext, RewriteStage, df};
+use crate::error::{EngineError, Result};
+
+/// See the module documentation.
+pub struct FilterRows;
+
+impl RewriteStage for FilterRows {
+    fn name(&self) -> &'static str {
+        "filter_rows"
+    }
+
+    fn rewrite(
+        &self,
+        input: LogicalPlanBuilder,
+        ctx: &RewriteContext<'_>,
+    ) -> Result<LogicalPlanBuilder> {
+        let mut predicates = Vec::new();
+        for p in &ctx.query.predicates {
+            predicates.push(requalify(p.clone(), ctx)?);
+        }
+        if let Some(f) = &ctx.row_filter {
+            predicates.push(f.clone());
+        }
+        for g in &ctx.query.group_columns {
+            let domain = ctx
+                .dataset
+                .column(g)
+                .and_then(|c| c.domain.as_ref())
+                .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
+            let list = domain
+                .iter()
+                .map(|v| match v {
+                    DomainValue::Int(i) => lit(*i),
+                    DomainValue::Text(s) => lit(s.as_str()),
+                })
+                .collect();
+            predicates.push(col(DfColumn::new(Some(ctx.table.clone()), g)).in_list(list, false));
+        }
+        match conjunction(predicates) {
+            Some(p) => input.filter(p).map_err(df),
+            None => Ok(input),
+        }
+    }
+}
+
+/// Points the operator's column references (which may use a table alias) at
+/// the scanned table.
+fn requalify(e: Expr, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    e.transform(|e| {
+        Ok(match e {
+            Expr::Column(c) => {
+                Transformed::yes(Expr::Column(DfColumn::new(Some(ctx.table.clone()), c.name)))
+            }
+            other => Transformed::no(other),
+        })
+    })
+    .map(|t| t.data)
+    .map_err(df)
+}

@@ -1,0 +1,353 @@
+//! The DP rewrite: from a checked [`PrivateQuery`] to a [`CertifiedPlan`].
+//!
+//! The rewrite is a fixed sequence of named stages over DataFusion's
+//! `LogicalPlan`, one per file, each a `VerbNoun` whose `name()` is its file
+//! stem. It is not a DataFusion optimizer rule (those must preserve results);
+//! it runs before DataFusion's optimizer, and noise is applied after execution
+//! by [`crate::mechanisms`].
+//!
+//! 1. [`FilterRows`]: operator predicates, the grant's mandatory row filter,
+//!    and group keys restricted to their public domain.
+//! 2. [`BoundContributions`]: at most `max_groups` groups per unit and
+//!    `max_rows` rows per unit and group, chosen by a per-query keyed hash.
+//! 3. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
+//! 4. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
+
+mod aggregate_exactly;
+mod bound_contributions;
+mod clamp_values;
+mod filter_rows;
+
+use datafusion::common::TableReference;
+use datafusion::datasource::provider_as_source;
+use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
+use veil_policy::{Column, Dataset, DomainValue, Grant, Policy, PrivacyUnit, UnitKind};
+
+pub use aggregate_exactly::AggregateExactly;
+pub use bound_contributions::BoundContributions;
+pub use clamp_values::ClampValues;
+pub use filter_rows::FilterRows;
+
+use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
+use crate::analyze::{AggregateCall, PrivateQuery};
+use crate::catalog::Catalog;
+use crate::error::{EngineError, Result, Rule};
+
+/// Name of the kept-row count in the bounded aggregate.
+pub const COUNT_COLUMN: &str = "__veil_count";
+
+/// Name of the `i`-th fixed-point sum in the bounded aggregate.
+pub fn sum_column(i: usize) -> String {
+    format!("__veil_sum{i}")
+}
+
+/// Name of the `i`-th clamped value column.
+pub(crate) fn value_column(i: usize) -> String {
+    format!("__veil_v{i}")
+}
+
+/// A summed column: its bounds in fixed point and its noise.
+#[derive(Debug, Clone)]
+pub struct SumStatistic {
+    /// Column name.
+    pub column: String,
+    /// Decimal digits kept.
+    pub precision: u32,
+    /// Lower bound in fixed-point units.
+    pub lo_fp: i128,
+    /// Upper bound in fixed-point units.
+    pub hi_fp: i128,
+    /// Declared bounds.
+    pub bounds: (f64, f64),
+    /// Noise for the vector of sums.
+    pub noise: NoisePlan,
+}
+
+/// How each aggregate of the query is computed from the released statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleasedAggregate {
+    /// The noisy count.
+    Count,
+    /// The `i`-th noisy sum.
+    Sum(usize),
+    /// The `i`-th noisy sum over the noisy count.
+    Avg(usize),
+}
+
+/// Everything the broker needs to release a certified plan's output.
+#[derive(Debug, Clone)]
+pub struct ReleaseSpec {
+    /// Dataset id.
+    pub dataset: String,
+    /// Mechanism of the grant.
+    pub mechanism: Mechanism,
+    /// GROUP BY columns.
+    pub group_columns: Vec<String>,
+    /// Every released key: the product of the group columns' public domains.
+    pub keys: Vec<Vec<DomainValue>>,
+    /// Noise of the count, if any aggregate needs it.
+    pub count: Option<NoisePlan>,
+    /// Summed columns.
+    pub sums: Vec<SumStatistic>,
+    /// One entry per aggregate of the query.
+    pub aggregates: Vec<ReleasedAggregate>,
+    /// The operator's query (for post-processing over the release).
+    pub query: PrivateQuery,
+    /// The charge.
+    pub cost: Budget,
+}
+
+/// A plan that has passed every check and bounds every unit's contribution.
+///
+/// Only [`certify`] builds one; the executor accepts nothing else.
+#[derive(Debug, Clone)]
+pub struct CertifiedPlan {
+    plan: LogicalPlan,
+    spec: ReleaseSpec,
+}
+
+impl CertifiedPlan {
+    /// The bounded aggregation to execute.
+    pub fn plan(&self) -> &LogicalPlan {
+        &self.plan
+    }
+
+    /// How to release its output.
+    pub fn spec(&self) -> &ReleaseSpec {
+        &self.spec
+    }
+}
+
+/// Shared inputs of the rewrite stages.
+pub(crate) struct RewriteContext<'a> {
+    pub query: &'a PrivateQuery,
+    pub dataset: &'a Dataset,
+    pub unit: &'a PrivacyUnit,
+    pub table: TableReference,
+    pub row_filter: Option<Expr>,
+    pub sums: Vec<&'a Column>,
+    pub keys: crate::mechanisms::BoundingKeys,
+}
+
+/// One stage of the rewrite.
+pub(crate) trait RewriteStage {
+    /// The stage's name: its file stem.
+    fn name(&self) -> &'static str;
+    /// Applies the stage.
+    fn rewrite(
+        &self,
+        input: LogicalPlanBuilder,
+        ctx: &RewriteContext<'_>,
+    ) -> Result<LogicalPlanBuilder>;
+}
+
+/// The stages, in order.
+fn stages() -> [&'static dyn RewriteStage; 4] {
+    [
+        &FilterRows,
+        &BoundContributions,
+        &ClampValues,
+        &AggregateExactly,
+    ]
+}
+
+/// Names of the rewrite stages in the order they run.
+pub fn stage_names() -> Vec<&'static str> {
+    stages().iter().map(|s| s.name()).collect()
+}
+
+/// Rewrites a checked query into a certified plan and its release spec.
+pub fn certify(
+    query: PrivateQuery,
+    policy: &Policy,
+    grant: &Grant,
+    catalog: &Catalog,
+    planning: &SessionState,
+) -> Result<CertifiedPlan> {
+    let dataset = policy
+        .datasets
+        .get(&query.dataset)
+        .ok_or_else(|| EngineError::Internal("dataset vanished".into()))?;
+    let unit = dataset
+        .unit
+        .as_ref()
+        .ok_or_else(|| EngineError::Internal("private dataset without unit".into()))?;
+    let dp = grant.dp.as_ref().ok_or_else(|| {
+        EngineError::rejected(
+            Rule::UnsupportedShape,
+            format!("grant `{}` has no DP settings for private data", grant.id),
+        )
+    })?;
+    let (schema_name, table_name) = dataset.schema_table();
+    let table = TableReference::partial(schema_name, table_name);
+    let file_schema = catalog.file_schema(&dataset.id)?;
+    let df_schema =
+        datafusion::common::DFSchema::try_from_qualified_schema(table.clone(), &file_schema)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let row_filter = match grant.scope(&dataset.id).and_then(|s| s.row_filter.as_deref()) {
+        Some(sql) => Some(planning.create_logical_expr(sql, &df_schema).map_err(|e| {
+            EngineError::Unavailable(format!(
+                "the row filter of grant `{}` on `{}` does not plan: {e}; the security officer must fix the policy",
+                grant.id, dataset.id
+            ))
+        })?),
+        None => None,
+    };
+
+    // Statistics: one count (if needed) and one sum per distinct summed column.
+    let mut sum_columns: Vec<&Column> = Vec::new();
+    let mut aggregates = Vec::new();
+    let mut needs_count = false;
+    for call in &query.aggregates {
+        aggregates.push(match call {
+            AggregateCall::CountStar => {
+                needs_count = true;
+                ReleasedAggregate::Count
+            }
+            AggregateCall::Sum(c) => {
+                ReleasedAggregate::Sum(sum_index(dataset, c, &mut sum_columns)?)
+            }
+            AggregateCall::Avg(c) => {
+                needs_count = true;
+                ReleasedAggregate::Avg(sum_index(dataset, c, &mut sum_columns)?)
+            }
+        });
+    }
+    let mechanism = Mechanism::for_grant(dp);
+    let cost = Budget::charge(dp.per_query)?;
+    let statistics = sum_columns.len() + usize::from(needs_count);
+    let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
+    let (max_groups, max_rows) = match unit.kind {
+        UnitKind::Row => (1, 1),
+        _ => (unit.max_groups, unit.max_rows),
+    };
+    let count = if needs_count {
+        let per_group = dashu::rational::RBig::from(max_rows);
+        Some(plan_noise(
+            mechanism,
+            vector_sensitivity(mechanism, max_groups, &per_group)?,
+            &share,
+        )?)
+    } else {
+        None
+    };
+    let mut sums = Vec::new();
+    for col in &sum_columns {
+        let (lo, hi) = col
+            .bounds
+            .ok_or_else(|| EngineError::Internal("unbounded sum column".into()))?;
+        let scale = 10f64.powi(col.precision as i32);
+        let lo_fp = (lo * scale).ceil() as i128;
+        let hi_fp = (hi * scale).floor() as i128;
+        let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
+        let per_group =
+            dashu::rational::RBig::from(per_row) * dashu::rational::RBig::from(max_rows);
+        sums.push(SumStatistic {
+            column: col.name.clone(),
+            precision: col.precision,
+            lo_fp,
+            hi_fp,
+            bounds: (lo, hi),
+            noise: plan_noise(
+                mechanism,
+                vector_sensitivity(mechanism, max_groups, &per_group)?,
+                &share,
+            )?,
+        });
+    }
+
+    let keys = key_product(&query, dataset)?;
+    if keys.len() > grant.max_result_rows as usize {
+        return Err(EngineError::rejected(
+            Rule::ResultTooLarge,
+            format!(
+                "the group keys' domains multiply to {} rows; grant `{}` allows {}",
+                keys.len(),
+                grant.id,
+                grant.max_result_rows
+            ),
+        ));
+    }
+
+    let ctx = RewriteContext {
+        query: &query,
+        dataset,
+        unit,
+        table: table.clone(),
+        row_filter,
+        sums: sum_columns.clone(),
+        keys: crate::mechanisms::BoundingKeys::fresh()?,
+    };
+    let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
+    let mut builder = LogicalPlanBuilder::scan(table, source, None)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    for stage in stages() {
+        if unit.kind == UnitKind::Row && stage.name() == "bound_contributions" {
+            continue;
+        }
+        builder = stage.rewrite(builder, &ctx)?;
+    }
+    let plan = builder
+        .build()
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let group_columns = query.group_columns.clone();
+    Ok(CertifiedPlan {
+        plan,
+        spec: ReleaseSpec {
+            dataset: dataset.id.clone(),
+            mechanism,
+            group_columns,
+            keys,
+            count,
+            sums,
+            aggregates,
+            query,
+            cost,
+        },
+    })
+}
+
+/// The index of a summed column, adding it on first use.
+fn sum_index<'a>(dataset: &'a Dataset, name: &str, sums: &mut Vec<&'a Column>) -> Result<usize> {
+    if let Some(i) = sums.iter().position(|c| c.name == name) {
+        return Ok(i);
+    }
+    let col = dataset
+        .column(name)
+        .ok_or_else(|| EngineError::Internal("column vanished".into()))?;
+    sums.push(col);
+    Ok(sums.len() - 1)
+}
+
+/// All public keys: the product of the group columns' domains, in order.
+fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Vec<Vec<DomainValue>>> {
+    let mut keys: Vec<Vec<DomainValue>> = vec![vec![]];
+    for g in &query.group_columns {
+        let domain = dataset
+            .column(g)
+            .and_then(|c| c.domain.as_ref())
+            .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
+        if keys.len().saturating_mul(domain.len()) > 1_000_000 {
+            return Err(EngineError::rejected(
+                Rule::ResultTooLarge,
+                "the group keys' domains multiply to more than 1,000,000 rows",
+            ));
+        }
+        keys = keys
+            .into_iter()
+            .flat_map(|k| {
+                domain.iter().map(move |v| {
+                    let mut k = k.clone();
+                    k.push(v.clone());
+                    k
+                })
+            })
+            .collect();
+    }
+    Ok(keys)
+}
+
+pub(crate) fn df(e: datafusion::error::DataFusionError) -> EngineError {
+    EngineError::Internal(e.to_string())
+}

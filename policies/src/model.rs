@@ -1,0 +1,527 @@
+//! The validated, resolved policy: what the engine enforces.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::{DateTime, FixedOffset};
+use sha2::{Digest, Sha256};
+
+/// Grading level (分级), preset GB/T 43697-2024.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// 一般数据 1级: open data.
+    General1,
+    /// 一般数据 2级.
+    General2,
+    /// 一般数据 3级.
+    General3,
+    /// 一般数据 4级.
+    General4,
+    /// 重要数据.
+    Important,
+    /// 核心数据: never admitted.
+    Core,
+}
+
+impl Level {
+    /// Parses the preset's level names.
+    pub fn parse(s: &str) -> Option<Level> {
+        Some(match s {
+            "general_1" => Level::General1,
+            "general_2" => Level::General2,
+            "general_3" => Level::General3,
+            "general_4" => Level::General4,
+            "important" => Level::Important,
+            "core" => Level::Core,
+            _ => return None,
+        })
+    }
+
+    /// Uses a column of this level may ever be granted (the level ceiling).
+    pub fn ceiling(self) -> BTreeSet<Use> {
+        use Use::*;
+        match self {
+            Level::General1 | Level::General2 => {
+                [Project, GroupBy, Aggregate, Filter, FilterLiteral, Join].into()
+            }
+            Level::General3 | Level::General4 | Level::Important => {
+                [GroupBy, Aggregate, Filter, FilterLiteral, Join].into()
+            }
+            Level::Core => BTreeSet::new(),
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::General1 => "general_1",
+            Level::General2 => "general_2",
+            Level::General3 => "general_3",
+            Level::General4 => "general_4",
+            Level::Important => "important",
+            Level::Core => "core",
+        })
+    }
+}
+
+/// Share or open attribute (共享/开放属性).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attribute {
+    /// 无条件 (unconditional).
+    Unconditional,
+    /// 有条件 (conditional).
+    Conditional,
+    /// 不予 (none).
+    None,
+}
+
+impl Attribute {
+    /// Parses `unconditional | conditional | none`.
+    pub fn parse(s: &str) -> Option<Attribute> {
+        Some(match s {
+            "unconditional" => Attribute::Unconditional,
+            "conditional" => Attribute::Conditional,
+            "none" => Attribute::None,
+            _ => return None,
+        })
+    }
+}
+
+/// How a query uses a column, derived from its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Use {
+    /// The value appears in output rows.
+    Project,
+    /// A released group key.
+    GroupBy,
+    /// Argument of an aggregate.
+    Aggregate,
+    /// Column-to-column predicate.
+    Filter,
+    /// Comparison with a literal or an IN-list.
+    FilterLiteral,
+    /// Equi-join key.
+    Join,
+}
+
+impl Use {
+    /// Parses the policy spelling.
+    pub fn parse(s: &str) -> Option<Use> {
+        Some(match s {
+            "project" => Use::Project,
+            "group_by" => Use::GroupBy,
+            "aggregate" => Use::Aggregate,
+            "filter" => Use::Filter,
+            "filter_literal" => Use::FilterLiteral,
+            "join" => Use::Join,
+            _ => return None,
+        })
+    }
+
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Use::Project => "project",
+            Use::GroupBy => "group_by",
+            Use::Aggregate => "aggregate",
+            Use::Filter => "filter",
+            Use::FilterLiteral => "filter_literal",
+            Use::Join => "join",
+        }
+    }
+}
+
+impl fmt::Display for Use {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One value of a public key set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DomainValue {
+    /// Integer key.
+    Int(i64),
+    /// Text key.
+    Text(String),
+}
+
+impl fmt::Display for DomainValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainValue::Int(i) => write!(f, "{i}"),
+            DomainValue::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A column of a dataset.
+#[derive(Debug, Clone)]
+pub struct Column {
+    /// Name in the source.
+    pub name: String,
+    /// Grading level.
+    pub level: Level,
+    /// Tagged `identifier`: never aggregated, grouped or projected.
+    pub identifier: bool,
+    /// Uses the owner permits.
+    pub allow: BTreeSet<Use>,
+    /// Declared bounds for aggregation.
+    pub bounds: Option<(f64, f64)>,
+    /// Decimal digits kept in fixed-point sums.
+    pub precision: u32,
+    /// Public key set.
+    pub domain: Option<Vec<DomainValue>>,
+}
+
+/// Kind of protected entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitKind {
+    /// A natural person (自然人).
+    NaturalPerson,
+    /// A legal person (法人).
+    LegalPerson,
+    /// A household (户).
+    Household,
+    /// Each row is its own unit.
+    Row,
+}
+
+/// The privacy unit of a private dataset.
+#[derive(Debug, Clone)]
+pub struct PrivacyUnit {
+    /// Column identifying the unit.
+    pub column: String,
+    /// Kind of entity.
+    pub kind: UnitKind,
+    /// At most this many groups per unit.
+    pub max_groups: u32,
+    /// At most this many rows per unit and group.
+    pub max_rows: u32,
+}
+
+/// A dataset of the catalog.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// `schema.table`.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// Owning agency.
+    pub owner: String,
+    /// 公共数据资源登记编号.
+    pub registration_id: Option<String>,
+    /// Level (at least the highest column level).
+    pub level: Level,
+    /// Share attribute.
+    pub share: Attribute,
+    /// Open attribute.
+    pub open: Attribute,
+    /// Path relative to the data directory.
+    pub source_path: String,
+    /// Protected entity; `None` for public datasets.
+    pub unit: Option<PrivacyUnit>,
+    /// Columns.
+    pub columns: Vec<Column>,
+}
+
+impl Dataset {
+    /// Public data (general_1 and open unconditionally) needs no DP.
+    pub fn is_public(&self) -> bool {
+        self.level == Level::General1 && self.open == Attribute::Unconditional
+    }
+
+    /// Looks a column up by name.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The `(schema, table)` halves of the id.
+    pub fn schema_table(&self) -> (&str, &str) {
+        self.id
+            .split_once('.')
+            .unwrap_or(("public", self.id.as_str()))
+    }
+}
+
+/// An operator that may connect.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    /// Login id.
+    pub id: String,
+    /// Organisation.
+    pub org: String,
+    token_hashes: Vec<[u8; 32]>,
+}
+
+/// Channel of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// 共享: to government bodies.
+    Sharing,
+    /// 开放: to society.
+    Opening,
+    /// 授权运营: licensed operation.
+    AuthorizedOperation,
+}
+
+/// Purpose of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// 公共治理.
+    PublicGovernance,
+    /// 公益事业.
+    PublicWelfare,
+    /// 产业发展/行业发展 (commercial).
+    Commercial,
+}
+
+impl fmt::Display for Purpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Purpose::PublicGovernance => "public_governance",
+            Purpose::PublicWelfare => "public_welfare",
+            Purpose::Commercial => "commercial",
+        })
+    }
+}
+
+/// The unit a grant's budget is kept in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Accounting {
+    /// Pure or approximate DP, basic composition; noise is discrete Laplace.
+    Epsilon {
+        /// δ of the grant (0 for pure DP).
+        delta: f64,
+    },
+    /// Zero-concentrated DP; noise is discrete Gaussian.
+    Rho,
+}
+
+/// DP settings of a grant.
+#[derive(Debug, Clone)]
+pub struct DpSettings {
+    /// Accounting unit.
+    pub accounting: Accounting,
+    /// Total budget.
+    pub budget: f64,
+    /// What one query costs.
+    pub per_query: f64,
+    /// Refresh window as written.
+    pub window: Option<String>,
+}
+
+/// Pricing of a grant.
+#[derive(Debug, Clone)]
+pub enum Pricing {
+    /// Free, possibly under conditions.
+    Free {
+        /// Conditions as written.
+        conditions: Option<String>,
+    },
+    /// Government-guided price.
+    GuidedPrice {
+        /// Billing unit.
+        unit: String,
+        /// Price in CNY.
+        price_cny: f64,
+        /// Published cap in CNY.
+        cap_cny: f64,
+    },
+}
+
+/// What a grant exposes of one dataset.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// Dataset id.
+    pub dataset: String,
+    /// Mandatory row filter.
+    pub row_filter: Option<String>,
+    /// Granted uses per column.
+    pub columns: BTreeMap<String, BTreeSet<Use>>,
+}
+
+/// A grant to one operator.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Grant id.
+    pub id: String,
+    /// Channel.
+    pub channel: Channel,
+    /// Operator id.
+    pub grantee: String,
+    /// Purpose.
+    pub purpose: Purpose,
+    /// Purpose as written.
+    pub purpose_detail: Option<String>,
+    /// Start of validity.
+    pub valid_from: DateTime<FixedOffset>,
+    /// End of validity.
+    pub valid_until: DateTime<FixedOffset>,
+    /// Datasets in scope.
+    pub scopes: Vec<Scope>,
+    /// Allowed aggregate functions (upper case).
+    pub agg_functions: BTreeSet<String>,
+    /// Minimum group size in distinct units.
+    pub min_group_size: u32,
+    /// Result row cap.
+    pub max_result_rows: u32,
+    /// DP settings; required for private datasets.
+    pub dp: Option<DpSettings>,
+    /// Pricing.
+    pub pricing: Pricing,
+}
+
+impl Grant {
+    /// The scope for a dataset, if the grant covers it.
+    pub fn scope(&self, dataset: &str) -> Option<&Scope> {
+        self.scopes.iter().find(|s| s.dataset == dataset)
+    }
+
+    /// Whether the grant is in force at `now`.
+    pub fn in_force(&self, now: DateTime<FixedOffset>) -> bool {
+        self.valid_from <= now && now <= self.valid_until
+    }
+}
+
+/// Why no grant applies to a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantRefusal {
+    /// The operator has no grant at all covering the datasets.
+    #[error(
+        "operator `{operator}` has no grant covering dataset `{dataset}`; ask the data owner for a grant that includes it"
+    )]
+    NoGrant {
+        /// Operator id.
+        operator: String,
+        /// First uncovered dataset.
+        dataset: String,
+    },
+    /// The only covering grant has expired.
+    #[error(
+        "grant `{grant}` expired at {until}; the operator must apply for a renewal (续期) before querying again"
+    )]
+    Expired {
+        /// Grant id.
+        grant: String,
+        /// End of validity.
+        until: String,
+    },
+    /// The only covering grant is not yet in force.
+    #[error("grant `{grant}` is not in force until {from}")]
+    NotYetValid {
+        /// Grant id.
+        grant: String,
+        /// Start of validity.
+        from: String,
+    },
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Policy id.
+    pub id: String,
+    /// Policy version.
+    pub version: String,
+    /// SHA-256 of the canonical form, hex.
+    pub hash: String,
+    /// Datasets by id.
+    pub datasets: BTreeMap<String, Dataset>,
+    /// Operators by id.
+    pub operators: BTreeMap<String, Operator>,
+    /// Grants in file order.
+    pub grants: Vec<Grant>,
+}
+
+/// Hashes a bearer token the way policies store it (`sha256:<hex>`).
+pub fn token_hash(token: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+impl Operator {
+    pub(crate) fn new(id: String, org: String, token_hashes: Vec<[u8; 32]>) -> Self {
+        Operator {
+            id,
+            org,
+            token_hashes,
+        }
+    }
+
+    /// Whether `token` is one of this operator's credentials.
+    pub fn accepts(&self, token: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Compare every stored hash without early exit on a match position.
+        let mut found = false;
+        for h in &self.token_hashes {
+            let mut diff = 0u8;
+            for (a, b) in h.iter().zip(digest.iter()) {
+                diff |= a ^ b;
+            }
+            found |= diff == 0;
+        }
+        found
+    }
+}
+
+impl Policy {
+    /// Finds the operator a token belongs to; `operator_id` narrows the search when known.
+    pub fn authenticate(&self, operator_id: Option<&str>, token: &str) -> Option<&Operator> {
+        match operator_id {
+            Some(id) => self.operators.get(id).filter(|op| op.accepts(token)),
+            None => self.operators.values().find(|op| op.accepts(token)),
+        }
+    }
+
+    /// The grant under which `operator` may query all of `datasets` at `now`.
+    pub fn grant_for(
+        &self,
+        operator: &str,
+        datasets: &[&str],
+        now: DateTime<FixedOffset>,
+    ) -> Result<&Grant, GrantRefusal> {
+        let covering: Vec<&Grant> = self
+            .grants
+            .iter()
+            .filter(|g| g.grantee == operator)
+            .filter(|g| datasets.iter().all(|d| g.scope(d).is_some()))
+            .collect();
+        if let Some(g) = covering.iter().find(|g| g.in_force(now)) {
+            return Ok(g);
+        }
+        match covering.first() {
+            Some(g) if now > g.valid_until => Err(GrantRefusal::Expired {
+                grant: g.id.clone(),
+                until: g.valid_until.to_rfc3339(),
+            }),
+            Some(g) => Err(GrantRefusal::NotYetValid {
+                grant: g.id.clone(),
+                from: g.valid_from.to_rfc3339(),
+            }),
+            None => {
+                let uncovered = datasets
+                    .iter()
+                    .find(|d| {
+                        !self
+                            .grants
+                            .iter()
+                            .any(|g| g.grantee == operator && g.scope(d).is_some())
+                    })
+                    .or(datasets.first())
+                    .map(|d| d.to_string())
+                    .unwrap_or_default();
+                Err(GrantRefusal::NoGrant {
+                    operator: operator.to_owned(),
+                    dataset: uncovered,
+                })
+            }
+        }
+    }
+
+    /// Grants held by one operator.
+    pub fn grants_of<'a>(&'a self, operator: &'a str) -> impl Iterator<Item = &'a Grant> + 'a {
+        self.grants.iter().filter(move |g| g.grantee == operator)
+    }
+}

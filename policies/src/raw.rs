@@ -1,0 +1,267 @@
+//! `RawPolicy`: exactly what serde read from the TOML file, before any check.
+//!
+//! Every table denies unknown keys, so a misspelt key is an error rather than a
+//! silently ignored permission.
+
+use serde::{Deserialize, Serialize};
+
+/// A policy file as written by the security officer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// `[policy]`: identity of the file.
+    pub policy: RawHeader,
+    /// `[[dataset]]`: the catalog.
+    #[serde(default, rename = "dataset")]
+    pub datasets: Vec<RawDataset>,
+    /// `[[operator]]`: who may connect.
+    #[serde(default, rename = "operator")]
+    pub operators: Vec<RawOperator>,
+    /// `[[grant]]`: what each operator may do.
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<RawGrant>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeader {
+    /// Policy identifier, e.g. `bj-public-data`.
+    pub id: String,
+    /// Officer-chosen version string.
+    pub version: String,
+    /// Grading scheme; only `GB/T 43697-2024` is built in.
+    #[serde(default = "default_scheme")]
+    pub grading_scheme: String,
+}
+
+fn default_scheme() -> String {
+    "GB/T 43697-2024".to_owned()
+}
+
+/// `[[dataset]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    /// `schema.table`.
+    pub id: String,
+    /// Human name (often Chinese).
+    pub name: String,
+    /// Owning agency.
+    pub owner: String,
+    /// Catalog entry (目录编码).
+    #[serde(default)]
+    pub catalog: Option<RawCatalog>,
+    /// 公共数据资源登记编号.
+    #[serde(default)]
+    pub registration_id: Option<String>,
+    /// Grading level.
+    pub level: String,
+    /// Share attribute (共享属性).
+    pub share: String,
+    /// Open attribute (开放属性).
+    pub open: String,
+    /// Where the data lives, relative to the data directory.
+    pub source: RawSource,
+    /// The protected entity; required unless the dataset is public.
+    #[serde(default)]
+    pub privacy_unit: Option<RawPrivacyUnit>,
+    /// `[[dataset.column]]`.
+    #[serde(default, rename = "column")]
+    pub columns: Vec<RawColumn>,
+}
+
+/// Catalog code and version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCatalog {
+    /// Catalog code.
+    pub code: String,
+    /// Catalog version.
+    pub version: i64,
+}
+
+/// Data source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Path relative to the data directory.
+    pub path: String,
+    /// File format; `parquet` by default.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Privacy unit declaration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrivacyUnit {
+    /// Column identifying the unit.
+    pub column: String,
+    /// `natural_person`, `legal_person`, `household` or `row`.
+    pub kind: String,
+    /// At most this many groups per unit (L0 bound).
+    pub max_groups: u32,
+    /// At most this many rows per unit and group (L∞ bound).
+    pub max_rows: u32,
+}
+
+/// `[[dataset.column]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawColumn {
+    /// Column name in the source.
+    pub name: String,
+    /// Grading level of the column.
+    pub level: String,
+    /// Tags such as `identifier`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Uses the owning agency permits.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Declared value bounds `[lo, hi]` for aggregation.
+    #[serde(default)]
+    pub bounds: Option<[f64; 2]>,
+    /// Decimal digits kept when summing in fixed point.
+    #[serde(default)]
+    pub precision: Option<u32>,
+    /// Public key set of the column.
+    #[serde(default)]
+    pub domain: Option<Vec<RawDomainValue>>,
+}
+
+/// One value of a declared public domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawDomainValue {
+    /// An integer key.
+    Int(i64),
+    /// A text key.
+    Text(String),
+}
+
+/// `[[operator]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperator {
+    /// Operator id, used as the login name.
+    pub id: String,
+    /// Organisation.
+    pub org: String,
+    /// Unified social credit code of the organisation.
+    #[serde(default)]
+    pub uscc: Option<String>,
+    /// `sha256:<hex>` hashes of accepted tokens.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+}
+
+/// `[[grant]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    /// Grant id.
+    pub id: String,
+    /// `sharing`, `opening` or `authorized_operation`.
+    pub channel: String,
+    /// Operator id.
+    pub grantee: String,
+    /// Implementing agency.
+    #[serde(default)]
+    pub agency: Option<String>,
+    /// Agreement number.
+    #[serde(default)]
+    pub agreement: Option<String>,
+    /// `public_governance`, `public_welfare` or `commercial`.
+    pub purpose: String,
+    /// Free-text purpose.
+    #[serde(default)]
+    pub purpose_detail: Option<String>,
+    /// Start of validity.
+    pub valid_from: toml::value::Datetime,
+    /// End of validity.
+    pub valid_until: toml::value::Datetime,
+    /// `[[grant.scope]]`.
+    #[serde(default, rename = "scope")]
+    pub scopes: Vec<RawScope>,
+    /// `[grant.limits]`.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    /// `[grant.dp]`.
+    #[serde(default)]
+    pub dp: Option<RawDp>,
+    /// `[grant.pricing]`.
+    #[serde(default)]
+    pub pricing: Option<RawPricing>,
+}
+
+/// `[[grant.scope]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScope {
+    /// Dataset id.
+    pub dataset: String,
+    /// Mandatory row filter (SQL predicate).
+    #[serde(default)]
+    pub row_filter: Option<String>,
+    /// Column → uses.
+    #[serde(default)]
+    pub columns: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// `[grant.limits]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Allowed aggregate functions (upper case).
+    #[serde(default)]
+    pub agg_functions: Option<Vec<String>>,
+    /// Minimum group size in distinct units.
+    #[serde(default)]
+    pub min_group_size: Option<u32>,
+    /// Query cap per day.
+    #[serde(default)]
+    pub max_queries_per_day: Option<u32>,
+    /// Result row cap.
+    #[serde(default)]
+    pub max_result_rows: Option<u32>,
+}
+
+/// `[grant.dp]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDp {
+    /// `epsilon` or `rho`.
+    pub accounting: String,
+    /// Total budget in the accounting unit.
+    pub budget: f64,
+    /// What one query costs at most (and by default).
+    pub per_query_max: f64,
+    /// δ for ε-accounting.
+    #[serde(default)]
+    pub delta: Option<f64>,
+    /// Refresh window (ISO 8601 duration).
+    #[serde(default)]
+    pub window: Option<String>,
+}
+
+/// `[grant.pricing]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    /// `free` or `guided_price`.
+    pub model: String,
+    /// Billing unit, e.g. `per_query`.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Price in CNY.
+    #[serde(default)]
+    pub price_cny: Option<f64>,
+    /// Published cap in CNY.
+    #[serde(default)]
+    pub cap_cny: Option<f64>,
+    /// Conditions for free use.
+    #[serde(default)]
+    pub conditions: Option<String>,
+}

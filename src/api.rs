@@ -1,0 +1,64 @@
+//! veil's own gRPC API (`veil.v1.Veil`), served beside Flight SQL.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use veil_proto::v1::veil_server::{Veil, VeilServer};
+use veil_proto::v1::{
+    GetBudgetRequest, GetBudgetResponse, GetServerInfoRequest, GrantBudget, ServerInfo,
+};
+
+use crate::server::{Shared, status_of};
+
+/// The `veil.v1.Veil` service.
+pub struct VeilApi {
+    shared: Arc<Shared>,
+}
+
+impl VeilApi {
+    /// The tonic service.
+    pub fn service(shared: Arc<Shared>) -> VeilServer<VeilApi> {
+        VeilServer::new(VeilApi { shared })
+    }
+}
+
+#[tonic::async_trait]
+impl Veil for VeilApi {
+    async fn get_server_info(
+        &self,
+        request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        self.shared.operator(request.metadata())?;
+        let policy = self.shared.engine().policy();
+        Ok(Response::new(ServerInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            policy_id: policy.id.clone(),
+            policy_version: policy.version.clone(),
+            policy_hash: policy.hash.clone(),
+        }))
+    }
+
+    async fn get_budget(
+        &self,
+        request: Request<GetBudgetRequest>,
+    ) -> Result<Response<GetBudgetResponse>, Status> {
+        let operator = self.shared.operator(request.metadata())?;
+        let grants = self
+            .shared
+            .engine()
+            .budgets(&operator)
+            .map_err(|e| status_of(&e))?
+            .into_iter()
+            .map(|(grant_id, unit, remaining, total)| GrantBudget {
+                grant_id,
+                unit: unit.to_owned(),
+                remaining,
+                total,
+            })
+            .collect();
+        Ok(Response::new(GetBudgetResponse {
+            operator_id: operator,
+            grants,
+        }))
+    }
+}

@@ -1,0 +1,291 @@
+//! The client side of the Flight SQL path, shared by `veil query` and `veil demo`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, anyhow};
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use futures::TryStreamExt;
+use tonic::transport::{Channel, Endpoint};
+use veil_engine::meta;
+
+/// A connected, authenticated client.
+pub struct Client {
+    inner: FlightSqlServiceClient<Channel>,
+}
+
+/// A query's answer as the client sees it.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Schema promised by `GetFlightInfo`.
+    pub promised: SchemaRef,
+    /// Schema of the stream.
+    pub schema: SchemaRef,
+    /// Rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// A failed call: the gRPC code and the server's message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CallError {
+    /// gRPC status code.
+    pub code: tonic::Code,
+    /// Server message.
+    pub message: String,
+}
+
+fn call_error(e: FlightError) -> CallError {
+    match e {
+        FlightError::Tonic(status) => CallError {
+            code: status.code(),
+            message: status.message().to_owned(),
+        },
+        other => CallError {
+            code: tonic::Code::Unknown,
+            message: other.to_string(),
+        },
+    }
+}
+
+impl Client {
+    /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`).
+    pub async fn connect(endpoint: &str) -> Result<Client> {
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .with_context(|| format!("bad endpoint {endpoint}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {endpoint}"))?;
+        Ok(Client {
+            inner: FlightSqlServiceClient::new(channel),
+        })
+    }
+
+    /// Logs in with a Flight handshake (basic credentials → bearer token).
+    pub async fn login(&mut self, operator: &str, token: &str) -> Result<(), CallError> {
+        self.inner
+            .handshake(operator, token)
+            .await
+            .map_err(call_error)?;
+        Ok(())
+    }
+
+    /// Uses a bearer token directly, without a handshake.
+    pub fn with_bearer(&mut self, token: &str) {
+        self.inner.set_token(token.to_owned());
+    }
+
+    /// Runs a statement: `GetFlightInfo` then `DoGet` on every endpoint.
+    pub async fn query(&mut self, sql: &str) -> Result<Fetched, CallError> {
+        let info = self
+            .inner
+            .execute(sql.to_owned(), None)
+            .await
+            .map_err(call_error)?;
+        let promised = std::sync::Arc::new(
+            info.clone()
+                .try_decode_schema()
+                .map_err(|e| call_error(FlightError::Arrow(e)))?,
+        );
+        let mut batches = Vec::new();
+        let mut schema = promised.clone();
+        for endpoint in info.endpoint {
+            let ticket = endpoint.ticket.ok_or_else(|| CallError {
+                code: tonic::Code::Internal,
+                message: "endpoint without ticket".into(),
+            })?;
+            let mut stream = self.inner.do_get(ticket).await.map_err(call_error)?;
+            while let Some(batch) = stream.try_next().await.map_err(call_error)? {
+                batches.push(batch);
+            }
+            if let Some(s) = stream.schema() {
+                schema = s.clone();
+            }
+        }
+        Ok(Fetched {
+            promised,
+            schema,
+            batches,
+        })
+    }
+}
+
+/// Output formats of `veil query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned table, values with ± 95% intervals.
+    Table,
+    /// CSV with a header.
+    Csv,
+    /// One JSON object per row.
+    Json,
+}
+
+/// Renders a result in a format.
+pub fn render(f: &Fetched, format: Format) -> Result<String> {
+    match format {
+        Format::Table => Ok(render_table(f)),
+        Format::Csv => {
+            let mut out = Vec::new();
+            {
+                let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut out);
+                for b in &f.batches {
+                    w.write(b)?;
+                }
+            }
+            Ok(String::from_utf8(out)?)
+        }
+        Format::Json => {
+            let mut out = Vec::new();
+            {
+                let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
+                let refs: Vec<&RecordBatch> = f.batches.iter().collect();
+                w.write_batches(&refs)?;
+                w.finish()?;
+            }
+            Ok(String::from_utf8(out)?)
+        }
+    }
+}
+
+fn render_table(f: &Fetched) -> String {
+    let schema = &f.schema;
+    let headers: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let half_widths: Vec<Option<f64>> = schema
+        .fields()
+        .iter()
+        .map(|f| f.metadata().get(meta::CI95).and_then(|v| v.parse().ok()))
+        .collect();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let options = FormatOptions::default().with_null("NULL");
+    for batch in &f.batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
+        for r in 0..batch.num_rows() {
+            rows.push(
+                formatters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, fmt)| {
+                        let mut v = fmt.value(r).to_string();
+                        if let Ok(x) = v.parse::<f64>()
+                            && batch.column(i).data_type().is_floating()
+                        {
+                            v = format!("{x:.2}");
+                        }
+                        match half_widths[i] {
+                            Some(h) if !batch.column(i).is_null(r) => format!("{v} ± {}", short(h)),
+                            _ => v,
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| display_width(&r[i]))
+                .chain(std::iter::once(display_width(&headers[i])))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - display_width(c))))
+            .collect();
+        let _ = writeln!(out, "  {}", padded.join("  "));
+    };
+    line(&headers, &mut out);
+    line(
+        &widths.iter().map(|w| "─".repeat(*w)).collect::<Vec<_>>(),
+        &mut out,
+    );
+    for r in &rows {
+        line(r, &mut out);
+    }
+    let md: &HashMap<String, String> = schema.metadata();
+    if let (Some(cost), Some(unit)) = (md.get(meta::COST), md.get(meta::UNIT)) {
+        let _ = writeln!(
+            out,
+            "  {} rows · cost {cost} {unit} · remaining {} of {} · grant {}",
+            rows.len(),
+            md.get(meta::REMAINING).map(String::as_str).unwrap_or("?"),
+            md.get(meta::TOTAL).map(String::as_str).unwrap_or("?"),
+            md.get(meta::GRANT).map(String::as_str).unwrap_or("?"),
+        );
+        let _ = writeln!(out, "  ± is the half-width of a 95% interval of the noise");
+    } else {
+        let _ = writeln!(
+            out,
+            "  {} rows · public data, no budget charged",
+            rows.len()
+        );
+    }
+    out
+}
+
+fn short(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Terminal width of a string: CJK characters take two columns.
+fn display_width(s: &str) -> usize {
+    s.chars()
+        .map(|c| {
+            if ('\u{1100}'..='\u{FFDC}').contains(&c)
+                && !c.is_ascii()
+                && c != '±'
+                && c != '─'
+                && c != '·'
+            {
+                2
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// A connection error as an anyhow error with the server's words.
+pub fn explain(e: CallError) -> anyhow::Error {
+    anyhow!("{} ({:?})", e.message, e.code)
+}
+
+/// Calls `veil.v1.Veil/GetBudget` with a bearer token.
+pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBudgetResponse> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?;
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let mut client = veil_proto::v1::veil_client::VeilClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        },
+    );
+    Ok(client
+        .get_budget(veil_proto::v1::GetBudgetRequest {})
+        .await
+        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner())
+}

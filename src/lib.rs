@@ -1,0 +1,107 @@
+//! veil: privacy-preserving SQL over public data, "usable but not visible"
+//! (数据可用不可见).
+//!
+//! This crate is the `veil` binary's thin layer: wiring, I/O and presentation.
+//! The engine lives in `veil-engine`, the policy language in `veil-policy`.
+//!
+//! - [`server`]: Arrow Flight SQL over gRPC (`veil serve`);
+//! - [`api`]: veil's own `veil.v1` gRPC service;
+//! - [`client`]: the Flight SQL client used by `veil query` and `veil demo`;
+//! - [`generate`]: the bundled Beijing example data;
+//! - [`demo`]: the guided tour.
+
+pub mod api;
+pub mod client;
+pub mod demo;
+pub mod generate;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use veil_engine::Engine;
+use veil_engine::catalog::Catalog;
+use veil_engine::ledger::Ledger;
+use veil_policy::Policy;
+
+/// Replaces the default panic message (which can quote values being
+/// processed) with the panic's location only.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown location".to_owned());
+        eprintln!(
+            "veil: internal panic at {location}; its message is withheld because it may contain data"
+        );
+    }));
+}
+
+/// Loads the policy, the catalog and the ledger.
+pub fn open_engine(policy: &Path, data: &Path, state: &Path) -> Result<Arc<Engine>> {
+    let policy = Policy::load(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let catalog = Catalog::open(&policy, data)?;
+    let ledger = Ledger::open(state)?;
+    Ok(Arc::new(Engine::new(Arc::new(policy), catalog, ledger)))
+}
+
+/// A server running in this process.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    /// `http://addr`, for clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle
+            .await
+            .context("server task")?
+            .context("server")?;
+        Ok(())
+    }
+}
+
+/// Serves Flight SQL and `veil.v1` on `listen` (port 0 picks a free port).
+pub async fn start(engine: Arc<Engine>, listen: SocketAddr) -> Result<Running> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let shared = server::Shared::new(engine);
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(server::VeilFlightSql::new(shared.clone()).into_service())
+        .add_service(api::VeilApi::service(shared));
+    let handle = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+    });
+    Ok(Running {
+        addr,
+        shutdown: Some(tx),
+        handle,
+    })
+}

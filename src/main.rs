@@ -1,0 +1,210 @@
+//! The `veil` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use veil::client::{Client, Format, render};
+
+#[derive(Parser)]
+#[command(
+    name = "veil",
+    version,
+    about = "Privacy-preserving SQL over public data: usable but not visible (数据可用不可见)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Arrow Flight SQL (and veil.v1) over gRPC.
+    ///
+    /// Example: veil serve --policy examples/beijing/policy.toml --data examples/beijing/data --state state --listen 127.0.0.1:50051
+    Serve {
+        /// Policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Data directory the policy's sources are relative to.
+        #[arg(long)]
+        data: PathBuf,
+        /// State directory (privacy-budget ledger).
+        #[arg(long)]
+        state: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+    },
+    /// Run one SQL query against a veil server.
+    ///
+    /// Example: veil query --endpoint http://127.0.0.1:50051 --token demo-token-op-univ-07 "SELECT district, COUNT(*) FROM pop.residents GROUP BY district"
+    Query {
+        /// Server endpoint.
+        #[arg(long, env = "VEIL_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+        endpoint: String,
+        /// Operator token (sent as a bearer token).
+        #[arg(long, env = "VEIL_TOKEN")]
+        token: String,
+        /// Log in with a handshake as this operator instead of sending the token on every call.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// The SQL statement.
+        sql: String,
+    },
+    /// Run the bundled Beijing example end to end.
+    Demo {
+        /// Data scale (1 ≈ 200,000 residents).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// Write the synthetic Beijing example datasets.
+    Generate {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Multiplies the default size (1 ≈ 200,000 residents).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Random seed of the generator.
+        #[arg(long, default_value_t = veil::generate::DEFAULT_SEED)]
+        seed: u64,
+    },
+    /// Policy tools for security officers.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check policy files; exit 1 with every problem found.
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    veil::install_panic_hook();
+    let default_level = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VEIL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            policy,
+            data,
+            state,
+            listen,
+        } => runtime()?.block_on(async {
+            let engine = veil::open_engine(&policy, &data, &state)?;
+            let running = veil::start(engine, listen).await?;
+            tracing::info!(addr = %running.addr, "serving Arrow Flight SQL");
+            tokio::signal::ctrl_c().await?;
+            running.stop().await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Query {
+            endpoint,
+            token,
+            operator,
+            format,
+            sql,
+        } => runtime()?.block_on(async {
+            let mut client = Client::connect(&endpoint).await?;
+            match operator {
+                Some(op) => client
+                    .login(&op, &token)
+                    .await
+                    .map_err(veil::client::explain)?,
+                None => client.with_bearer(&token),
+            }
+            match client.query(&sql).await {
+                Ok(fetched) => {
+                    print!("{}", render(&fetched, format)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("refused ({:?}): {}", e.code, e.message);
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }),
+        Command::Demo { scale } => runtime()?
+            .block_on(veil::demo::run(scale))
+            .map(|_| ExitCode::SUCCESS),
+        Command::Generate { out, scale, seed } => {
+            let s = veil::generate::generate(&out, scale, seed)?;
+            println!(
+                "wrote {}: {} residents, {} social-insurance rows, {} outpatient visits, {} enterprises",
+                out.display(),
+                s.residents,
+                s.insurance_rows,
+                s.visits,
+                s.enterprises
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => {
+            let mut ok = true;
+            for f in files {
+                match veil_policy::Policy::load(&f) {
+                    Ok(p) => println!(
+                        "{}: ok — policy {} v{}, {} datasets, {} operators, {} grants, sha256 {}",
+                        f.display(),
+                        p.id,
+                        p.version,
+                        p.datasets.len(),
+                        p.operators.len(),
+                        p.grants.len(),
+                        p.hash
+                    ),
+                    Err(e) => {
+                        ok = false;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
