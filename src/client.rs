@@ -66,11 +66,39 @@ impl Client {
     }
 
     /// Logs in with a Flight handshake (basic credentials → bearer token).
+    ///
+    /// Done by hand rather than with `FlightSqlServiceClient::handshake`,
+    /// which folds the server's status code into a text error.
     pub async fn login(&mut self, operator: &str, token: &str) -> Result<(), CallError> {
-        self.inner
-            .handshake(operator, token)
+        use base64::Engine as _;
+        let credentials = base64::prelude::BASE64_STANDARD.encode(format!("{operator}:{token}"));
+        let mut request = tonic::Request::new(futures::stream::iter(vec![
+            arrow_flight::HandshakeRequest::default(),
+        ]));
+        let value = format!("Basic {credentials}")
+            .parse()
+            .map_err(|_| CallError {
+                code: tonic::Code::InvalidArgument,
+                message: "credentials are not a valid header".into(),
+            })?;
+        request.metadata_mut().insert("authorization", value);
+        let response = self
+            .inner
+            .inner_mut()
+            .handshake(request)
             .await
-            .map_err(call_error)?;
+            .map_err(|s| call_error(FlightError::Tonic(Box::new(s))))?;
+        let bearer = response
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| CallError {
+                code: tonic::Code::Unauthenticated,
+                message: "the server returned no bearer token".into(),
+            })?
+            .to_owned();
+        self.inner.set_token(bearer);
         Ok(())
     }
 

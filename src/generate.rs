@@ -375,11 +375,11 @@ pub fn generate(out: &Path, scale: f64, seed: u64) -> Result<Summary> {
         };
         // Long-tailed wage base; a few are above the policy bound on purpose.
         let base = lognormal(&mut rng, 9_000.0, 0.6).max(6_326.0);
-        for m in start..=end {
+        for (m, month) in month_names.iter().enumerate().take(end + 1).skip(start) {
             s_pid.push(p_id[i].clone());
             s_emp.push(e_uscc[employer].clone());
             s_dist.push(e_dist[employer].clone());
-            s_month.push(month_names[m].clone());
+            s_month.push(month.clone());
             let raise = if m >= 12 { 1.045 } else { 1.0 };
             s_wage.push(round2(base * raise));
         }

@@ -22,7 +22,7 @@ use arrow_flight::{
     FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket,
 };
 use base64::Engine as _;
-use base64::prelude::BASE64_STANDARD;
+use base64::prelude::{BASE64_STANDARD, BASE64_STANDARD_NO_PAD};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::metadata::MetadataMap;
@@ -171,8 +171,10 @@ impl FlightSqlService for VeilFlightSql {
         let encoded = header
             .strip_prefix("Basic ")
             .ok_or_else(|| Status::unauthenticated("handshake needs basic credentials"))?;
+        // Clients differ on padding (Go's driver omits it): accept both.
         let decoded = BASE64_STANDARD
-            .decode(encoded)
+            .decode(encoded.trim())
+            .or_else(|_| BASE64_STANDARD_NO_PAD.decode(encoded.trim().trim_end_matches('=')))
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| Status::unauthenticated("credentials are not valid base64 UTF-8"))?;

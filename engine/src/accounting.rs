@@ -163,7 +163,7 @@ pub fn normal_quantile(p: f64) -> f64 {
         -3.969683028665376e1,
         2.209460984245205e2,
         -2.759285104469687e2,
-        1.383577518672690e2,
+        1.383_577_518_672_69e2,
         -3.066479806614716e1,
         2.506628277459239,
     ];
@@ -217,9 +217,8 @@ pub fn vector_sensitivity(mechanism: Mechanism, max_groups: u32, per_group: &RBi
             let mut up = RBig::try_from(approx * (1.0 + 1e-12))
                 .map_err(|_| EngineError::Internal("sensitivity is not finite".into()))?;
             while &up * &up < exact_sq {
-                up = up
-                    * RBig::try_from(1.0 + 1e-9)
-                        .map_err(|_| EngineError::Internal("rational".into()))?;
+                up *= RBig::try_from(1.0 + 1e-9)
+                    .map_err(|_| EngineError::Internal("rational".into()))?;
             }
             Ok(up)
         }
@@ -376,5 +375,40 @@ mod tests {
         // Discrete Laplace with scale 1: P(|X| >= k) = 2e^{-k}/(1+e^{-1}) ≤ 0.05 from k = 4.
         let hw = plan.half_width(0.05).expect("ok");
         assert!((3.0..=4.0).contains(&hw), "{hw}");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the policy numbers, the chosen noise never spends more
+        /// than the statistic's share of the charge (checked by opendp's map).
+        #[test]
+        fn noise_never_overspends(
+            per_query in 1e-4f64..10.0,
+            statistics in 1u64..6,
+            max_groups in 1u32..50,
+            per_group in 1u64..10_000_000,
+            gaussian in any::<bool>(),
+        ) {
+            let mechanism = if gaussian { Mechanism::DiscreteGaussian } else { Mechanism::DiscreteLaplace };
+            let share = Budget::charge(per_query).expect("valid").as_rational() / RBig::from(statistics);
+            let sensitivity = vector_sensitivity(mechanism, max_groups, &RBig::from(per_group)).expect("sens");
+            let plan = plan_noise(mechanism, sensitivity, &share).expect("plan");
+            prop_assert!(RBig::try_from(plan.spent).expect("finite") <= share);
+            prop_assert!(plan.half_width(0.05).expect("accuracy") > 0.0);
+        }
+
+        /// A charge is never below the policy's per-query cost, and a total
+        /// never above the policy's budget (beyond float representation).
+        #[test]
+        fn rounding_is_conservative(x in 1e-6f64..1e6) {
+            prop_assert!(Budget::charge(x).expect("ok").as_f64() >= x * (1.0 - 1e-9));
+            prop_assert!(Budget::total(x).expect("ok").as_f64() <= x * (1.0 + 1e-9));
+        }
     }
 }

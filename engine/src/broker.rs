@@ -75,12 +75,12 @@ pub struct Engine {
 
 enum Planned {
     Public {
-        plan: LogicalPlan,
+        plan: Box<LogicalPlan>,
         grant: Grant,
     },
     Private {
         certified: Box<CertifiedPlan>,
-        planning: SessionState,
+        planning: Box<SessionState>,
         grant: Grant,
     },
 }
@@ -153,7 +153,7 @@ impl Engine {
         request_id: &str,
     ) -> Result<Answer> {
         match self.plan(operator, sql, now).await? {
-            Planned::Public { plan, grant } => self.run_public(plan, &grant, request_id).await,
+            Planned::Public { plan, grant } => self.run_public(*plan, &grant, request_id).await,
             Planned::Private {
                 certified,
                 planning,
@@ -162,6 +162,24 @@ impl Engine {
                 self.run_private(*certified, &planning, &grant, operator, request_id)
                     .await
             }
+        }
+    }
+
+    /// Test hook: the certified plan of a private query, and its exact bounded
+    /// aggregates, without noise and without a charge. Compiled only with the
+    /// `test-hooks` feature, which release builds never enable.
+    #[cfg(feature = "test-hooks")]
+    pub async fn exact_bounded_aggregates_for_tests(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<veil_sandbox::BoundedAggregates> {
+        match self.plan(operator, sql, now).await? {
+            Planned::Private { certified, .. } => {
+                execute_certified(&certified, &self.catalog.execution_state()?, "test").await
+            }
+            Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
         }
     }
 
@@ -206,12 +224,15 @@ impl Engine {
             .verify_plan(&plan)
             .map_err(|e| EngineError::rejected(Rule::SingleSelect, e.to_string()))?;
         match analyze(plan, &self.policy, &grant)? {
-            Analyzed::Public(plan) => Ok(Planned::Public { plan, grant }),
+            Analyzed::Public(plan) => Ok(Planned::Public {
+                plan: Box::new(plan),
+                grant,
+            }),
             Analyzed::Private(q) => {
                 let certified = certify(q, &self.policy, &grant, &self.catalog, &planning)?;
                 Ok(Planned::Private {
                     certified: Box::new(certified),
-                    planning,
+                    planning: Box::new(planning),
                     grant,
                 })
             }

@@ -193,3 +193,35 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The gate answers every input with a decision, never a panic.
+        #[test]
+        fn any_text_gets_a_decision(sql in ".{0,400}") {
+            let _ = gate(&sql);
+        }
+
+        /// SQL-shaped noise too.
+        #[test]
+        fn sql_shaped_text_gets_a_decision(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("SELECT"), Just("FROM"), Just("WHERE"), Just("("), Just(")"), Just(","),
+                    Just("COUNT(*)"), Just("pop.residents"), Just("AND"), Just("OR"), Just(";"),
+                    Just("WITH"), Just("RECURSIVE"), Just("UNION"), Just("'x'"), Just("1"), Just("GROUP BY"),
+                ],
+                0..60,
+            )
+        ) {
+            let _ = gate(&parts.join(" "));
+        }
+    }
+}

@@ -292,3 +292,72 @@ pub fn request_id() -> Result<String> {
     opendp::traits::samplers::fill_bytes(&mut bytes).map_err(opendp_err)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Goodness of fit of the samplers as veil calls them. Each test makes two
+    //! checks at z = 5.026 (two-sided 5e-7 each under the CLT, n = 20,000), so
+    //! a test's false-alarm rate is at most 1e-6.
+
+    use super::*;
+    use crate::accounting::{Budget, plan_noise};
+
+    const Z: f64 = 5.026_2;
+    const N: usize = 20_000;
+
+    /// (variance, fourth central moment) of a symmetric integer distribution
+    /// with unnormalised mass `w(x)`.
+    fn moments(w: impl Fn(f64) -> f64) -> (f64, f64) {
+        let (mut total, mut m2, mut m4) = (w(0.0), 0.0, 0.0);
+        for x in 1..20_000 {
+            let x = x as f64;
+            let p = 2.0 * w(x);
+            total += p;
+            m2 += p * x * x;
+            m4 += p * x.powi(4);
+        }
+        (m2 / total, m4 / total)
+    }
+
+    fn check(plan: &NoisePlan, var: f64, m4: f64) {
+        let shift = 1_000_000i64;
+        let noisy = noisy_vector(plan, vec![IBig::from(shift); N]).expect("noise");
+        let e: Vec<f64> = noisy.iter().map(|v| to_f64(v) - shift as f64).collect();
+        let n = N as f64;
+        let mean = e.iter().sum::<f64>() / n;
+        let s2 = e.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        assert!(mean.abs() <= Z * (var / n).sqrt(), "mean {mean}");
+        assert!(
+            (s2 - var).abs() <= Z * ((m4 - var * var) / n).sqrt(),
+            "variance {s2} vs {var}"
+        );
+    }
+
+    #[test]
+    fn discrete_laplace_has_the_announced_distribution() {
+        let share = Budget::charge(1.0 / 3.0).expect("ok").as_rational();
+        let plan = plan_noise(Mechanism::DiscreteLaplace, RBig::from(1u8), &share).expect("plan");
+        let b = plan.scale_f64();
+        let (var, m4) = moments(|x| (-x / b).exp());
+        check(&plan, var, m4);
+    }
+
+    #[test]
+    fn discrete_gaussian_has_the_announced_distribution() {
+        let share = Budget::charge(1.0 / 18.0).expect("ok").as_rational();
+        let plan = plan_noise(Mechanism::DiscreteGaussian, RBig::from(1u8), &share).expect("plan");
+        let s = plan.scale_f64();
+        assert!((s - 3.0).abs() < 0.01, "{s}");
+        let (var, m4) = moments(|x| (-x * x / (2.0 * s * s)).exp());
+        check(&plan, var, m4);
+    }
+
+    #[test]
+    fn bounding_keys_are_fresh() {
+        let a = BoundingKeys::fresh().expect("keys");
+        let b = BoundingKeys::fresh().expect("keys");
+        assert_ne!(a.groups, b.groups);
+        assert_ne!(a.groups, a.rows);
+        assert!(!format!("{a:?}").contains(&format!("{}", a.groups[0])) || a.groups[0] < 10);
+    }
+}

@@ -1,1 +1,10 @@
-//! integration tests
+//! veil's integration tests: each starts the real server on loopback and talks
+//! to it over Arrow Flight SQL, as operators would.
+
+mod bounding;
+mod budget;
+mod flight;
+mod leaks;
+mod noise;
+mod rejections;
+mod support;

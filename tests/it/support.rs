@@ -1,0 +1,201 @@
+//! Shared fixtures: example data at a small scale, a policy (possibly edited),
+//! a state directory, and a running server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use veil::Running;
+use veil::client::{CallError, Client, Fetched};
+use veil_engine::Engine;
+
+/// Data scale used by tests (≈ 4,000 residents): small enough for debug builds.
+pub const SCALE: f64 = 0.02;
+
+/// A running server with its own data, policy and state.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub engine: Arc<Engine>,
+    pub server: Running,
+}
+
+pub fn example_policy() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/beijing/policy.toml"),
+    )
+    .expect("example policy")
+}
+
+impl Fixture {
+    /// The example policy, unchanged.
+    pub async fn start() -> Fixture {
+        Fixture::with_policy(&example_policy(), |_| {}).await
+    }
+
+    /// A policy text, and a hook that may edit the generated data.
+    pub async fn with_policy(policy: &str, edit_data: impl FnOnce(&Path)) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        veil::generate::generate(&data, SCALE, veil::generate::DEFAULT_SEED).expect("generate");
+        edit_data(&data);
+        let policy_path = dir.path().join("policy.toml");
+        std::fs::write(&policy_path, policy).expect("write policy");
+        let engine =
+            veil::open_engine(&policy_path, &data, &dir.path().join("state")).expect("engine");
+        let server = veil::start(engine.clone(), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("server");
+        Fixture {
+            dir,
+            engine,
+            server,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A client logged in as `operator` with its demo token (Flight handshake).
+    pub async fn client(&self, operator: &str) -> Client {
+        let mut c = Client::connect(&self.server.endpoint())
+            .await
+            .expect("connect");
+        c.login(operator, &format!("demo-token-{operator}"))
+            .await
+            .expect("login");
+        c
+    }
+
+    pub async fn query(&self, operator: &str, sql: &str) -> Result<Fetched, CallError> {
+        self.client(operator).await.query(sql).await
+    }
+
+    pub fn charges(&self) -> u64 {
+        self.engine.ledger().charges().expect("ledger")
+    }
+}
+
+/// All values of a column as strings (NULL as "NULL").
+pub fn column_strings(f: &Fetched, name: &str) -> Vec<String> {
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut out = Vec::new();
+    for b in &f.batches {
+        let idx = b.schema().index_of(name).expect("column");
+        let fmt = ArrayFormatter::try_new(
+            b.column(idx).as_ref(),
+            &FormatOptions::default().with_null("NULL"),
+        )
+        .expect("formatter");
+        for r in 0..b.num_rows() {
+            out.push(fmt.value(r).to_string());
+        }
+    }
+    out
+}
+
+/// All values of a numeric column as f64.
+pub fn column_f64(f: &Fetched, name: &str) -> Vec<f64> {
+    column_strings(f, name)
+        .into_iter()
+        .map(|s| s.parse::<f64>().unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// Exact per-key counts computed directly from the Parquet file (test oracle).
+pub async fn exact_counts(file: &Path, key: &str) -> std::collections::HashMap<String, i64> {
+    use datafusion::prelude::*;
+    let ctx = SessionContext::new();
+    ctx.register_parquet(
+        "t",
+        file.to_str().expect("utf8"),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .expect("register");
+    let batches = ctx
+        .sql(&format!(
+            "SELECT CAST({key} AS VARCHAR) AS k, COUNT(*) AS n FROM t GROUP BY {key}"
+        ))
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("collect");
+    let mut out = std::collections::HashMap::new();
+    for b in batches {
+        let k = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .expect("cast");
+        let k = k
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .expect("strings");
+        let n = b
+            .column(1)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            .expect("ints");
+        for r in 0..b.num_rows() {
+            out.insert(k.value(r).to_owned(), n.value(r));
+        }
+    }
+    out
+}
+
+/// Rewrites a Parquet file through a function of its (single) batch.
+pub fn rewrite_parquet(
+    path: &Path,
+    f: impl FnOnce(datafusion::arrow::array::RecordBatch) -> datafusion::arrow::array::RecordBatch,
+) {
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).expect("open"))
+        .expect("parquet")
+        .with_batch_size(1 << 30)
+        .build()
+        .expect("reader");
+    let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
+    let schema = batches[0].schema();
+    let batch = datafusion::arrow::compute::concat_batches(&schema, &batches).expect("concat");
+    let out = f(batch);
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(path).expect("create"),
+        out.schema(),
+        None,
+    )
+    .expect("writer");
+    w.write(&out).expect("write");
+    w.close().expect("close");
+}
+
+/// Replaces one column of a batch.
+pub fn replace_column(
+    batch: datafusion::arrow::array::RecordBatch,
+    name: &str,
+    array: datafusion::arrow::array::ArrayRef,
+) -> datafusion::arrow::array::RecordBatch {
+    let idx = batch.schema().index_of(name).expect("column");
+    let mut columns = batch.columns().to_vec();
+    columns[idx] = array;
+    datafusion::arrow::array::RecordBatch::try_new(batch.schema(), columns).expect("batch")
+}
+
+/// Asserts a call failed with `code` and a message containing every `needle`.
+pub fn assert_refused(
+    r: Result<Fetched, CallError>,
+    code: tonic::Code,
+    needles: &[&str],
+) -> CallError {
+    match r {
+        Ok(_) => panic!("expected a refusal with {code:?}"),
+        Err(e) => {
+            assert_eq!(e.code, code, "{}", e.message);
+            for n in needles {
+                assert!(e.message.contains(n), "`{n}` missing from: {}", e.message);
+            }
+            e
+        }
+    }
+}
