@@ -6,10 +6,6 @@
 //! check that the chosen noise scales spend no more than the charge.
 
 use dashu::rational::RBig;
-use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::{MakeNoise, ZExpFamily};
-use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
-use opendp::metrics::{L1Distance, L2Distance};
 use veil_policy::{Accounting, DpSettings};
 
 use crate::error::{EngineError, Result};
@@ -240,7 +236,7 @@ pub fn plan_noise(mechanism: Mechanism, sensitivity: RBig, share: &RBig) -> Resu
                 .map_err(|_| EngineError::Internal("noise scale is not finite".into()))?
         }
     };
-    let spent = opendp_spend(mechanism, &sensitivity, &scale)?;
+    let spent = crate::mechanisms::NoiseMeasurement::new(mechanism, &scale)?.spend(&sensitivity)?;
     let spent_exact = RBig::try_from(spent)
         .map_err(|_| EngineError::Internal("privacy map returned a non-finite loss".into()))?;
     if &spent_exact > share {
@@ -254,34 +250,6 @@ pub fn plan_noise(mechanism: Mechanism, sensitivity: RBig, share: &RBig) -> Resu
         scale,
         spent,
     })
-}
-
-/// Builds the opendp measurement for a statistic and evaluates its privacy map.
-fn opendp_spend(mechanism: Mechanism, sensitivity: &RBig, scale: &RBig) -> Result<f64> {
-    let domain = VectorDomain::new(AtomDomain::<dashu::integer::IBig>::default());
-    let spent = match mechanism {
-        Mechanism::DiscreteLaplace => {
-            let m = MakeNoise::<_, _, MaxDivergence>::make_noise(
-                ZExpFamily::<1> {
-                    scale: scale.clone(),
-                },
-                (domain, L1Distance::<RBig>::default()),
-            )
-            .map_err(opendp_err)?;
-            m.map(sensitivity).map_err(opendp_err)?
-        }
-        Mechanism::DiscreteGaussian => {
-            let m = MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
-                ZExpFamily::<2> {
-                    scale: scale.clone(),
-                },
-                (domain, L2Distance::<RBig>::default()),
-            )
-            .map_err(opendp_err)?;
-            m.map(sensitivity).map_err(opendp_err)?
-        }
-    };
-    Ok(spent)
 }
 
 pub(crate) fn opendp_err(e: opendp::error::Error) -> EngineError {

@@ -175,7 +175,7 @@ impl Catalog {
             .with_config(session_config())
             .with_runtime_env(
                 RuntimeEnvBuilder::new()
-                    .with_object_store_registry(Arc::new(NoStores))
+                    .with_object_store_registry(Arc::new(ConfinedStores { data: None }))
                     .build_arc()
                     .map_err(internal)?,
             )
@@ -190,8 +190,10 @@ impl Catalog {
 
     /// A session that executes certified plans: reads only the data directory.
     pub fn execution_state(&self) -> Result<SessionState> {
-        let registry = DataDirStore {
-            store: Arc::new(LocalFileSystem::new_with_prefix(&self.data_dir).map_err(internal)?),
+        let registry = ConfinedStores {
+            data: Some(Arc::new(
+                LocalFileSystem::new_with_prefix(&self.data_dir).map_err(internal)?,
+            )),
         };
         Ok(SessionStateBuilder::new()
             .with_config(session_config())
@@ -245,11 +247,14 @@ fn internal(e: impl std::fmt::Display) -> EngineError {
     EngineError::Internal(e.to_string())
 }
 
-/// An object-store registry with no stores at all: planning sessions read nothing.
+/// The only object-store registry veil uses: at most one store, for the data
+/// directory under `veil-data://data/`. Planning sessions get none at all.
 #[derive(Debug)]
-struct NoStores;
+struct ConfinedStores {
+    data: Option<Arc<dyn ObjectStore>>,
+}
 
-impl ObjectStoreRegistry for NoStores {
+impl ObjectStoreRegistry for ConfinedStores {
     fn register_store(
         &self,
         _url: &Url,
@@ -259,36 +264,14 @@ impl ObjectStoreRegistry for NoStores {
     }
 
     fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
-        Err(datafusion::error::DataFusionError::Plan(format!(
-            "no object store for scheme `{}`",
-            url.scheme()
-        )))
-    }
-}
-
-/// The execution registry: one store, confined to the data directory.
-#[derive(Debug)]
-struct DataDirStore {
-    store: Arc<dyn ObjectStore>,
-}
-
-impl ObjectStoreRegistry for DataDirStore {
-    fn register_store(
-        &self,
-        _url: &Url,
-        _store: Arc<dyn ObjectStore>,
-    ) -> Option<Arc<dyn ObjectStore>> {
-        None
-    }
-
-    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
-        if url.scheme() == DATA_SCHEME && url.host_str() == Some("data") {
-            Ok(self.store.clone())
-        } else {
-            Err(datafusion::error::DataFusionError::Plan(format!(
+        match &self.data {
+            Some(store) if url.scheme() == DATA_SCHEME && url.host_str() == Some("data") => {
+                Ok(store.clone())
+            }
+            _ => Err(datafusion::error::DataFusionError::Plan(format!(
                 "no object store for scheme `{}`",
                 url.scheme()
-            )))
+            ))),
         }
     }
 }

@@ -12,12 +12,13 @@ use dashu::rational::RBig;
 use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
+use veil_policy::DomainValue;
+use veil_sandbox::{BoundedAggregates, KeyValue};
+
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::{MakeNoise, ZExpFamily};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{L1Distance, L2Distance};
-use veil_policy::DomainValue;
-use veil_sandbox::{BoundedAggregates, KeyValue};
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
 use crate::error::{EngineError, Result};
@@ -86,28 +87,69 @@ impl Release {
     }
 }
 
-/// Adds noise to a vector of exact integers through an opendp measurement.
-fn noisy_vector(plan: &NoisePlan, exact: Vec<IBig>) -> Result<Vec<IBig>> {
-    let domain = VectorDomain::new(AtomDomain::<IBig>::default());
-    let scale = plan.scale.clone();
-    match plan.mechanism {
-        Mechanism::DiscreteLaplace => {
-            let m = MakeNoise::<_, _, MaxDivergence>::make_noise(
-                ZExpFamily::<1> { scale },
-                (domain, L1Distance::<RBig>::default()),
-            )
-            .map_err(opendp_err)?;
-            m.invoke(&exact).map_err(opendp_err)
-        }
-        Mechanism::DiscreteGaussian => {
-            let m = MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
-                ZExpFamily::<2> { scale },
-                (domain, L2Distance::<RBig>::default()),
-            )
-            .map_err(opendp_err)?;
-            m.invoke(&exact).map_err(opendp_err)
-        }
+/// The opendp measurement of a statistic, as its two operations: the privacy
+/// map and the noisy release. (opendp measurements are not `Send`, so they are
+/// built where they are used, from the parameters kept in [`NoisePlan`].)
+pub(crate) struct NoiseMeasurement {
+    map: PrivacyMapFn,
+    invoke: ReleaseFn,
+}
+
+type PrivacyMapFn = Box<dyn Fn(&RBig) -> opendp::error::Fallible<f64>>;
+type ReleaseFn = Box<dyn Fn(&Vec<IBig>) -> opendp::error::Fallible<Vec<IBig>>>;
+
+impl NoiseMeasurement {
+    /// Discrete Laplace (L1 → ε) or discrete Gaussian (L2 → ρ) at `scale`,
+    /// over integer vectors.
+    pub(crate) fn new(mechanism: Mechanism, scale: &RBig) -> Result<NoiseMeasurement> {
+        let domain = VectorDomain::new(AtomDomain::<IBig>::default());
+        let scale = scale.clone();
+        Ok(match mechanism {
+            Mechanism::DiscreteLaplace => {
+                let m = std::rc::Rc::new(
+                    MakeNoise::<_, _, MaxDivergence>::make_noise(
+                        ZExpFamily::<1> { scale },
+                        (domain, L1Distance::<RBig>::default()),
+                    )
+                    .map_err(opendp_err)?,
+                );
+                let m2 = m.clone();
+                NoiseMeasurement {
+                    map: Box::new(move |d| m.map(d)),
+                    invoke: Box::new(move |x| m2.invoke(x)),
+                }
+            }
+            Mechanism::DiscreteGaussian => {
+                let m = std::rc::Rc::new(
+                    MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
+                        ZExpFamily::<2> { scale },
+                        (domain, L2Distance::<RBig>::default()),
+                    )
+                    .map_err(opendp_err)?,
+                );
+                let m2 = m.clone();
+                NoiseMeasurement {
+                    map: Box::new(move |d| m.map(d)),
+                    invoke: Box::new(move |x| m2.invoke(x)),
+                }
+            }
+        })
     }
+
+    /// Privacy loss (ε or ρ) at an input distance.
+    pub(crate) fn spend(&self, sensitivity: &RBig) -> Result<f64> {
+        (self.map)(sensitivity).map_err(opendp_err)
+    }
+
+    /// Adds noise to every element.
+    pub(crate) fn sample(&self, exact: &Vec<IBig>) -> Result<Vec<IBig>> {
+        (self.invoke)(exact).map_err(opendp_err)
+    }
+}
+
+/// Adds noise to a vector of exact integers through its opendp measurement.
+fn noisy_vector(plan: &NoisePlan, exact: Vec<IBig>) -> Result<Vec<IBig>> {
+    NoiseMeasurement::new(plan.mechanism, &plan.scale)?.sample(&exact)
 }
 
 fn to_f64(x: &IBig) -> f64 {
