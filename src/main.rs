@@ -1,5 +1,6 @@
 //! The `veil` command.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,10 +86,39 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Check policy files; exit 1 with every problem found.
+    ///
+    /// Example: veil policy check examples/beijing/policy.toml
     Check {
         /// Policy files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Explain in plain words what an operator may do, or who may use a dataset.
+    ///
+    /// Example: veil policy explain --policy examples/beijing/policy.toml --operator op-univ-07
+    Explain {
+        /// Policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Operator id.
+        #[arg(long, conflicts_with = "dataset", required_unless_present = "dataset")]
+        operator: Option<String>,
+        /// Dataset id (schema.table).
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// Print the JSON Schema of the policy format (for editor completion).
+    ///
+    /// Example: veil policy schema > policy.schema.json
+    Schema,
+    /// Show what changed in effective permissions between two policies.
+    ///
+    /// Example: veil policy diff old.toml new.toml
+    Diff {
+        /// The policy before the change.
+        old: PathBuf,
+        /// The policy after the change.
+        new: PathBuf,
     },
 }
 
@@ -131,6 +161,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
         } => runtime()?.block_on(async {
             let engine = veil::open_engine(&policy, &data, &state)?;
+            let _watcher = veil::watch_policy(engine.clone(), policy.clone());
             let running = veil::start(engine, listen).await?;
             tracing::info!(addr = %running.addr, "serving Arrow Flight SQL");
             tokio::signal::ctrl_c().await?;
@@ -178,14 +209,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy {
-            command: PolicyCommand::Check { files },
-        } => {
+        Command::Policy { command } => policy_command(command),
+    }
+}
+
+fn load_policy(path: &std::path::Path) -> Result<veil_policy::Policy> {
+    veil_policy::Policy::load(path).map_err(|e| {
+        eprint!("{}", e.render(std::io::stderr().is_terminal()));
+        anyhow::anyhow!("{} is not a valid policy", path.display())
+    })
+}
+
+fn policy_command(command: PolicyCommand) -> Result<ExitCode> {
+    let now = chrono::Utc::now().fixed_offset();
+    match command {
+        PolicyCommand::Check { files } => {
             let mut ok = true;
             for f in files {
                 match veil_policy::Policy::load(&f) {
                     Ok(p) => println!(
-                        "{}: ok — policy {} v{}, {} datasets, {} operators, {} grants, sha256 {}",
+                        "{}: ok — policy {} v{}: {} datasets, {} operators, {} grants; sha256 {}",
                         f.display(),
                         p.id,
                         p.version,
@@ -196,7 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ),
                     Err(e) => {
                         ok = false;
-                        eprintln!("{e}");
+                        eprint!("{}", e.render(std::io::stderr().is_terminal()));
                     }
                 }
             }
@@ -205,6 +248,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        PolicyCommand::Explain {
+            policy,
+            operator,
+            dataset,
+        } => {
+            let p = load_policy(&policy)?;
+            let text = match (&operator, &dataset) {
+                (Some(op), _) => veil_policy::explain::explain_operator(&p, op, now)
+                    .ok_or_else(|| anyhow::anyhow!("no operator `{op}` in {}", policy.display()))?,
+                (None, Some(ds)) => veil_policy::explain::explain_dataset(&p, ds, now)
+                    .ok_or_else(|| anyhow::anyhow!("no dataset `{ds}` in {}", policy.display()))?,
+                (None, None) => anyhow::bail!("give --operator or --dataset"),
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Schema => {
+            print!("{}", veil_policy::json_schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Diff { old, new } => {
+            let (a, b) = (load_policy(&old)?, load_policy(&new)?);
+            let changes = veil_policy::diff::diff(&a, &b);
+            if changes.is_empty() {
+                println!("no change in effective permissions");
+            }
+            for c in changes {
+                println!("{c}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -267,11 +267,11 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
         match strip_aliases(g) {
             Expr::Column(c) => {
                 let col = ctx.require(&c.name, Use::GroupBy)?;
-                if col.domain.is_none() {
+                if col.domain_values().is_none() {
                     return Err(EngineError::rejected(
                         Rule::GroupKeyWithoutDomain,
                         format!(
-                            "`{}.{}` has no declared public domain, so its keys cannot be released without DP partition selection (not supported yet); group by a column with a declared domain",
+                            "`{}.{}` has no public domain listed in the policy, so its keys cannot be released without DP partition selection (not supported yet); group by a column whose domain the policy lists",
                             ctx.dataset.id, c.name
                         ),
                     ));

@@ -2,7 +2,7 @@
 //! reserve → execute → release → post-process.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, FixedOffset};
 use datafusion::arrow::array::RecordBatch;
@@ -65,12 +65,20 @@ pub struct Answer {
     pub request_id: String,
 }
 
-/// The engine of one domain: policy, catalog and ledger.
+/// The engine of one domain: the policy in force (with its catalog) and the
+/// ledger. The policy can be replaced while serving; every query runs on one
+/// consistent [`Snapshot`].
 #[derive(Debug)]
 pub struct Engine {
+    current: RwLock<Arc<Snapshot>>,
+    ledger: Ledger,
+}
+
+/// A policy and the catalog built for it.
+#[derive(Debug)]
+pub struct Snapshot {
     policy: Arc<Policy>,
     catalog: Catalog,
-    ledger: Ledger,
 }
 
 enum Planned {
@@ -89,15 +97,38 @@ impl Engine {
     /// Assembles an engine.
     pub fn new(policy: Arc<Policy>, catalog: Catalog, ledger: Ledger) -> Engine {
         Engine {
-            policy,
-            catalog,
+            current: RwLock::new(Arc::new(Snapshot { policy, catalog })),
             ledger,
         }
     }
 
+    fn snapshot(&self) -> Arc<Snapshot> {
+        match self.current.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// The policy in force.
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    pub fn policy(&self) -> Arc<Policy> {
+        self.snapshot().policy.clone()
+    }
+
+    /// Replaces the policy in force, atomically: queries already running
+    /// finish under the old one, every later query sees the new one. The new
+    /// catalog is built first; if that fails, the old policy stays.
+    pub fn reload(&self, policy: Policy) -> Result<()> {
+        let old = self.snapshot();
+        let catalog = Catalog::open(&policy, old.catalog.data_dir())?;
+        let next = Arc::new(Snapshot {
+            policy: Arc::new(policy),
+            catalog,
+        });
+        match self.current.write() {
+            Ok(mut w) => *w = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        Ok(())
     }
 
     /// The ledger.
@@ -107,8 +138,9 @@ impl Engine {
 
     /// Remaining budget of each grant of an operator: (grant, unit, remaining, total).
     pub fn budgets(&self, operator: &str) -> Result<Vec<(String, &'static str, f64, f64)>> {
+        let snap = self.snapshot();
         let mut out = Vec::new();
-        for g in self.policy.grants_of(operator) {
+        for g in snap.policy.grants_of(operator) {
             if let Some(dp) = &g.dp {
                 let unit = crate::accounting::Mechanism::for_grant(dp).unit();
                 let total = Budget::total(dp.budget)?;
@@ -152,8 +184,11 @@ impl Engine {
         now: DateTime<FixedOffset>,
         request_id: &str,
     ) -> Result<Answer> {
-        match self.plan(operator, sql, now).await? {
-            Planned::Public { plan, grant } => self.run_public(*plan, &grant, request_id).await,
+        let snap = self.snapshot();
+        match self.plan(&snap, operator, sql, now).await? {
+            Planned::Public { plan, grant } => {
+                self.run_public(&snap, *plan, &grant, request_id).await
+            }
             Planned::Private {
                 certified,
                 planning,
@@ -175,15 +210,22 @@ impl Engine {
         sql: &str,
         now: DateTime<FixedOffset>,
     ) -> Result<veil_sandbox::BoundedAggregates> {
-        match self.plan(operator, sql, now).await? {
+        let snap = self.snapshot();
+        match self.plan(&snap, operator, sql, now).await? {
             Planned::Private { certified, .. } => {
-                execute_certified(&certified, &self.catalog.execution_state()?, "test").await
+                execute_certified(&certified, &snap.catalog.execution_state()?, "test").await
             }
             Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
         }
     }
 
-    async fn plan(&self, operator: &str, sql: &str, now: DateTime<FixedOffset>) -> Result<Planned> {
+    async fn plan(
+        &self,
+        snap: &Snapshot,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<Planned> {
         let gated = gate(sql)?;
         // Resolve the datasets from the AST, so the grant (and with it the
         // visible columns) is known before planning.
@@ -192,7 +234,7 @@ impl Engine {
         let mut datasets = Vec::new();
         for t in &tables {
             let id = dataset_id(t);
-            if !self.policy.datasets.contains_key(&id) {
+            if !snap.policy.datasets.contains_key(&id) {
                 return Err(EngineError::rejected(
                     Rule::InvalidSql,
                     format!(
@@ -211,25 +253,25 @@ impl Engine {
             ));
         }
         let ids: Vec<&str> = datasets.iter().map(String::as_str).collect();
-        let grant = self.policy.grant_for(operator, &ids, now)?.clone();
-        let planning = self.catalog.planning_state(&grant)?;
+        let grant = snap.policy.grant_for(operator, &ids, now)?.clone();
+        let planning = snap.catalog.planning_state(&grant)?;
         let plan = planning
             .statement_to_plan(gated.0)
             .await
-            .map_err(|e| self.planning_error(e, &grant, &datasets))?;
+            .map_err(|e| Self::planning_error(&snap.policy, e, &grant, &datasets))?;
         datafusion::execution::context::SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| EngineError::rejected(Rule::SingleSelect, e.to_string()))?;
-        match analyze(plan, &self.policy, &grant)? {
+        match analyze(plan, &snap.policy, &grant)? {
             Analyzed::Public(plan) => Ok(Planned::Public {
                 plan: Box::new(plan),
                 grant,
             }),
             Analyzed::Private(q) => {
-                let certified = certify(q, &self.policy, &grant, &self.catalog, &planning)?;
+                let certified = certify(q, &snap.policy, &grant, &snap.catalog, &planning)?;
                 Ok(Planned::Private {
                     certified: Box::new(certified),
                     planning: Box::new(planning),
@@ -242,7 +284,7 @@ impl Engine {
     /// Maps a planning error; an unknown field that exists in the dataset but
     /// is not granted is reported as such.
     fn planning_error(
-        &self,
+        policy: &Policy,
         e: DataFusionError,
         grant: &Grant,
         datasets: &[String],
@@ -251,7 +293,7 @@ impl Engine {
             && let datafusion::common::SchemaError::FieldNotFound { field, .. } = err.as_ref()
         {
             for d in datasets {
-                if let Some(ds) = self.policy.datasets.get(d)
+                if let Some(ds) = policy.datasets.get(d)
                     && ds.column(&field.name).is_some()
                 {
                     return EngineError::rejected(
@@ -272,6 +314,7 @@ impl Engine {
 
     async fn run_public(
         &self,
+        snap: &Snapshot,
         plan: LogicalPlan,
         grant: &Grant,
         request_id: &str,
@@ -281,13 +324,13 @@ impl Engine {
             .transform_up(|node| {
                 if let LogicalPlan::TableScan(mut scan) = node {
                     let id = dataset_id(&scan.table_name);
-                    let schema = self
+                    let schema = snap
                         .catalog
                         .granted_schema(grant, &id)
                         .map_err(|e| DataFusionError::Plan(e.to_string()))?;
-                    let table = self
+                    let table = snap
                         .catalog
-                        .data_table(&self.policy, &id, schema)
+                        .data_table(&snap.policy, &id, schema)
                         .map_err(|e| DataFusionError::Plan(e.to_string()))?;
                     scan.source = provider_as_source(table);
                     Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
@@ -301,7 +344,7 @@ impl Engine {
             .limit(0, Some(grant.max_result_rows as usize))
             .and_then(|b| b.build())
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let state = self.catalog.execution_state()?;
+        let state = snap.catalog.execution_state()?;
         let failed = || EngineError::ExecutionFailed {
             request: request_id.to_owned(),
         };
@@ -314,7 +357,7 @@ impl Engine {
             .map_err(|_| failed())?;
         let mut metadata = HashMap::new();
         metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
-        metadata.insert(meta::POLICY.to_owned(), self.policy.hash.clone());
+        metadata.insert(meta::POLICY.to_owned(), snap.policy.hash.clone());
         metadata.insert(meta::REQUEST.to_owned(), request_id.to_owned());
         metadata.insert(meta::COST.to_owned(), "0".to_owned());
         let schema = Arc::new(plan.schema().as_arrow().clone().with_metadata(metadata));
@@ -328,6 +371,7 @@ impl Engine {
 
     async fn run_private(
         &self,
+        snap: &Snapshot,
         certified: CertifiedPlan,
         planning: &SessionState,
         grant: &Grant,
@@ -348,7 +392,7 @@ impl Engine {
                 request_id,
                 &grant.id,
                 operator,
-                &self.policy.hash,
+                &snap.policy.hash,
                 unit,
                 total,
                 spec.cost,
@@ -368,7 +412,7 @@ impl Engine {
             })?;
         // 2. Execute; failures keep the charge.
         self.ledger.advance(request_id, ChargeState::Dispatched)?;
-        let state = self.catalog.execution_state()?;
+        let state = snap.catalog.execution_state()?;
         let exact = match execute_certified(&certified, &state, request_id).await {
             Ok(x) => x,
             Err(e) => {
@@ -392,7 +436,7 @@ impl Engine {
         );
         metadata.insert(meta::TOTAL.to_owned(), fmt_budget(total.as_f64()));
         metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
-        metadata.insert(meta::POLICY.to_owned(), self.policy.hash.clone());
+        metadata.insert(meta::POLICY.to_owned(), snap.policy.hash.clone());
         metadata.insert(meta::REQUEST.to_owned(), request_id.to_owned());
         metadata.insert(meta::KEYS.to_owned(), "public_domain".to_owned());
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));

@@ -69,6 +69,12 @@ impl Catalog {
         })?;
         let mut schemas = BTreeMap::new();
         for ds in policy.datasets.values() {
+            if ds.format != veil_policy::SourceFormat::Parquet {
+                return Err(EngineError::Unavailable(format!(
+                    "dataset `{}`: only Parquet sources are supported by the engine so far",
+                    ds.id
+                )));
+            }
             let path = data_dir.join(&ds.source_path);
             let file = File::open(&path).map_err(|e| {
                 EngineError::Unavailable(format!(

@@ -172,7 +172,114 @@ pub struct Column {
     /// Decimal digits kept in fixed-point sums.
     pub precision: u32,
     /// Public key set.
-    pub domain: Option<Vec<DomainValue>>,
+    pub domain: Option<Domain>,
+    /// Bucketing allowed for grouping (e.g. 5-year age bands).
+    pub bucket: Option<Bucket>,
+}
+
+impl Column {
+    /// The column's public key set when it is listed in the policy.
+    pub fn domain_values(&self) -> Option<&[DomainValue]> {
+        match &self.domain {
+            Some(Domain::Values(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// A column's public key set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Domain {
+    /// Listed in the policy.
+    Values(Vec<DomainValue>),
+    /// The values of a public dataset's column.
+    Reference {
+        /// Public dataset id.
+        dataset: String,
+        /// Column of that dataset.
+        column: String,
+    },
+}
+
+/// Bucketing of a numeric column for grouping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    /// Bucket width, e.g. 5 for 5-year age bands.
+    pub width: f64,
+}
+
+/// Storage format of a dataset's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// Apache Parquet.
+    Parquet,
+    /// CSV with a header row.
+    Csv,
+    /// Arrow IPC file.
+    Arrow,
+}
+
+impl SourceFormat {
+    /// Parses `parquet | csv | arrow`.
+    pub fn parse(s: &str) -> Option<SourceFormat> {
+        Some(match s {
+            "parquet" => SourceFormat::Parquet,
+            "csv" => SourceFormat::Csv,
+            "arrow" => SourceFormat::Arrow,
+            _ => return None,
+        })
+    }
+}
+
+/// A column that holds another dataset's privacy-unit id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    /// Column of this dataset.
+    pub column: String,
+    /// Dataset whose unit it references.
+    pub references: String,
+}
+
+/// A combination of datasets whose joint output is graded higher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Escalation {
+    /// The datasets combined.
+    pub datasets: BTreeSet<String>,
+    /// The level of their joint output.
+    pub level: Level,
+    /// Why, as written.
+    pub reason: Option<String>,
+}
+
+/// Daily hours in which a grant may be used (Beijing time, UTC+8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyHours {
+    /// Minutes after midnight when use may start.
+    pub from_minute: u16,
+    /// Minutes after midnight when use must end.
+    pub until_minute: u16,
+}
+
+impl DailyHours {
+    /// Parses `HH:MM-HH:MM`.
+    pub fn parse(s: &str) -> Option<DailyHours> {
+        let (a, b) = s.split_once('-')?;
+        let minute = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h <= 24 && m < 60 && h * 60 + m <= 24 * 60).then_some(h * 60 + m)
+        };
+        let (from_minute, until_minute) = (minute(a)?, minute(b)?);
+        (from_minute < until_minute).then_some(DailyHours {
+            from_minute,
+            until_minute,
+        })
+    }
+
+    /// Whether a time of day (minutes after midnight, UTC+8) is inside.
+    pub fn contains(&self, minute: u16) -> bool {
+        self.from_minute <= minute && minute < self.until_minute
+    }
 }
 
 /// Kind of protected entity.
@@ -186,6 +293,19 @@ pub enum UnitKind {
     Household,
     /// Each row is its own unit.
     Row,
+}
+
+impl UnitKind {
+    /// Parses the policy spelling.
+    pub fn parse(s: &str) -> Option<UnitKind> {
+        Some(match s {
+            "natural_person" => UnitKind::NaturalPerson,
+            "legal_person" => UnitKind::LegalPerson,
+            "household" => UnitKind::Household,
+            "row" => UnitKind::Row,
+            _ => return None,
+        })
+    }
 }
 
 /// The privacy unit of a private dataset.
@@ -210,6 +330,8 @@ pub struct Dataset {
     pub name: String,
     /// Owning agency.
     pub owner: String,
+    /// Catalog code and version (目录编码).
+    pub catalog: Option<(String, i64)>,
     /// 公共数据资源登记编号.
     pub registration_id: Option<String>,
     /// Level (at least the highest column level).
@@ -220,8 +342,12 @@ pub struct Dataset {
     pub open: Attribute,
     /// Path relative to the data directory.
     pub source_path: String,
+    /// Storage format of the source.
+    pub format: SourceFormat,
     /// Protected entity; `None` for public datasets.
     pub unit: Option<PrivacyUnit>,
+    /// Columns referencing other datasets' units.
+    pub foreign_keys: Vec<ForeignKey>,
     /// Columns.
     pub columns: Vec<Column>,
 }
@@ -252,6 +378,8 @@ pub struct Operator {
     pub id: String,
     /// Organisation.
     pub org: String,
+    /// Subject of the operator's client certificate, for mTLS.
+    pub mtls_subject: Option<String>,
     token_hashes: Vec<[u8; 32]>,
 }
 
@@ -266,6 +394,28 @@ pub enum Channel {
     AuthorizedOperation,
 }
 
+impl Channel {
+    /// Parses the policy spelling.
+    pub fn parse(s: &str) -> Option<Channel> {
+        Some(match s {
+            "sharing" => Channel::Sharing,
+            "opening" => Channel::Opening,
+            "authorized_operation" => Channel::AuthorizedOperation,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Channel::Sharing => "sharing (共享)",
+            Channel::Opening => "opening (开放)",
+            Channel::AuthorizedOperation => "authorized operation (授权运营)",
+        })
+    }
+}
+
 /// Purpose of a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -275,6 +425,18 @@ pub enum Purpose {
     PublicWelfare,
     /// 产业发展/行业发展 (commercial).
     Commercial,
+}
+
+impl Purpose {
+    /// Parses the policy spelling.
+    pub fn parse(s: &str) -> Option<Purpose> {
+        Some(match s {
+            "public_governance" => Purpose::PublicGovernance,
+            "public_welfare" => Purpose::PublicWelfare,
+            "commercial" => Purpose::Commercial,
+            _ => return None,
+        })
+    }
 }
 
 impl fmt::Display for Purpose {
@@ -308,8 +470,10 @@ pub struct DpSettings {
     pub budget: f64,
     /// What one query costs.
     pub per_query: f64,
-    /// Refresh window as written.
+    /// Refresh window as written (ISO 8601, e.g. `P90D`).
     pub window: Option<String>,
+    /// Groups a unit may contribute to, if the grant tightens the dataset's.
+    pub max_groups: Option<u32>,
 }
 
 /// Pricing of a grant.
@@ -351,20 +515,30 @@ pub struct Grant {
     pub channel: Channel,
     /// Operator id.
     pub grantee: String,
+    /// Implementing agency (实施机构).
+    pub agency: Option<String>,
+    /// Agreement number (授权协议编号).
+    pub agreement: Option<String>,
     /// Purpose.
     pub purpose: Purpose,
     /// Purpose as written.
     pub purpose_detail: Option<String>,
+    /// Data products the grant is for.
+    pub products: Vec<String>,
     /// Start of validity.
     pub valid_from: DateTime<FixedOffset>,
     /// End of validity.
     pub valid_until: DateTime<FixedOffset>,
+    /// Daily hours of use, if restricted.
+    pub hours: Option<DailyHours>,
     /// Datasets in scope.
     pub scopes: Vec<Scope>,
     /// Allowed aggregate functions (upper case).
     pub agg_functions: BTreeSet<String>,
     /// Minimum group size in distinct units.
     pub min_group_size: u32,
+    /// Query cap per day.
+    pub max_queries_per_day: Option<u32>,
     /// Result row cap.
     pub max_result_rows: u32,
     /// DP settings; required for private datasets.
@@ -434,6 +608,8 @@ pub struct Policy {
     pub operators: BTreeMap<String, Operator>,
     /// Grants in file order.
     pub grants: Vec<Grant>,
+    /// Combinations of datasets graded higher.
+    pub escalations: Vec<Escalation>,
 }
 
 /// Hashes a bearer token the way policies store it (`sha256:<hex>`).
@@ -442,10 +618,16 @@ pub fn token_hash(token: &str) -> String {
 }
 
 impl Operator {
-    pub(crate) fn new(id: String, org: String, token_hashes: Vec<[u8; 32]>) -> Self {
+    pub(crate) fn new(
+        id: String,
+        org: String,
+        token_hashes: Vec<[u8; 32]>,
+        mtls_subject: Option<String>,
+    ) -> Self {
         Operator {
             id,
             org,
+            mtls_subject,
             token_hashes,
         }
     }

@@ -3,10 +3,11 @@
 //! Every table denies unknown keys, so a misspelt key is an error rather than a
 //! silently ignored permission.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A policy file as written by the security officer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     /// `[policy]`: identity of the file.
@@ -20,10 +21,26 @@ pub struct RawPolicy {
     /// `[[grant]]`: what each operator may do.
     #[serde(default, rename = "grant")]
     pub grants: Vec<RawGrant>,
+    /// `[[escalation]]`: combinations of datasets whose joint output is graded higher.
+    #[serde(default, rename = "escalation", skip_serializing_if = "Vec::is_empty")]
+    pub escalations: Vec<RawEscalation>,
+}
+
+/// `[[escalation]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEscalation {
+    /// Dataset ids combined (two or more).
+    pub datasets: Vec<String>,
+    /// Level of their joint output, e.g. `important`.
+    pub level: String,
+    /// Why the combination is more sensitive.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// `[policy]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeader {
     /// Policy identifier, e.g. `bj-public-data`.
@@ -40,7 +57,7 @@ fn default_scheme() -> String {
 }
 
 /// `[[dataset]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDataset {
     /// `schema.table`.
@@ -66,13 +83,16 @@ pub struct RawDataset {
     /// The protected entity; required unless the dataset is public.
     #[serde(default)]
     pub privacy_unit: Option<RawPrivacyUnit>,
+    /// Columns that hold another dataset's privacy-unit id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_keys: Vec<RawForeignKey>,
     /// `[[dataset.column]]`.
     #[serde(default, rename = "column")]
     pub columns: Vec<RawColumn>,
 }
 
 /// Catalog code and version.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCatalog {
     /// Catalog code.
@@ -82,7 +102,7 @@ pub struct RawCatalog {
 }
 
 /// Data source.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Path relative to the data directory.
@@ -92,8 +112,18 @@ pub struct RawSource {
     pub format: Option<String>,
 }
 
+/// A foreign key to another dataset's privacy unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawForeignKey {
+    /// Column of this dataset.
+    pub column: String,
+    /// Id of the dataset whose unit it references.
+    pub references: String,
+}
+
 /// Privacy unit declaration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrivacyUnit {
     /// Column identifying the unit.
@@ -107,7 +137,7 @@ pub struct RawPrivacyUnit {
 }
 
 /// `[[dataset.column]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawColumn {
     /// Column name in the source.
@@ -126,13 +156,40 @@ pub struct RawColumn {
     /// Decimal digits kept when summing in fixed point.
     #[serde(default)]
     pub precision: Option<u32>,
-    /// Public key set of the column.
+    /// Public key set of the column: a list of values, or
+    /// `{ dataset = "geo.districts", column = "name" }`.
     #[serde(default)]
-    pub domain: Option<Vec<RawDomainValue>>,
+    pub domain: Option<RawDomain>,
+    /// Bucketing allowed for grouping, e.g. `{ width = 5 }` for 5-year bands.
+    #[serde(default)]
+    pub bucket: Option<RawBucket>,
+}
+
+/// A public key set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawDomain {
+    /// Listed values.
+    Values(Vec<RawDomainValue>),
+    /// The values of a public dataset's column.
+    Reference {
+        /// Public dataset id.
+        dataset: String,
+        /// Column of that dataset.
+        column: String,
+    },
+}
+
+/// Bucketing of a numeric column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucket {
+    /// Bucket width.
+    pub width: f64,
 }
 
 /// One value of a declared public domain.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum RawDomainValue {
     /// An integer key.
@@ -142,7 +199,7 @@ pub enum RawDomainValue {
 }
 
 /// `[[operator]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawOperator {
     /// Operator id, used as the login name.
@@ -155,10 +212,21 @@ pub struct RawOperator {
     /// `sha256:<hex>` hashes of accepted tokens.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Client-certificate identity for mutual TLS.
+    #[serde(default)]
+    pub mtls: Option<RawMtls>,
+}
+
+/// `mtls = { subject = "CN=op-credit-01" }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtls {
+    /// Subject distinguished name of the client certificate.
+    pub subject: String,
 }
 
 /// `[[grant]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawGrant {
     /// Grant id.
@@ -178,10 +246,18 @@ pub struct RawGrant {
     /// Free-text purpose.
     #[serde(default)]
     pub purpose_detail: Option<String>,
-    /// Start of validity.
+    /// Data products (数据产品) the grant is for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub products: Vec<String>,
+    /// Start of validity, e.g. 2026-01-01T00:00:00+08:00.
+    #[schemars(with = "String")]
     pub valid_from: toml::value::Datetime,
     /// End of validity.
+    #[schemars(with = "String")]
     pub valid_until: toml::value::Datetime,
+    /// Daily hours of use, `HH:MM-HH:MM` (Beijing time).
+    #[serde(default)]
+    pub hours: Option<String>,
     /// `[[grant.scope]]`.
     #[serde(default, rename = "scope")]
     pub scopes: Vec<RawScope>,
@@ -197,7 +273,7 @@ pub struct RawGrant {
 }
 
 /// `[[grant.scope]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawScope {
     /// Dataset id.
@@ -211,7 +287,7 @@ pub struct RawScope {
 }
 
 /// `[grant.limits]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// Allowed aggregate functions (upper case).
@@ -229,7 +305,7 @@ pub struct RawLimits {
 }
 
 /// `[grant.dp]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDp {
     /// `epsilon` or `rho`.
@@ -244,10 +320,13 @@ pub struct RawDp {
     /// Refresh window (ISO 8601 duration).
     #[serde(default)]
     pub window: Option<String>,
+    /// Groups a unit may contribute to, tightening the dataset's max_groups.
+    #[serde(default)]
+    pub max_groups: Option<u32>,
 }
 
 /// `[grant.pricing]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPricing {
     /// `free` or `guided_price`.

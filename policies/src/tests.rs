@@ -1,4 +1,8 @@
+//! Every loading rule, with a snapshot of the rendered diagnostic an officer
+//! sees, plus the identity (hash) properties.
+
 use chrono::DateTime;
+use proptest::prelude::*;
 
 use super::*;
 
@@ -8,11 +12,259 @@ fn at(s: &str) -> chrono::DateTime<chrono::FixedOffset> {
     DateTime::parse_from_rfc3339(s).expect("test timestamp")
 }
 
-fn messages(text: &str) -> Vec<String> {
-    match Policy::from_toml(text) {
-        Ok(_) => vec![],
-        Err(e) => e.diagnostics.into_iter().map(|d| d.message).collect(),
+/// Applies `(from, to)` replacements, each of which must match.
+fn edited(edits: &[(&str, &str)]) -> String {
+    let mut text = EXAMPLE.to_owned();
+    for (from, to) in edits {
+        assert!(text.contains(from), "edit does not apply: {from}");
+        text = text.replacen(from, to, 1);
     }
+    text
+}
+
+fn rendered(text: &str) -> String {
+    Policy::parse(text, "examples/beijing/policy.toml")
+        .expect_err("the edit must break the policy")
+        .render(false)
+}
+
+/// One rule: the edit yields exactly one diagnostic, whose rendering is pinned.
+macro_rules! rule {
+    ($name:ident, [$(($from:expr, $to:expr)),+ $(,)?]) => {
+        #[test]
+        fn $name() {
+            let text = edited(&[$(($from, $to)),+]);
+            let err = Policy::parse(&text, "examples/beijing/policy.toml").expect_err("must fail");
+            assert_eq!(err.diagnostics.len(), 1, "{}", err.render(false));
+            assert!(err.diagnostics[0].span.is_some(), "every diagnostic has a place");
+            insta::assert_snapshot!(stringify!($name), rendered(&text));
+        }
+    };
+}
+
+rule!(
+    syntax_error,
+    [("id = \"bj-public-data\"", "id = \"bj-public-data")]
+);
+rule!(
+    unknown_key_with_suggestion,
+    [("purpose_detail = \"小微企业", "purpose_detial = \"小微企业")]
+);
+rule!(
+    wrong_type,
+    [(
+        "budget = 2.0\n  per_query_max = 0.05",
+        "budget = \"lots\"\n  per_query_max = 0.05"
+    )]
+);
+rule!(
+    unknown_level_with_suggestion,
+    [
+        (
+            "id = \"pop.residents\"\nname = \"常住人口基础信息\"",
+            "id = \"pop.residents\"\nname = \"常住人口基础信息\"\n"
+        ),
+        (
+            "level = \"general_4\"\nshare",
+            "level = \"general4\"\nshare"
+        )
+    ]
+);
+rule!(
+    core_dataset_refused,
+    [("level = \"general_4\"\nshare", "level = \"core\"\nshare")]
+);
+rule!(
+    column_above_dataset_level,
+    [(
+        "level = \"general_1\"\nshare = \"unconditional\"                          # 无条件共享\nopen = \"unconditional\"                           # 无条件开放\nsource = { path = \"geo/districts.parquet\" }\n  [[dataset.column]]\n  name = \"code\"\n  level = \"general_1\"",
+        "level = \"general_1\"\nshare = \"unconditional\"                          # 无条件共享\nopen = \"unconditional\"                           # 无条件开放\nsource = { path = \"geo/districts.parquet\" }\n  [[dataset.column]]\n  name = \"code\"\n  level = \"general_2\""
+    )]
+);
+rule!(
+    uses_above_level_ceiling,
+    [(
+        "  name = \"age\"\n  level = \"general_3\"\n  allow = [\"aggregate\",",
+        "  name = \"age\"\n  level = \"general_3\"\n  allow = [\"project\", \"aggregate\","
+    )]
+);
+rule!(
+    identifier_used_for_grouping,
+    [(
+        "  tags = [\"identifier\"]\n  allow = [\"join\"]",
+        "  tags = [\"identifier\"]\n  allow = [\"join\", \"group_by\"]"
+    )]
+);
+rule!(bad_bounds, [("bounds = [0, 110]", "bounds = [110, 0]")]);
+rule!(
+    private_dataset_without_unit,
+    [(
+        "privacy_unit = { column = \"person_id\", kind = \"natural_person\", max_groups = 1, max_rows = 1 }\n",
+        ""
+    )]
+);
+rule!(
+    unit_column_not_declared,
+    [(
+        "column = \"patient_id\", kind",
+        "column = \"patient\", kind"
+    )]
+);
+rule!(
+    unknown_grantee_with_suggestion,
+    [("grantee = \"op-ndrc\"", "grantee = \"op-ndcr\"")]
+);
+rule!(
+    unknown_dataset_with_suggestion,
+    [(
+        "  dataset = \"samr.enterprises\"\n  columns = { uscc = [\"project\", \"join\"]",
+        "  dataset = \"samr.enterprise\"\n  columns = { uscc = [\"project\", \"join\"]"
+    )]
+);
+rule!(
+    unknown_column_with_suggestion,
+    [(
+        "columns = { district = [\"group_by\"], gender",
+        "columns = { distrct = [\"group_by\"], gender"
+    )]
+);
+rule!(
+    grant_use_outside_allow,
+    [(
+        "columns = { district = [\"group_by\"], gender",
+        "columns = { district = [\"project\"], gender"
+    )]
+);
+rule!(dp_aggregate_without_bounds, [("bounds = [0, 5000]\n", "")]);
+rule!(
+    commercial_on_unregistered_dataset,
+    [(
+        "registration_id = \"BJ-GGSJ-DJ-2025-000118\"       # 公共数据资源登记编号\n",
+        ""
+    )]
+);
+rule!(price_above_cap, [("price_cny = 3.20", "price_cny = 9.20")]);
+rule!(
+    commercial_without_guided_price,
+    [(
+        "  model = \"guided_price\"                         # 政府指导价\n  unit = \"per_query\"\n  price_cny = 3.20\n  cap_cny = 5.00",
+        "  model = \"free\""
+    )]
+);
+rule!(
+    overlapping_grants,
+    [
+        ("grantee = \"op-expired\"", "grantee = \"op-univ-07\""),
+        (
+            "valid_from = 2025-01-01T00:00:00+08:00\nvalid_until = 2025-12-31T23:59:59+08:00",
+            "valid_from = 2027-01-01T00:00:00+08:00\nvalid_until = 2027-12-31T23:59:59+08:00"
+        ),
+        (
+            "  model = \"guided_price\"\n  unit = \"per_query\"\n  price_cny = 1.00",
+            "  model = \"guided_price\"\n  unit = \"per_query\"\n  price_cny = 1.50"
+        )
+    ]
+);
+rule!(
+    row_filter_does_not_parse,
+    [(
+        "row_filter = \"pay_month >= '2024-01'\"",
+        "row_filter = \"pay_month >=\""
+    )]
+);
+rule!(
+    row_filter_unknown_column,
+    [(
+        "row_filter = \"pay_month >= '2024-01'\"",
+        "row_filter = \"paid_month >= '2024-01'\""
+    )]
+);
+rule!(
+    row_filter_with_subquery,
+    [(
+        "row_filter = \"pay_month >= '2024-01'\"",
+        "row_filter = \"pay_month IN (SELECT 1)\""
+    )]
+);
+rule!(
+    validity_reversed,
+    [(
+        "valid_until = 2030-02-28T23:59:59+08:00",
+        "valid_until = 2026-02-28T23:59:59+08:00"
+    )]
+);
+rule!(
+    token_not_a_hash,
+    [(
+        "tokens = [\"sha256:a381f01f50cde42394d12c7f97c700c86764ec88a08641784c33d849ba20e844\"]",
+        "tokens = [\"demo-token-op-ndrc\"]"
+    )]
+);
+rule!(
+    duplicate_dataset,
+    [("id = \"geo.districts\"", "id = \"samr.enterprises\"")]
+);
+rule!(
+    important_data_for_welfare,
+    [(
+        "level = \"general_4\"\nshare = \"conditional\"                            # 有条件共享\nopen = \"none\"                                    # 不予开放\nsource = { path = \"wjw/",
+        "level = \"important\"\nshare = \"conditional\"                            # 有条件共享\nopen = \"none\"                                    # 不予开放\nsource = { path = \"wjw/"
+    )]
+);
+rule!(
+    per_query_above_budget,
+    [(
+        "budget = 10.0\n  per_query_max = 0.5",
+        "budget = 10.0\n  per_query_max = 20.0"
+    )]
+);
+rule!(bad_window, [("window = \"P90D\"", "window = \"90 days\"")]);
+rule!(
+    bad_daily_hours,
+    [(
+        "purpose_detail = \"区域就业形势监测\"",
+        "purpose_detail = \"区域就业形势监测\"\nhours = \"8am-6pm\""
+    )]
+);
+rule!(
+    escalation_unknown_dataset,
+    [(
+        "# ---------------------------------------------------------------- operators",
+        "[[escalation]]\ndatasets = [\"hrss.social_insurance\", \"wjw.outpatient_visit\"]\nlevel = \"important\"\n\n# ---------------------------------------------------------------- operators"
+    )]
+);
+rule!(
+    unknown_aggregate_with_suggestion,
+    [("agg_functions = [\"COUNT\"]", "agg_functions = [\"CONT\"]")]
+);
+
+fn shuffle<T>(v: &mut [T], next: &mut dyn FnMut(usize) -> usize) {
+    for i in (1..v.len()).rev() {
+        let j = next(i + 1);
+        v.swap(i, j);
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_file_order() {
+    let text = edited(&[
+        ("purpose_detail = \"小微企业", "purpose_detial = \"小微企业"),
+        ("price_cny = 3.20", "price_cny = 9.20"),
+        ("grantee = \"op-ndrc\"", "grantee = \"op-nobody\""),
+        ("bounds = [0, 5000]\n", ""),
+        ("budget = 10.0", "budget = \"ten\""),
+    ]);
+    let err = Policy::parse(&text, "p.toml").expect_err("broken");
+    assert_eq!(err.diagnostics.len(), 5, "{}", err.render(false));
+    let starts: Vec<usize> = err
+        .diagnostics
+        .iter()
+        .map(|d| d.span.as_ref().expect("span").start)
+        .collect();
+    let mut sorted = starts.clone();
+    sorted.sort();
+    assert_eq!(starts, sorted, "diagnostics come in file order");
+    insta::assert_snapshot!("all_at_once", err.render(false));
 }
 
 #[test]
@@ -69,72 +321,148 @@ fn expired_and_missing_grants_are_refused_with_reason() {
 }
 
 #[test]
-fn unknown_keys_are_errors() {
-    let text = EXAMPLE.replacen(
-        "purpose_detail = \"小微企业",
-        "purpose_detial = \"小微企业",
-        1,
-    );
-    let m = messages(&text);
-    assert_eq!(m.len(), 1, "{m:?}");
-    assert!(m[0].contains("unknown field `purpose_detial`"), "{m:?}");
+fn unreadable_files_are_reported_without_a_span() {
+    let err = Policy::load(std::path::Path::new("/nonexistent/policy.toml")).expect_err("missing");
+    assert!(err.render(false).contains("cannot read the policy file"));
 }
 
 #[test]
-fn core_datasets_are_refused() {
-    let text = EXAMPLE.replacen("level = \"general_4\"\nshare", "level = \"core\"\nshare", 1);
-    assert!(messages(&text).iter().any(|m| m.contains("core data")));
-}
-
-#[test]
-fn unbounded_dp_aggregates_are_refused() {
-    let text = EXAMPLE.replacen("bounds = [0, 40000]\n", "", 1);
-    assert!(
-        messages(&text)
-            .iter()
-            .any(|m| m.contains("`wage_base`") && m.contains("no bounds")),
-        "{:?}",
-        messages(&text)
+fn the_json_schema_in_the_repository_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/policy.schema.json");
+    if std::env::var_os("VEIL_BLESS").is_some() {
+        std::fs::write(path, json_schema()).expect("write schema");
+    }
+    let shipped = std::fs::read_to_string(path).expect("policies/policy.schema.json is shipped");
+    assert_eq!(
+        shipped,
+        json_schema(),
+        "regenerate with `veil policy schema > policies/policy.schema.json`"
     );
 }
 
-#[test]
-fn price_above_cap_is_refused() {
-    let text = EXAMPLE.replacen("price_cny = 3.20", "price_cny = 9.20", 1);
-    assert!(
-        messages(&text)
-            .iter()
-            .any(|m| m.contains("above the published cap"))
-    );
-}
-
-#[test]
-fn grant_uses_must_be_allowed_by_dataset() {
-    let text = EXAMPLE.replacen(
-        "columns = { district = [\"group_by\", \"filter_literal\"], pay_month",
-        "columns = { district = [\"project\", \"filter_literal\"], pay_month",
-        1,
-    );
-    assert!(messages(&text).iter().any(|m| m.contains("uses [project]")));
-}
-
-#[test]
-fn all_problems_are_reported_at_once() {
-    let text = EXAMPLE
-        .replacen("price_cny = 3.20", "price_cny = 9.20", 1)
-        .replacen("grantee = \"op-ndrc\"", "grantee = \"op-nobody\"", 1)
-        .replacen("bounds = [0, 5000]\n", "", 1);
-    assert_eq!(messages(&text).len(), 3, "{:?}", messages(&text));
+fn raw_example() -> raw::RawPolicy {
+    parse_raw(EXAMPLE).0.expect("example parses")
 }
 
 #[test]
 fn hash_ignores_comments_and_whitespace() {
     let a = Policy::from_toml(EXAMPLE).expect("valid");
-    let edited = EXAMPLE
-        .replace("# mandatory, applied to every query", "")
-        .replace(" = ", "   =  ");
-    let b = Policy::from_toml(&edited).expect("valid");
+    let b = Policy::from_toml(
+        &EXAMPLE
+            .replace("# mandatory, applied to every query", "")
+            .replace(" = ", "   =  "),
+    )
+    .expect("valid");
     assert_eq!(a.hash, b.hash);
     let c = Policy::from_toml(&EXAMPLE.replacen("budget = 2.0", "budget = 3.0", 1)).expect("valid");
     assert_ne!(a.hash, c.hash);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// parse → canonical print → parse is the identity on the canonical form,
+    /// and reordering any list whose order carries no meaning keeps the hash.
+    #[test]
+    fn canonical_form_round_trips_and_ignores_order(seed in any::<u64>()) {
+        let raw = raw_example();
+        let text = canonical::canonical_text(&raw);
+        let again = parse_raw(&text).0.expect("canonical text parses");
+        prop_assert_eq!(canonical::canonical_text(&again), text.clone());
+
+        let mut shuffled = raw.clone();
+        let mut s = seed;
+        let mut next = move |n: usize| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as usize % n.max(1) };
+        shuffle(&mut shuffled.datasets, &mut next);
+        for d in &mut shuffled.datasets { shuffle(&mut d.columns, &mut next); }
+        shuffle(&mut shuffled.operators, &mut next);
+        shuffle(&mut shuffled.grants, &mut next);
+        for g in &mut shuffled.grants { shuffle(&mut g.scopes, &mut next); }
+        prop_assert_eq!(canonical::canonical_hash(&shuffled), canonical::canonical_hash(&raw));
+        let reparsed = Policy::from_toml(&toml::to_string(&shuffled).expect("print")).expect("valid");
+        prop_assert_eq!(reparsed.hash, Policy::from_toml(EXAMPLE).expect("valid").hash);
+    }
+
+    /// No input makes the loader panic; it answers with a policy or diagnostics.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Err(e) = Policy::parse(&text, "fuzz.toml") {
+            let _ = e.render(false);
+        }
+    }
+
+    /// Nor does a policy with random damage.
+    #[test]
+    fn damaged_policies_never_panic(cut in 0usize..EXAMPLE.len(), len in 0usize..64, junk in "[\\[\\]=\"a-z0-9 \n]{0,12}") {
+        let mut text = EXAMPLE.as_bytes().to_vec();
+        let end = (cut + len).min(text.len());
+        text.splice(cut..end, junk.bytes());
+        let text = String::from_utf8_lossy(&text);
+        if let Err(e) = Policy::parse(&text, "damaged.toml") {
+            let _ = e.render(false);
+        }
+    }
+}
+
+#[test]
+fn explain_says_what_an_operator_may_do() {
+    let p = Policy::from_toml(EXAMPLE).expect("valid");
+    let now = at("2026-11-27T12:00:00+08:00");
+    let text = explain::explain_operator(&p, "op-univ-07", now).expect("known operator");
+    for needle in [
+        "G-2026-031",
+        "public_welfare",
+        "pop.residents",
+        "group by: district, gender",
+        "10 ε in total",
+        "free, on condition",
+        "in force",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
+    let expired = explain::explain_operator(&p, "op-expired", now).expect("known");
+    assert!(expired.contains("EXPIRED"), "{expired}");
+    let credit = explain::explain_operator(&p, "op-credit-01", now).expect("known");
+    assert!(
+        credit.contains("only rows where pay_month >= '2024-01'"),
+        "{credit}"
+    );
+    assert!(
+        credit.contains("3.20 CNY per_query, published cap 5.00 CNY"),
+        "{credit}"
+    );
+    assert!(explain::explain_operator(&p, "nobody", now).is_none());
+    let ds = explain::explain_dataset(&p, "hrss.social_insurance", now).expect("known dataset");
+    assert!(
+        ds.contains("op-credit-01") && ds.contains("op-ndrc") && !ds.contains("op-univ-07"),
+        "{ds}"
+    );
+}
+
+#[test]
+fn diff_reports_effective_permission_changes() {
+    let old = Policy::from_toml(EXAMPLE).expect("valid");
+    assert!(diff::diff(&old, &old).is_empty());
+    let new = Policy::from_toml(&edited(&[
+        ("budget = 10.0", "budget = 20.0"),
+        ("columns = { district = [\"group_by\"], gender", "columns = { district = [\"group_by\", \"filter_literal\"], gender"),
+        ("valid_until = 2030-12-31T23:59:59+08:00\n  [[grant.scope]]\n  dataset = \"hrss.social_insurance\"\n  columns = { district", "valid_until = 2027-06-30T23:59:59+08:00\n  [[grant.scope]]\n  dataset = \"hrss.social_insurance\"\n  columns = { district"),
+    ]))
+    .expect("valid");
+    let lines: Vec<String> = diff::diff(&old, &new)
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    let joined = lines.join("\n");
+    assert_eq!(lines.len(), 3, "{joined}");
+    assert!(
+        joined.contains("+ widened   grant G-2026-031 (op-univ-07) privacy budget: 10 → 20"),
+        "{joined}"
+    );
+    assert!(joined.contains("+ widened   grant G-2026-031 (op-univ-07): pop.residents.district may now be used for filter_literal"), "{joined}");
+    assert!(
+        joined.contains("- narrowed  grant G-2026-002 (op-ndrc) ends"),
+        "{joined}"
+    );
 }

@@ -1,162 +1,299 @@
 //! `RawPolicy` → `Policy`: resolves names and checks every loading rule of
-//! POLICY.md, collecting all problems instead of stopping at the first.
+//! POLICY.md, collecting all problems (each at its place in the file) instead
+//! of stopping at the first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, FixedOffset};
-use sha2::{Digest, Sha256};
 
+use crate::diagnostic::{Diagnostic, TomlPath, suggest};
 use crate::model::*;
+use crate::path;
 use crate::raw::*;
-use crate::{Diagnostic, PolicyError};
 
 struct Checker {
     problems: Vec<Diagnostic>,
 }
 
 impl Checker {
-    fn err(&mut self, at: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Diagnostic {
-            at: at.into(),
-            message: message.into(),
-        });
+    fn err(&mut self, at: TomlPath, message: impl Into<String>) -> &mut Diagnostic {
+        self.problems.push(Diagnostic::new(at, message));
+        let last = self.problems.len() - 1;
+        &mut self.problems[last]
     }
 
-    fn parse<T>(
+    /// Parses one of a fixed set of words, suggesting the closest on a typo.
+    fn word<T>(
         &mut self,
-        at: &str,
+        at: TomlPath,
         what: &str,
         value: &str,
-        allowed: &str,
+        allowed: &[&str],
         f: fn(&str) -> Option<T>,
     ) -> Option<T> {
         let parsed = f(value);
         if parsed.is_none() {
-            self.err(
-                at,
-                format!("unknown {what} `{value}`; expected one of {allowed}"),
-            );
+            let d = self.err(at, format!("unknown {what} `{value}`"));
+            d.help = Some(match suggest(value, allowed.iter().copied()) {
+                Some(s) => format!(
+                    "did you mean `{s}`? ({what} is one of {})",
+                    allowed.join(", ")
+                ),
+                None => format!("{what} is one of {}", allowed.join(", ")),
+            });
         }
         parsed
     }
 }
 
-const LEVELS: &str = "core, important, general_4, general_3, general_2, general_1";
-const ATTRS: &str = "unconditional, conditional, none";
-const USES: &str = "project, group_by, aggregate, filter, filter_literal, join";
+const LEVELS: &[&str] = &[
+    "core",
+    "important",
+    "general_4",
+    "general_3",
+    "general_2",
+    "general_1",
+];
+const ATTRS: &[&str] = &["unconditional", "conditional", "none"];
+const USES: &[&str] = &[
+    "project",
+    "group_by",
+    "aggregate",
+    "filter",
+    "filter_literal",
+    "join",
+];
+const CHANNELS: &[&str] = &["sharing", "opening", "authorized_operation"];
+const PURPOSES: &[&str] = &["public_governance", "public_welfare", "commercial"];
+const UNIT_KINDS: &[&str] = &["natural_person", "legal_person", "household", "row"];
+const AGGREGATES: &[&str] = &[
+    "COUNT",
+    "SUM",
+    "AVG",
+    "VAR_POP",
+    "STDDEV_POP",
+    "MEDIAN",
+    "PERCENTILE_CONT",
+    "APPROX_PERCENTILE_CONT",
+    "MIN",
+    "MAX",
+];
 
-/// Validates and resolves a raw policy; the hash covers the canonical form.
-pub fn resolve(raw: &RawPolicy) -> Result<Policy, PolicyError> {
+/// Validates and resolves a raw policy. The hash is filled in by the caller.
+pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
     let mut c = Checker {
         problems: Vec::new(),
     };
     if raw.policy.grading_scheme != "GB/T 43697-2024" {
         c.err(
-            "[policy].grading_scheme",
-            format!(
-                "unknown grading scheme `{}`; only `GB/T 43697-2024` is built in",
-                raw.policy.grading_scheme
-            ),
-        );
+            path!("policy", "grading_scheme"),
+            format!("unknown grading scheme `{}`", raw.policy.grading_scheme),
+        )
+        .help = Some("the built-in scheme is `GB/T 43697-2024`".into());
     }
     let mut datasets = BTreeMap::new();
-    for d in &raw.datasets {
-        if let Some(ds) = resolve_dataset(&mut c, d)
-            && datasets.insert(ds.id.clone(), ds).is_some()
-        {
-            c.err(format!("dataset `{}`", d.id), "dataset id declared twice");
+    for (i, d) in raw.datasets.iter().enumerate() {
+        let at = path!("dataset", i);
+        if let Some(ds) = resolve_dataset(&mut c, &at, d) {
+            if datasets.contains_key(&ds.id) {
+                c.err(at.at("id"), format!("dataset `{}` is declared twice", d.id))
+                    .help = Some("dataset ids are unique; the first declaration is kept".into());
+            } else {
+                datasets.insert(ds.id.clone(), ds);
+            }
         }
     }
     let mut operators = BTreeMap::new();
-    for o in &raw.operators {
-        let at = format!("operator `{}`", o.id);
+    for (i, o) in raw.operators.iter().enumerate() {
+        let at = path!("operator", i);
         let mut hashes = Vec::new();
-        for t in &o.tokens {
+        for (j, t) in o.tokens.iter().enumerate() {
             match t
                 .strip_prefix("sha256:")
                 .and_then(|h| hex::decode(h).ok())
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
             {
                 Some(h) => hashes.push(h),
-                None => c.err(
-                    &at,
-                    "token must be `sha256:` followed by 64 hex digits (the hash, never the token itself)",
-                ),
+                None => {
+                    c.err(at.at("tokens").at(j), "a token must be stored as `sha256:` and 64 hex digits")
+                        .help = Some("store the hash of the token, never the token itself: `printf %s TOKEN | sha256sum`".into());
+                }
             }
         }
         if operators
             .insert(
                 o.id.clone(),
-                Operator::new(o.id.clone(), o.org.clone(), hashes),
+                Operator::new(
+                    o.id.clone(),
+                    o.org.clone(),
+                    hashes,
+                    o.mtls.as_ref().map(|m| m.subject.clone()),
+                ),
             )
             .is_some()
         {
-            c.err(&at, "operator id declared twice");
+            c.err(
+                at.at("id"),
+                format!("operator `{}` is declared twice", o.id),
+            );
         }
     }
     let mut grants = Vec::new();
-    for g in &raw.grants {
-        if let Some(grant) = resolve_grant(&mut c, g, &datasets, &operators) {
-            grants.push(grant);
+    for (i, g) in raw.grants.iter().enumerate() {
+        if let Some(grant) = resolve_grant(&mut c, &path!("grant", i), g, &datasets, &operators) {
+            grants.push((i, grant));
         }
     }
-    let mut ids = BTreeSet::new();
-    for g in &grants {
-        if !ids.insert(g.id.as_str()) {
-            c.err(format!("grant `{}`", g.id), "grant id declared twice");
+    let mut ids = BTreeMap::new();
+    for (i, g) in &grants {
+        if let Some(first) = ids.insert(g.id.clone(), *i) {
+            c.err(
+                path!("grant", *i, "id"),
+                format!(
+                    "grant `{}` is declared twice (first as grant #{})",
+                    g.id,
+                    first + 1
+                ),
+            );
         }
     }
+    check_overlaps(&mut c, &grants);
+    let escalations = resolve_escalations(&mut c, raw, &datasets);
     if !c.problems.is_empty() {
-        return Err(PolicyError {
-            diagnostics: c.problems,
-        });
+        return Err(c.problems);
     }
     Ok(Policy {
         id: raw.policy.id.clone(),
         version: raw.policy.version.clone(),
-        hash: canonical_hash(raw),
+        hash: String::new(),
         datasets,
         operators,
-        grants,
+        grants: grants.into_iter().map(|(_, g)| g).collect(),
+        escalations,
     })
 }
 
-fn canonical_hash(raw: &RawPolicy) -> String {
-    // Field order is fixed by the struct definitions, so this text does not
-    // depend on the file's key order, comments or whitespace.
-    let canonical = toml::to_string(raw).unwrap_or_default();
-    hex::encode(Sha256::digest(canonical.as_bytes()))
+/// Two grants for the same operator and dataset in force at the same time
+/// would make the applicable purpose, budget and price ambiguous.
+fn check_overlaps(c: &mut Checker, grants: &[(usize, Grant)]) {
+    for (a, (_, ga)) in grants.iter().enumerate() {
+        for (ib, gb) in grants.iter().skip(a + 1) {
+            if ga.grantee != gb.grantee
+                || ga.valid_until < gb.valid_from
+                || gb.valid_until < ga.valid_from
+            {
+                continue;
+            }
+            if let Some(shared) = ga.scopes.iter().find(|s| gb.scope(&s.dataset).is_some()) {
+                c.err(
+                    path!("grant", *ib, "valid_from"),
+                    format!(
+                        "grant `{}` overlaps grant `{}`: both give `{}` access to `{}` at the same time",
+                        gb.id, ga.id, ga.grantee, shared.dataset
+                    ),
+                )
+                .help = Some("end one grant before the other begins, or merge them into one grant".into());
+            }
+        }
+    }
 }
 
-fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
-    let at = format!("dataset `{}`", d.id);
-    if !d.id.contains('.') {
-        c.err(&at, "dataset id must be `schema.table`");
+fn resolve_escalations(
+    c: &mut Checker,
+    raw: &RawPolicy,
+    datasets: &BTreeMap<String, Dataset>,
+) -> Vec<Escalation> {
+    let mut out = Vec::new();
+    for (i, e) in raw.escalations.iter().enumerate() {
+        let at = path!("escalation", i);
+        for (j, d) in e.datasets.iter().enumerate() {
+            if !datasets.contains_key(d) {
+                unknown_dataset(c, at.at("datasets").at(j), d, datasets);
+            }
+        }
+        if e.datasets.len() < 2 {
+            c.err(
+                at.at("datasets"),
+                "an escalation combines at least two datasets",
+            );
+        }
+        if let Some(level) = c.word(at.at("level"), "level", &e.level, LEVELS, Level::parse) {
+            out.push(Escalation {
+                datasets: e.datasets.iter().cloned().collect(),
+                level,
+                reason: e.reason.clone(),
+            });
+        }
     }
-    let level = c.parse(&at, "level", &d.level, LEVELS, Level::parse);
-    let share = c.parse(&at, "share attribute", &d.share, ATTRS, Attribute::parse);
-    let open = c.parse(&at, "open attribute", &d.open, ATTRS, Attribute::parse);
+    out
+}
+
+fn unknown_dataset(
+    c: &mut Checker,
+    at: TomlPath,
+    name: &str,
+    datasets: &BTreeMap<String, Dataset>,
+) {
+    let d = c.err(at, format!("unknown dataset `{name}`"));
+    d.help = suggest(name, datasets.keys().map(String::as_str))
+        .map(|s| format!("did you mean `{s}`?"))
+        .or_else(|| Some("declare it in a [[dataset]] table first".into()));
+}
+
+fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dataset> {
+    #![allow(clippy::unnecessary_wraps)]
+    if !d.id.contains('.') {
+        c.err(
+            at.at("id"),
+            format!("dataset id `{}` must be `schema.table`", d.id),
+        );
+    }
+    let level = c.word(at.at("level"), "level", &d.level, LEVELS, Level::parse);
+    let share = c.word(
+        at.at("share"),
+        "share attribute",
+        &d.share,
+        ATTRS,
+        Attribute::parse,
+    );
+    let open = c.word(
+        at.at("open"),
+        "open attribute",
+        &d.open,
+        ATTRS,
+        Attribute::parse,
+    );
     if level == Some(Level::Core) {
         c.err(
-            &at,
-            "core data (核心数据) is never admitted to veil; remove the dataset",
-        );
+            at.at("level"),
+            "core data (核心数据) is never admitted to veil",
+        )
+        .help = Some("remove the dataset from the policy".into());
     }
-    if let Some(f) = &d.source.format
-        && f != "parquet"
-    {
-        c.err(
-            &at,
-            format!("source format `{f}` is not supported yet; use parquet"),
-        );
-    }
+    let format = match d.source.format.as_deref() {
+        None => Some(SourceFormat::Parquet),
+        Some(f) => c.word(
+            at.at("source").at("format"),
+            "source format",
+            f,
+            &["parquet", "csv", "arrow"],
+            SourceFormat::parse,
+        ),
+    };
     let mut columns = Vec::new();
-    for col in &d.columns {
-        let cat = format!("{at} column `{}`", col.name);
-        let clevel = c.parse(&cat, "level", &col.level, LEVELS, Level::parse);
+    let mut names = BTreeSet::new();
+    for (j, col) in d.columns.iter().enumerate() {
+        let cat = at.at("column").at(j);
+        if !names.insert(col.name.as_str()) {
+            c.err(
+                cat.at("name"),
+                format!("column `{}` is declared twice", col.name),
+            );
+        }
+        let clevel = c.word(cat.at("level"), "level", &col.level, LEVELS, Level::parse);
         let mut allow = BTreeSet::new();
-        for u in &col.allow {
-            if let Some(u) = c.parse(&cat, "use", u, USES, Use::parse) {
+        for (k, u) in col.allow.iter().enumerate() {
+            if let Some(u) = c.word(cat.at("allow").at(k), "use", u, USES, Use::parse) {
                 allow.insert(u);
             }
         }
@@ -164,9 +301,12 @@ fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
         if let (Some(cl), Some(dl)) = (clevel, level) {
             if cl > dl {
                 c.err(
-                    &cat,
-                    format!("column level {cl} is above the dataset level {dl} (就高从严: raise the dataset level)"),
-                );
+                    cat.at("level"),
+                    format!("column level {cl} is above the dataset level {dl}"),
+                )
+                .help = Some(format!(
+                    "a dataset's level is at least its columns' (就高从严): raise the dataset to {cl}"
+                ));
             }
             let over: Vec<_> = allow
                 .difference(&cl.ceiling())
@@ -174,12 +314,20 @@ fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
                 .collect();
             if !over.is_empty() {
                 c.err(
-                    &cat,
+                    cat.at("allow"),
                     format!(
                         "uses [{}] exceed the ceiling of level {cl}",
                         over.join(", ")
                     ),
-                );
+                )
+                .help = Some(format!(
+                    "level {cl} permits at most [{}]",
+                    cl.ceiling()
+                        .iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
         }
         if identifier
@@ -188,36 +336,67 @@ fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
                 .any(|u| matches!(u, Use::Aggregate | Use::GroupBy | Use::Project))
         {
             c.err(
-                &cat,
-                "an identifier column may only be used for join or filter",
+                cat.at("allow"),
+                format!(
+                    "`{}` is tagged identifier, so it may only be used for join and filters",
+                    col.name
+                ),
             );
         }
         let bounds = col.bounds.map(|[lo, hi]| (lo, hi));
         if let Some((lo, hi)) = bounds
             && !(lo.is_finite() && hi.is_finite() && lo <= hi)
         {
-            c.err(&cat, "bounds must be finite with lo <= hi");
+            c.err(
+                cat.at("bounds"),
+                "bounds must be two finite numbers [lo, hi] with lo <= hi",
+            );
         }
         let precision = col.precision.unwrap_or(0);
         if precision > 6 {
-            c.err(&cat, "precision above 6 decimal digits is not supported");
+            c.err(
+                cat.at("precision"),
+                "precision above 6 decimal digits is not supported",
+            );
         }
-        let domain = col.domain.as_ref().map(|vs| {
-            vs.iter()
-                .map(|v| match v {
-                    RawDomainValue::Int(i) => DomainValue::Int(*i),
-                    RawDomainValue::Text(s) => DomainValue::Text(s.clone()),
-                })
-                .collect::<Vec<_>>()
+        let domain = match &col.domain {
+            None => None,
+            Some(RawDomain::Values(vs)) => {
+                let values: Vec<DomainValue> = vs
+                    .iter()
+                    .map(|v| match v {
+                        RawDomainValue::Int(i) => DomainValue::Int(*i),
+                        RawDomainValue::Text(s) => DomainValue::Text(s.clone()),
+                    })
+                    .collect();
+                let distinct: BTreeSet<_> = values.iter().collect();
+                if distinct.len() != values.len() {
+                    c.err(cat.at("domain"), "the domain lists a value twice");
+                }
+                if values.is_empty() {
+                    c.err(cat.at("domain"), "the domain is empty");
+                }
+                Some(Domain::Values(values))
+            }
+            Some(RawDomain::Reference { dataset, column }) => Some(Domain::Reference {
+                dataset: dataset.clone(),
+                column: column.clone(),
+            }),
+        };
+        let bucket = col.bucket.as_ref().map(|b| {
+            if !(b.width.is_finite() && b.width > 0.0) {
+                c.err(
+                    cat.at("bucket").at("width"),
+                    "a bucket width must be a positive number",
+                );
+            }
+            Bucket { width: b.width }
         });
-        if let Some(dom) = &domain {
-            let distinct: BTreeSet<_> = dom.iter().collect();
-            if distinct.len() != dom.len() {
-                c.err(&cat, "domain lists a value twice");
-            }
-            if dom.is_empty() {
-                c.err(&cat, "domain is empty");
-            }
+        if bucket.is_some() && bounds.is_none() {
+            c.err(
+                cat.at("bucket"),
+                "a bucketed column needs bounds, so that its buckets are a public key set",
+            );
         }
         columns.push(Column {
             name: col.name.clone(),
@@ -227,35 +406,31 @@ fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
             bounds,
             precision,
             domain,
+            bucket,
         });
     }
     let public = level == Some(Level::General1) && open == Some(Attribute::Unconditional);
     let unit = match &d.privacy_unit {
         Some(u) => {
-            let kind = match u.kind.as_str() {
-                "natural_person" => Some(UnitKind::NaturalPerson),
-                "legal_person" => Some(UnitKind::LegalPerson),
-                "household" => Some(UnitKind::Household),
-                "row" => Some(UnitKind::Row),
-                other => {
-                    c.err(
-                        &at,
-                        format!("unknown privacy unit kind `{other}`; expected natural_person, legal_person, household or row"),
-                    );
-                    None
-                }
-            };
+            let uat = at.at("privacy_unit");
+            let kind = c.word(
+                uat.at("kind"),
+                "privacy unit kind",
+                &u.kind,
+                UNIT_KINDS,
+                UnitKind::parse,
+            );
             if u.kind != "row" && !columns.iter().any(|col| col.name == u.column) {
                 c.err(
-                    &at,
-                    format!("privacy unit column `{}` is not declared", u.column),
+                    uat.at("column"),
+                    format!(
+                        "privacy unit column `{}` is not declared in this dataset",
+                        u.column
+                    ),
                 );
             }
             if u.max_groups == 0 || u.max_rows == 0 {
-                c.err(
-                    &at,
-                    "privacy unit max_groups and max_rows must be at least 1",
-                );
+                c.err(uat.clone(), "max_groups and max_rows must be at least 1");
             }
             kind.map(|kind| PrivacyUnit {
                 column: u.column.clone(),
@@ -266,142 +441,174 @@ fn resolve_dataset(c: &mut Checker, d: &RawDataset) -> Option<Dataset> {
         }
         None if public => None,
         None => {
-            c.err(
-                &at,
-                "a dataset that is not public (general_1, open = unconditional) must declare privacy_unit",
-            );
+            c.err(at.at("id"), format!("dataset `{}` is not public, so it must declare privacy_unit", d.id))
+                .help = Some("only general_1 data with open = \"unconditional\" is public; add privacy_unit = { column = …, kind = …, max_groups = …, max_rows = … }".into());
             None
         }
     };
+    let mut foreign_keys = Vec::new();
+    for (j, fk) in d.foreign_keys.iter().enumerate() {
+        if !columns.iter().any(|col| col.name == fk.column) {
+            c.err(
+                at.at("foreign_keys").at(j).at("column"),
+                format!(
+                    "foreign key column `{}` is not declared in this dataset",
+                    fk.column
+                ),
+            );
+        }
+        foreign_keys.push(ForeignKey {
+            column: fk.column.clone(),
+            references: fk.references.clone(),
+        });
+    }
     Some(Dataset {
         id: d.id.clone(),
         name: d.name.clone(),
         owner: d.owner.clone(),
+        catalog: d.catalog.as_ref().map(|k| (k.code.clone(), k.version)),
         registration_id: d.registration_id.clone(),
-        level: level?,
-        share: share?,
-        open: open?,
+        // A bad word was reported above; conservative stand-ins keep the
+        // dataset known, so that grants naming it are still checked.
+        level: level.unwrap_or(Level::General4),
+        share: share.unwrap_or(Attribute::None),
+        open: open.unwrap_or(Attribute::None),
         source_path: d.source.path.clone(),
+        format: format.unwrap_or(SourceFormat::Parquet),
         unit,
+        foreign_keys,
         columns,
     })
 }
 
 fn datetime(
     c: &mut Checker,
-    at: &str,
-    what: &str,
+    at: TomlPath,
     v: &toml::value::Datetime,
 ) -> Option<DateTime<FixedOffset>> {
     let parsed = DateTime::parse_from_rfc3339(&v.to_string()).ok();
     if parsed.is_none() {
         c.err(
             at,
-            format!("{what} must be a full date-time with offset, e.g. 2026-01-01T00:00:00+08:00"),
-        );
+            "a validity bound must be a full date-time with an offset",
+        )
+        .help = Some("for example 2026-01-01T00:00:00+08:00".into());
     }
     parsed
 }
 
 fn resolve_grant(
     c: &mut Checker,
+    at: &TomlPath,
     g: &RawGrant,
     datasets: &BTreeMap<String, Dataset>,
     operators: &BTreeMap<String, Operator>,
 ) -> Option<Grant> {
-    let at = format!("grant `{}`", g.id);
-    let channel = c.parse(
-        &at,
+    let channel = c.word(
+        at.at("channel"),
         "channel",
         &g.channel,
-        "sharing, opening, authorized_operation",
-        |s| {
-            Some(match s {
-                "sharing" => Channel::Sharing,
-                "opening" => Channel::Opening,
-                "authorized_operation" => Channel::AuthorizedOperation,
-                _ => return None,
-            })
-        },
+        CHANNELS,
+        Channel::parse,
     );
-    let purpose = c.parse(
-        &at,
+    let purpose = c.word(
+        at.at("purpose"),
         "purpose",
         &g.purpose,
-        "public_governance, public_welfare, commercial",
-        |s| {
-            Some(match s {
-                "public_governance" => Purpose::PublicGovernance,
-                "public_welfare" => Purpose::PublicWelfare,
-                "commercial" => Purpose::Commercial,
-                _ => return None,
-            })
-        },
+        PURPOSES,
+        Purpose::parse,
     );
     if !operators.contains_key(&g.grantee) {
-        c.err(
-            &at,
+        let d = c.err(
+            at.at("grantee"),
             format!("grantee `{}` is not a declared operator", g.grantee),
         );
+        d.help = suggest(&g.grantee, operators.keys().map(String::as_str))
+            .map(|s| format!("did you mean `{s}`?"))
+            .or_else(|| Some("declare it in an [[operator]] table".into()));
     }
-    let valid_from = datetime(c, &at, "valid_from", &g.valid_from);
-    let valid_until = datetime(c, &at, "valid_until", &g.valid_until);
+    let valid_from = datetime(c, at.at("valid_from"), &g.valid_from);
+    let valid_until = datetime(c, at.at("valid_until"), &g.valid_until);
     if let (Some(f), Some(u)) = (valid_from, valid_until)
         && f >= u
     {
-        c.err(&at, "valid_from must be before valid_until");
+        c.err(at.at("valid_until"), "valid_until must be after valid_from");
     }
+    let hours = g.hours.as_deref().and_then(|h| {
+        let parsed = DailyHours::parse(h);
+        if parsed.is_none() {
+            c.err(
+                at.at("hours"),
+                format!("daily hours `{h}` are not `HH:MM-HH:MM`"),
+            )
+            .help = Some("for example hours = \"08:00-20:00\" (Beijing time)".into());
+        }
+        parsed
+    });
     let mut scopes = Vec::new();
     let mut needs_dp = false;
-    let mut aggregates_unbounded = Vec::new();
-    for s in &g.scopes {
-        let sat = format!("{at} scope `{}`", s.dataset);
+    let mut unbounded = Vec::new();
+    for (j, s) in g.scopes.iter().enumerate() {
+        let sat = at.at("scope").at(j);
         let Some(ds) = datasets.get(&s.dataset) else {
-            c.err(&sat, format!("unknown dataset `{}`", s.dataset));
+            unknown_dataset(c, sat.at("dataset"), &s.dataset, datasets);
             continue;
         };
         needs_dp |= !ds.is_public();
         if purpose == Some(Purpose::Commercial) && ds.registration_id.is_none() && !ds.is_public() {
             c.err(
-                &sat,
-                "commercial use needs a registered dataset (公共数据资源登记编号); add registration_id to the dataset",
-            );
+                sat.at("dataset"),
+                format!("commercial use of `{}` needs a registered dataset", ds.id),
+            )
+            .help = Some("add its registration_id (公共数据资源登记编号) to the dataset".into());
         }
-        if ds.level == Level::Important && purpose != Some(Purpose::PublicGovernance) {
-            c.err(
-                &sat,
-                "important data may only be granted for public_governance",
-            );
+        if ds.level == Level::Important
+            && purpose.is_some()
+            && purpose != Some(Purpose::PublicGovernance)
+        {
+            c.err(sat.at("dataset"), format!("`{}` is important data (重要数据): it may only be granted for public_governance", ds.id));
         }
         let mut columns = BTreeMap::new();
         for (name, uses) in &s.columns {
+            let cat = sat.at("columns").at(name.as_str());
             let Some(col) = ds.column(name) else {
-                c.err(
-                    &sat,
-                    format!("unknown column `{name}` in dataset `{}`", ds.id),
-                );
+                let d = c.err(cat, format!("`{}` has no column `{name}`", ds.id));
+                d.help = suggest(name, ds.columns.iter().map(|c| c.name.as_str()))
+                    .map(|s| format!("did you mean `{s}`?"));
                 continue;
             };
             let mut set = BTreeSet::new();
-            for u in uses {
-                if let Some(u) = c.parse(&sat, "use", u, USES, Use::parse) {
+            for (k, u) in uses.iter().enumerate() {
+                if let Some(u) = c.word(cat.at(k), "use", u, USES, Use::parse) {
                     set.insert(u);
                 }
             }
             let over: Vec<_> = set.difference(&col.allow).map(|u| u.as_str()).collect();
             if !over.is_empty() {
                 c.err(
-                    &sat,
+                    cat.clone(),
                     format!(
-                        "column `{name}`: uses [{}] are not in the dataset's allow list",
-                        over.join(", ")
+                        "uses [{}] of `{}.{name}` are not in the dataset's allow list",
+                        over.join(", "),
+                        ds.id
                     ),
-                );
+                )
+                .help = Some(format!(
+                    "the data owner allows [{}]; a grant may only narrow that",
+                    col.allow
+                        .iter()
+                        .map(|u| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
             if set.contains(&Use::Aggregate) && col.bounds.is_none() && !ds.is_public() {
-                aggregates_unbounded.push(name.clone());
+                unbounded.push((cat.clone(), format!("{}.{name}", ds.id)));
             }
             columns.insert(name.clone(), set);
+        }
+        if let Some(f) = &s.row_filter {
+            check_row_filter(c, sat.at("row_filter"), f, ds);
         }
         scopes.push(Scope {
             dataset: s.dataset.clone(),
@@ -409,53 +616,84 @@ fn resolve_grant(
             columns,
         });
     }
-    let dp = match &g.dp {
-        Some(dp) => {
-            let accounting = match dp.accounting.as_str() {
-                "epsilon" => Some(Accounting::Epsilon {
-                    delta: dp.delta.unwrap_or(0.0),
-                }),
-                "rho" => Some(Accounting::Rho),
-                other => {
-                    c.err(
-                        &at,
-                        format!("unknown accounting `{other}`; expected epsilon or rho"),
-                    );
-                    None
-                }
-            };
-            let positive = |x: f64| x.is_finite() && x > 0.0 && x.is_normal();
-            if !positive(dp.budget) || !positive(dp.per_query_max) {
-                c.err(
-                    &at,
-                    "dp budget and per_query_max must be finite and positive",
+    let dp = g.dp.as_ref().and_then(|dp| {
+        let dat = at.at("dp");
+        let accounting = match dp.accounting.as_str() {
+            "epsilon" => Some(Accounting::Epsilon {
+                delta: dp.delta.unwrap_or(0.0),
+            }),
+            "rho" => Some(Accounting::Rho),
+            other => {
+                let d = c.err(
+                    dat.at("accounting"),
+                    format!("unknown accounting `{other}`"),
                 );
-            } else if dp.per_query_max > dp.budget {
-                c.err(&at, "dp per_query_max is larger than the budget");
+                d.help = Some(
+                    "accounting is `epsilon` (pure/approximate DP) or `rho` (zero-concentrated DP)"
+                        .into(),
+                );
+                None
             }
-            if let Some(d) = dp.delta
-                && !(d.is_finite() && (0.0..1.0).contains(&d))
-            {
-                c.err(&at, "dp delta must be in [0, 1)");
-            }
-            accounting.map(|accounting| DpSettings {
-                accounting,
-                budget: dp.budget,
-                per_query: dp.per_query_max,
-                window: dp.window.clone(),
-            })
+        };
+        let positive = |x: f64| x.is_finite() && x.is_normal() && x > 0.0;
+        if !positive(dp.budget) {
+            c.err(
+                dat.at("budget"),
+                "the budget must be a positive finite number",
+            );
         }
-        None => None,
-    };
-    if needs_dp && dp.is_none() {
-        c.err(&at, "grant covers private data and must declare [grant.dp]");
+        if !positive(dp.per_query_max) {
+            c.err(
+                dat.at("per_query_max"),
+                "per_query_max must be a positive finite number",
+            );
+        } else if positive(dp.budget) && dp.per_query_max > dp.budget {
+            c.err(
+                dat.at("per_query_max"),
+                "per_query_max is larger than the whole budget",
+            );
+        }
+        if let Some(d) = dp.delta
+            && !(d.is_finite() && (0.0..1.0).contains(&d))
+        {
+            c.err(dat.at("delta"), "delta must be in [0, 1)");
+        }
+        if let Some(w) = &dp.window
+            && iso_duration_days(w).is_none()
+        {
+            c.err(
+                dat.at("window"),
+                format!("window `{w}` is not an ISO 8601 duration in days or weeks"),
+            )
+            .help = Some("for example \"P30D\", \"P90D\" or \"P4W\"".into());
+        }
+        if dp.max_groups == Some(0) {
+            c.err(dat.at("max_groups"), "max_groups must be at least 1");
+        }
+        accounting.map(|accounting| DpSettings {
+            accounting,
+            budget: dp.budget,
+            per_query: dp.per_query_max,
+            window: dp.window.clone(),
+            max_groups: dp.max_groups,
+        })
+    });
+    if needs_dp && g.dp.is_none() {
+        c.err(
+            at.at("id"),
+            format!(
+                "grant `{}` covers private data and must declare [grant.dp]",
+                g.id
+            ),
+        );
     }
     if dp.is_some() {
-        for col in aggregates_unbounded {
+        for (cat, col) in unbounded {
             c.err(
-                &at,
-                format!("column `{col}` is granted for aggregate under DP but has no bounds; declare bounds on the dataset column"),
-            );
+                cat,
+                format!("`{col}` is granted for aggregate under DP but declares no bounds"),
+            )
+            .help = Some("ask the data owner to declare bounds = [lo, hi] on the column".into());
         }
     }
     let pricing = match &g.pricing {
@@ -464,16 +702,26 @@ fn resolve_grant(
             conditions: p.conditions.clone(),
         },
         Some(p) if p.model == "guided_price" => {
+            let pat = at.at("pricing");
             let (price, cap) = (
                 p.price_cny.unwrap_or(f64::NAN),
                 p.cap_cny.unwrap_or(f64::NAN),
             );
-            if !(price.is_finite() && cap.is_finite() && price >= 0.0) {
-                c.err(&at, "guided_price needs price_cny and cap_cny");
+            if !(price.is_finite() && price >= 0.0) {
+                c.err(
+                    pat.at("price_cny"),
+                    "guided_price needs price_cny, a non-negative amount",
+                );
+            }
+            if !(cap.is_finite() && cap >= 0.0) {
+                c.err(
+                    pat.at("cap_cny"),
+                    "guided_price needs cap_cny, the published cap",
+                );
             } else if price > cap {
                 c.err(
-                    &at,
-                    format!("price {price} CNY is above the published cap {cap} CNY"),
+                    pat.at("price_cny"),
+                    format!("the price {price} CNY is above the published cap {cap} CNY"),
                 );
             }
             Pricing::GuidedPrice {
@@ -483,39 +731,126 @@ fn resolve_grant(
             }
         }
         Some(p) => {
-            c.err(
-                &at,
-                format!(
-                    "unknown pricing model `{}`; expected free or guided_price",
-                    p.model
-                ),
+            let d = c.err(
+                at.at("pricing").at("model"),
+                format!("unknown pricing model `{}`", p.model),
             );
+            d.help = Some(match suggest(&p.model, ["free", "guided_price"]) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => "the model is `free` or `guided_price`".into(),
+            });
             Pricing::Free { conditions: None }
         }
     };
     if purpose == Some(Purpose::Commercial) && !matches!(pricing, Pricing::GuidedPrice { .. }) {
-        c.err(&at, "commercial grants must use guided_price (政府指导价)");
+        c.err(
+            at.at("purpose"),
+            "commercial grants must use guided_price (政府指导价)",
+        );
     }
     let limits = g.limits.clone().unwrap_or_default();
-    let agg_functions = limits
+    let mut agg_functions = BTreeSet::new();
+    for (k, f) in limits
         .agg_functions
+        .clone()
         .unwrap_or_else(|| vec!["COUNT".into(), "SUM".into(), "AVG".into()])
-        .into_iter()
-        .map(|f| f.to_ascii_uppercase())
-        .collect();
+        .iter()
+        .enumerate()
+    {
+        let upper = f.to_ascii_uppercase();
+        if AGGREGATES.contains(&upper.as_str()) {
+            agg_functions.insert(upper);
+        } else {
+            c.word::<()>(
+                at.at("limits").at("agg_functions").at(k),
+                "aggregate function",
+                f,
+                AGGREGATES,
+                |_| None,
+            );
+        }
+    }
     Some(Grant {
         id: g.id.clone(),
         channel: channel?,
         grantee: g.grantee.clone(),
+        agency: g.agency.clone(),
+        agreement: g.agreement.clone(),
         purpose: purpose?,
         purpose_detail: g.purpose_detail.clone(),
+        products: g.products.clone(),
         valid_from: valid_from?,
         valid_until: valid_until?,
+        hours,
         scopes,
         agg_functions,
         min_group_size: limits.min_group_size.unwrap_or(0),
+        max_queries_per_day: limits.max_queries_per_day,
         max_result_rows: limits.max_result_rows.unwrap_or(10_000),
         dp,
         pricing,
     })
+}
+
+/// A row filter must parse as a SQL predicate over the dataset's columns,
+/// built from comparisons, AND/OR/NOT, IN, BETWEEN, LIKE and IS NULL.
+fn check_row_filter(c: &mut Checker, at: TomlPath, text: &str, ds: &Dataset) {
+    use sqlparser::ast::{Expr, visit_expressions};
+    use sqlparser::dialect::GenericDialect;
+    use sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+
+    let parsed = Parser::new(&GenericDialect {})
+        .with_recursion_limit(32)
+        .try_with_sql(text)
+        .and_then(|mut p| {
+            let e = p.parse_expr()?;
+            p.expect_token(&sqlparser::tokenizer::Token::EOF)?;
+            Ok(e)
+        });
+    let expr = match parsed {
+        Ok(e) => e,
+        Err(e) => {
+            c.err(at, format!("the row filter does not parse: {e}"))
+                .help = Some("write a SQL predicate such as pay_month >= '2024-01'".into());
+            return;
+        }
+    };
+    let mut problems = Vec::new();
+    let _ = visit_expressions(&expr, |e: &Expr| {
+        match e {
+            Expr::Identifier(id) if ds.column(&id.value).is_none() => {
+                problems.push(format!(
+                    "the row filter names `{}`, which is not a column of `{}`",
+                    id.value, ds.id
+                ));
+            }
+            Expr::CompoundIdentifier(_) => {
+                problems.push("write row-filter columns without a table prefix".into())
+            }
+            Expr::Function(_)
+            | Expr::Subquery(_)
+            | Expr::Exists { .. }
+            | Expr::InSubquery { .. } => {
+                problems.push("row filters may not call functions or contain subqueries".into());
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    for p in problems {
+        c.err(at.clone(), p);
+    }
+}
+
+/// Days in an ISO 8601 duration of whole days or weeks (`P30D`, `P4W`).
+pub fn iso_duration_days(s: &str) -> Option<u32> {
+    let body = s.strip_prefix('P')?;
+    let (n, unit) = body.split_at(body.len().checked_sub(1)?);
+    let n: u32 = n.parse().ok()?;
+    match unit {
+        "D" if n > 0 => Some(n),
+        "W" if n > 0 => n.checked_mul(7),
+        _ => None,
+    }
 }

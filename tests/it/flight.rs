@@ -13,7 +13,7 @@ const DISTRICTS: usize = 16;
 fn domain_of(f: &Fixture, dataset: &str, column: &str) -> BTreeSet<String> {
     f.engine.policy().datasets[dataset]
         .column(column)
-        .and_then(|c| c.domain.clone())
+        .and_then(|c| c.domain_values())
         .expect("domain")
         .iter()
         .map(|v| v.to_string())

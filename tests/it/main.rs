@@ -3,8 +3,10 @@
 
 mod bounding;
 mod budget;
+mod cli;
 mod flight;
 mod leaks;
 mod noise;
 mod rejections;
+mod reload;
 mod support;

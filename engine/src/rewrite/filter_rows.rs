@@ -35,7 +35,7 @@ impl RewriteStage for FilterRows {
             let domain = ctx
                 .dataset
                 .column(g)
-                .and_then(|c| c.domain.as_ref())
+                .and_then(|c| c.domain_values())
                 .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
             let list = domain
                 .iter()

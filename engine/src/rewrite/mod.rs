@@ -326,7 +326,7 @@ fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Vec<Vec<Domain
     for g in &query.group_columns {
         let domain = dataset
             .column(g)
-            .and_then(|c| c.domain.as_ref())
+            .and_then(|c| c.domain_values())
             .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
         if keys.len().saturating_mul(domain.len()) > 1_000_000 {
             return Err(EngineError::rejected(
