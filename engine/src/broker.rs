@@ -194,7 +194,7 @@ impl Engine {
                 planning,
                 grant,
             } => {
-                self.run_private(*certified, &planning, &grant, operator, request_id)
+                self.run_private(&snap, *certified, &planning, &grant, operator, request_id)
                     .await
             }
         }
