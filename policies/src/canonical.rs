@@ -17,6 +17,14 @@ fn sorted<T: Ord + Clone>(v: &mut Vec<T>) {
 /// The canonical form of a raw policy.
 pub fn canonical(raw: &RawPolicy) -> RawPolicy {
     let mut r = raw.clone();
+    r.levels
+        .sort_by(|a, b| (a.rank, &a.name).cmp(&(b.rank, &b.name)));
+    for l in &mut r.levels {
+        sorted(&mut l.purposes);
+        if let Some(a) = &mut l.allow {
+            sorted(a);
+        }
+    }
     r.datasets.sort_by(|a, b| a.id.cmp(&b.id));
     for d in &mut r.datasets {
         d.columns.sort_by(|a, b| a.name.cmp(&b.name));

@@ -6,63 +6,200 @@ use std::fmt;
 use chrono::{DateTime, FixedOffset};
 use sha2::{Digest, Sha256};
 
-/// Grading level (分级), preset GB/T 43697-2024.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Level {
-    /// 一般数据 1级: open data.
-    General1,
-    /// 一般数据 2级.
-    General2,
-    /// 一般数据 3级.
-    General3,
-    /// 一般数据 4级.
-    General4,
-    /// 重要数据.
-    Important,
-    /// 核心数据: never admitted.
-    Core,
+/// When a level lets values appear in output rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOutput {
+    /// Never (only aggregates).
+    Never,
+    /// Only if the dataset's open attribute is not `none`.
+    IfOpen,
+    /// Always.
+    Always,
 }
 
+/// Whether a level requires differential privacy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpRule {
+    /// Always.
+    Required,
+    /// For commercial purposes.
+    Commercial,
+    /// At the data owner's choice.
+    Optional,
+    /// Never: the data is public.
+    None,
+}
+
+/// One grading level (分级) and its ceilings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelDef {
+    /// Name, e.g. `general_3`.
+    pub name: String,
+    /// Sensitivity rank; higher is more sensitive (就高从严 compares ranks).
+    pub rank: u8,
+    /// Whether data of this level may be loaded at all.
+    pub admitted: bool,
+    /// Uses a column of this level may ever be granted.
+    pub ceiling: BTreeSet<Use>,
+    /// When values may appear in output rows.
+    pub row_output: RowOutput,
+    /// Minimum group size in distinct units.
+    pub min_group_size: u32,
+    /// Whether DP is required.
+    pub dp: DpRule,
+    /// Purposes data of this level may be granted for.
+    pub purposes: BTreeSet<Purpose>,
+}
+
+/// A grading level, as used by datasets and columns: compared by rank.
+#[derive(Debug, Clone)]
+pub struct Level(pub std::sync::Arc<LevelDef>);
+
 impl Level {
-    /// Parses the preset's level names.
-    pub fn parse(s: &str) -> Option<Level> {
-        Some(match s {
-            "general_1" => Level::General1,
-            "general_2" => Level::General2,
-            "general_3" => Level::General3,
-            "general_4" => Level::General4,
-            "important" => Level::Important,
-            "core" => Level::Core,
-            _ => return None,
-        })
+    /// The level's definition.
+    pub fn def(&self) -> &LevelDef {
+        &self.0
     }
 
-    /// Uses a column of this level may ever be granted (the level ceiling).
-    pub fn ceiling(self) -> BTreeSet<Use> {
-        use Use::*;
-        match self {
-            Level::General1 | Level::General2 => {
-                [Project, GroupBy, Aggregate, Filter, FilterLiteral, Join].into()
-            }
-            Level::General3 | Level::General4 | Level::Important => {
-                [GroupBy, Aggregate, Filter, FilterLiteral, Join].into()
-            }
-            Level::Core => BTreeSet::new(),
-        }
+    /// Uses a column of this level may ever be granted.
+    pub fn ceiling(&self) -> BTreeSet<Use> {
+        self.0.ceiling.clone()
+    }
+}
+
+impl PartialEq for Level {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.rank == other.0.rank && self.0.name == other.0.name
+    }
+}
+
+impl Eq for Level {}
+
+impl PartialOrd for Level {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Level {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0.rank, &self.0.name).cmp(&(other.0.rank, &other.0.name))
     }
 }
 
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Level::General1 => "general_1",
-            Level::General2 => "general_2",
-            Level::General3 => "general_3",
-            Level::General4 => "general_4",
-            Level::Important => "important",
-            Level::Core => "core",
-        })
+        f.write_str(&self.0.name)
     }
+}
+
+/// A grading scheme: its levels, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GradingScheme {
+    /// Name, e.g. `GB/T 43697-2024`.
+    pub name: String,
+    /// Levels, least sensitive first.
+    pub levels: Vec<Level>,
+}
+
+/// Name of the built-in scheme.
+pub const PRESET_SCHEME: &str = "GB/T 43697-2024";
+
+/// (name, admitted, row output, min group, DP rule, purposes) of the preset,
+/// least sensitive first: POLICY.md's default level table.
+/// One row of the preset table.
+type PresetRow = (&'static str, bool, RowOutput, u32, DpRule, &'static [Purpose]);
+
+const PRESET: [PresetRow; 6] = {
+    use Purpose::*;
+    const ALL: &[Purpose] = &[PublicGovernance, PublicWelfare, Commercial];
+    [
+        ("general_1", true, RowOutput::Always, 0, DpRule::None, ALL),
+        (
+            "general_2",
+            true,
+            RowOutput::IfOpen,
+            5,
+            DpRule::Optional,
+            ALL,
+        ),
+        (
+            "general_3",
+            true,
+            RowOutput::Never,
+            10,
+            DpRule::Commercial,
+            ALL,
+        ),
+        (
+            "general_4",
+            true,
+            RowOutput::Never,
+            20,
+            DpRule::Required,
+            ALL,
+        ),
+        (
+            "important",
+            true,
+            RowOutput::Never,
+            50,
+            DpRule::Required,
+            &[PublicGovernance],
+        ),
+        ("core", false, RowOutput::Never, 0, DpRule::Required, &[]),
+    ]
+};
+
+impl GradingScheme {
+    /// The built-in GB/T 43697-2024 scheme.
+    pub fn preset() -> GradingScheme {
+        let levels = PRESET
+            .iter()
+            .enumerate()
+            .map(
+                |(rank, (name, admitted, row_output, min_group_size, dp, purposes))| {
+                    Level(std::sync::Arc::new(LevelDef {
+                        name: (*name).to_owned(),
+                        rank: rank as u8,
+                        admitted: *admitted,
+                        ceiling: ceiling_for(*admitted, *row_output),
+                        row_output: *row_output,
+                        min_group_size: *min_group_size,
+                        dp: *dp,
+                        purposes: purposes.iter().copied().collect(),
+                    }))
+                },
+            )
+            .collect();
+        GradingScheme {
+            name: PRESET_SCHEME.to_owned(),
+            levels,
+        }
+    }
+
+    /// A level by name.
+    pub fn level(&self, name: &str) -> Option<Level> {
+        self.levels.iter().find(|l| l.0.name == name).cloned()
+    }
+
+    /// Level names, least sensitive first.
+    pub fn names(&self) -> Vec<&str> {
+        self.levels.iter().map(|l| l.0.name.as_str()).collect()
+    }
+}
+
+/// The default ceiling of a level: every use but `project` unless rows may be output.
+pub fn ceiling_for(admitted: bool, row_output: RowOutput) -> BTreeSet<Use> {
+    use Use::*;
+    if !admitted {
+        return BTreeSet::new();
+    }
+    let mut c: BTreeSet<Use> = [GroupBy, Aggregate, Filter, FilterLiteral, Join].into();
+    if row_output != RowOutput::Never {
+        c.insert(Project);
+    }
+    c
 }
 
 /// Share or open attribute (共享/开放属性).
@@ -353,9 +490,10 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Public data (general_1 and open unconditionally) needs no DP.
+    /// Public data (a level that needs no DP, e.g. general_1, and open
+    /// unconditionally) is answered exactly.
     pub fn is_public(&self) -> bool {
-        self.level == Level::General1 && self.open == Attribute::Unconditional
+        self.level.def().dp == DpRule::None && self.open == Attribute::Unconditional
     }
 
     /// Looks a column up by name.
@@ -417,7 +555,7 @@ impl fmt::Display for Channel {
 }
 
 /// Purpose of a grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Purpose {
     /// 公共治理.
     PublicGovernance,
@@ -600,6 +738,8 @@ pub struct Policy {
     pub id: String,
     /// Policy version.
     pub version: String,
+    /// The grading scheme in force.
+    pub scheme: GradingScheme,
     /// SHA-256 of the canonical form, hex.
     pub hash: String,
     /// Datasets by id.
@@ -700,6 +840,17 @@ impl Policy {
                 })
             }
         }
+    }
+
+    /// The minimum group size a grant's queries must respect: the largest of
+    /// the grant's own and the levels' of every dataset in its scope.
+    pub fn min_group_size(&self, grant: &Grant) -> u32 {
+        grant
+            .scopes
+            .iter()
+            .filter_map(|s| self.datasets.get(&s.dataset))
+            .map(|d| d.level.def().min_group_size)
+            .fold(grant.min_group_size, u32::max)
     }
 
     /// Grants held by one operator.

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub struct RawPolicy {
     /// `[policy]`: identity of the file.
     pub policy: RawHeader,
+    /// `[[level]]`: the levels of a custom grading scheme (none for the preset).
+    #[serde(default, rename = "level", skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<RawLevel>,
     /// `[[dataset]]`: the catalog.
     #[serde(default, rename = "dataset")]
     pub datasets: Vec<RawDataset>,
@@ -50,6 +53,36 @@ pub struct RawHeader {
     /// Grading scheme; only `GB/T 43697-2024` is built in.
     #[serde(default = "default_scheme")]
     pub grading_scheme: String,
+}
+
+/// `[[level]]`: one level of a custom grading scheme.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLevel {
+    /// Level name, used by datasets and columns.
+    pub name: String,
+    /// Sensitivity rank: higher is more sensitive.
+    pub rank: u8,
+    /// Whether data of this level may be loaded at all (default true).
+    #[serde(default = "yes")]
+    pub admitted: bool,
+    /// Uses a column of this level may ever be granted (default: all that
+    /// `row_output` permits).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// `never`, `if_open` or `always`: when values may appear in output rows.
+    pub row_output: String,
+    /// Minimum group size in distinct units.
+    #[serde(default)]
+    pub min_group_size: u32,
+    /// `required`, `commercial`, `optional` or `none`: when DP is required.
+    pub dp: String,
+    /// Purposes data of this level may be granted for.
+    pub purposes: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_scheme() -> String {

@@ -245,6 +245,131 @@ fn shuffle<T>(v: &mut [T], next: &mut dyn FnMut(usize) -> usize) {
     }
 }
 
+rule!(
+    row_output_needs_an_open_dataset,
+    [(
+        "  name = \"district\"\n  level = \"general_2\"\n  allow = [\"group_by\", \"filter_literal\"]\n  domain = [\"东城区\", \"西城区\", \"朝阳区\", \"丰台区\", \"石景山区\", \"海淀区\", \"门头沟区\", \"房山区\",\n            \"通州区\", \"顺义区\", \"昌平区\", \"大兴区\", \"怀柔区\", \"平谷区\", \"密云区\", \"延庆区\"]\n  [[dataset.column]]\n  name = \"age\"",
+        "  name = \"district\"\n  level = \"general_2\"\n  allow = [\"project\", \"group_by\", \"filter_literal\"]\n  domain = [\"东城区\", \"西城区\", \"朝阳区\", \"丰台区\", \"石景山区\", \"海淀区\", \"门头沟区\", \"房山区\",\n            \"通州区\", \"顺义区\", \"昌平区\", \"大兴区\", \"怀柔区\", \"平谷区\", \"密云区\", \"延庆区\"]\n  [[dataset.column]]\n  name = \"age\""
+    )]
+);
+rule!(
+    preset_scheme_cannot_be_redefined,
+    [(
+        "# ---------------------------------------------------------------- datasets",
+        "[[level]]\nname = \"general_1\"\nrank = 0\nrow_output = \"always\"\ndp = \"none\"\npurposes = [\"public_governance\"]\n\n# ---------------------------------------------------------------- datasets"
+    )]
+);
+
+/// A health-sector scheme declared as data: levels, ceilings and purposes.
+const CUSTOM: &str = r#"
+[policy]
+id = "health"
+version = "1"
+grading_scheme = "health-3"
+
+[[level]]
+name = "open"
+rank = 0
+row_output = "always"
+dp = "none"
+purposes = ["public_governance", "public_welfare", "commercial"]
+
+[[level]]
+name = "sensitive"
+rank = 1
+row_output = "never"
+min_group_size = 30
+dp = "required"
+purposes = ["public_governance", "public_welfare"]
+
+[[level]]
+name = "secret"
+rank = 2
+admitted = false
+row_output = "never"
+dp = "required"
+purposes = []
+
+[[dataset]]
+id = "h.visits"
+name = "就诊"
+owner = "卫健委"
+level = "sensitive"
+share = "conditional"
+open = "none"
+source = { path = "v.parquet" }
+privacy_unit = { column = "pid", kind = "natural_person", max_groups = 2, max_rows = 3 }
+  [[dataset.column]]
+  name = "pid"
+  level = "sensitive"
+  tags = ["identifier"]
+  allow = ["join"]
+  [[dataset.column]]
+  name = "cost"
+  level = "sensitive"
+  allow = ["aggregate"]
+  bounds = [0, 100]
+
+[[operator]]
+id = "uni"
+org = "大学"
+
+[[grant]]
+id = "G1"
+channel = "opening"
+grantee = "uni"
+purpose = "public_welfare"
+valid_from = 2026-01-01T00:00:00+08:00
+valid_until = 2027-01-01T00:00:00+08:00
+  [[grant.scope]]
+  dataset = "h.visits"
+  columns = { cost = ["aggregate"] }
+  [grant.dp]
+  accounting = "epsilon"
+  budget = 1.0
+  per_query_max = 0.1
+"#;
+
+#[test]
+fn custom_schemes_are_data() {
+    let p = Policy::parse(CUSTOM, "health.toml").unwrap_or_else(|e| panic!("{}", e.render(false)));
+    assert_eq!(p.scheme.name, "health-3");
+    assert_eq!(p.scheme.names(), ["open", "sensitive", "secret"]);
+    assert_eq!(
+        p.min_group_size(&p.grants[0]),
+        30,
+        "the level's minimum group size applies"
+    );
+    // The level's purposes bind grants.
+    let commercial = CUSTOM.replace("purpose = \"public_welfare\"", "purpose = \"commercial\"");
+    let err = Policy::parse(&commercial, "health.toml").expect_err("purpose outside the level");
+    assert!(
+        err.render(false).contains(
+            "is graded sensitive: it may only be granted for public_governance, public_welfare"
+        ),
+        "{}",
+        err.render(false)
+    );
+    // An unadmitted level refuses its datasets; an unknown level is suggested.
+    let secret = CUSTOM.replace("level = \"sensitive\"\nshare", "level = \"secret\"\nshare");
+    assert!(
+        Policy::parse(&secret, "h.toml")
+            .expect_err("secret")
+            .render(false)
+            .contains("never admitted")
+    );
+    let typo = CUSTOM.replace(
+        "level = \"sensitive\"\nshare",
+        "level = \"sensitiv\"\nshare",
+    );
+    assert!(
+        Policy::parse(&typo, "h.toml")
+            .expect_err("typo")
+            .render(false)
+            .contains("did you mean `sensitive`?")
+    );
+}
+
 #[test]
 fn all_problems_are_reported_at_once_in_file_order() {
     let text = edited(&[

@@ -13,9 +13,27 @@ use crate::raw::*;
 
 struct Checker {
     problems: Vec<Diagnostic>,
+    scheme: GradingScheme,
 }
 
 impl Checker {
+    /// A level of the scheme in force, suggesting the closest name on a typo.
+    fn level(&mut self, at: TomlPath, value: &str) -> Option<Level> {
+        let found = self.scheme.level(value);
+        if found.is_none() {
+            let names = self.scheme.names().join(", ");
+            let help = match suggest(value, self.scheme.names()) {
+                Some(s) => format!(
+                    "did you mean `{s}`? (levels of {}: {names})",
+                    self.scheme.name
+                ),
+                None => format!("levels of {}: {names}", self.scheme.name),
+            };
+            self.err(at, format!("unknown level `{value}`")).help = Some(help);
+        }
+        found
+    }
+
     fn err(&mut self, at: TomlPath, message: impl Into<String>) -> &mut Diagnostic {
         self.problems.push(Diagnostic::new(at, message));
         let last = self.problems.len() - 1;
@@ -46,14 +64,6 @@ impl Checker {
     }
 }
 
-const LEVELS: &[&str] = &[
-    "core",
-    "important",
-    "general_4",
-    "general_3",
-    "general_2",
-    "general_1",
-];
 const ATTRS: &[&str] = &["unconditional", "conditional", "none"];
 const USES: &[&str] = &[
     "project",
@@ -83,14 +93,9 @@ const AGGREGATES: &[&str] = &[
 pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
     let mut c = Checker {
         problems: Vec::new(),
+        scheme: GradingScheme::preset(),
     };
-    if raw.policy.grading_scheme != "GB/T 43697-2024" {
-        c.err(
-            path!("policy", "grading_scheme"),
-            format!("unknown grading scheme `{}`", raw.policy.grading_scheme),
-        )
-        .help = Some("the built-in scheme is `GB/T 43697-2024`".into());
-    }
+    c.scheme = resolve_scheme(&mut c, raw);
     let mut datasets = BTreeMap::new();
     for (i, d) in raw.datasets.iter().enumerate() {
         let at = path!("dataset", i);
@@ -165,12 +170,158 @@ pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
     Ok(Policy {
         id: raw.policy.id.clone(),
         version: raw.policy.version.clone(),
+        scheme: c.scheme,
         hash: String::new(),
         datasets,
         operators,
         grants: grants.into_iter().map(|(_, g)| g).collect(),
         escalations,
     })
+}
+
+/// The grading scheme: the built-in preset, or the `[[level]]` tables.
+fn resolve_scheme(c: &mut Checker, raw: &RawPolicy) -> GradingScheme {
+    let name = raw.policy.grading_scheme.clone();
+    if raw.levels.is_empty() {
+        if name != PRESET_SCHEME {
+            c.err(
+                path!("policy", "grading_scheme"),
+                format!("unknown grading scheme `{name}`"),
+            )
+            .help = Some(format!(
+                "use the built-in `{PRESET_SCHEME}`, or declare this scheme's levels in [[level]] tables"
+            ));
+        }
+        return GradingScheme::preset();
+    }
+    if name == PRESET_SCHEME {
+        c.err(
+            path!("policy", "grading_scheme"),
+            format!("`{PRESET_SCHEME}` is built in and cannot be redefined by [[level]] tables"),
+        )
+        .help = Some("give your scheme its own name, e.g. grading_scheme = \"health-5\"".into());
+        return GradingScheme::preset();
+    }
+    let mut levels: Vec<Level> = Vec::new();
+    for (i, l) in raw.levels.iter().enumerate() {
+        let at = path!("level", i);
+        if levels.iter().any(|x| x.def().name == l.name) {
+            c.err(
+                at.at("name"),
+                format!("level `{}` is declared twice", l.name),
+            );
+            continue;
+        }
+        if levels.iter().any(|x| x.def().rank == l.rank) {
+            c.err(
+                at.at("rank"),
+                format!(
+                    "two levels have rank {}; ranks order levels and must differ",
+                    l.rank
+                ),
+            );
+        }
+        let row_output = c.word(
+            at.at("row_output"),
+            "row output",
+            &l.row_output,
+            &["never", "if_open", "always"],
+            |s| {
+                Some(match s {
+                    "never" => RowOutput::Never,
+                    "if_open" => RowOutput::IfOpen,
+                    "always" => RowOutput::Always,
+                    _ => return None,
+                })
+            },
+        );
+        let dp = c.word(
+            at.at("dp"),
+            "DP rule",
+            &l.dp,
+            &["required", "commercial", "optional", "none"],
+            |s| {
+                Some(match s {
+                    "required" => DpRule::Required,
+                    "commercial" => DpRule::Commercial,
+                    "optional" => DpRule::Optional,
+                    "none" => DpRule::None,
+                    _ => return None,
+                })
+            },
+        );
+        let mut purposes = BTreeSet::new();
+        for (k, p) in l.purposes.iter().enumerate() {
+            if let Some(p) = c.word(
+                at.at("purposes").at(k),
+                "purpose",
+                p,
+                PURPOSES,
+                Purpose::parse,
+            ) {
+                purposes.insert(p);
+            }
+        }
+        let row_output = row_output.unwrap_or(RowOutput::Never);
+        let ceiling = match &l.allow {
+            None => ceiling_for(l.admitted, row_output),
+            Some(uses) => {
+                let mut set = BTreeSet::new();
+                for (k, u) in uses.iter().enumerate() {
+                    if let Some(u) = c.word(at.at("allow").at(k), "use", u, USES, Use::parse) {
+                        set.insert(u);
+                    }
+                }
+                if set.contains(&Use::Project) && row_output == RowOutput::Never {
+                    c.err(
+                        at.at("allow"),
+                        "`project` contradicts row_output = \"never\"",
+                    );
+                }
+                set
+            }
+        };
+        levels.push(Level(std::sync::Arc::new(LevelDef {
+            name: l.name.clone(),
+            rank: l.rank,
+            admitted: l.admitted,
+            ceiling,
+            row_output,
+            min_group_size: l.min_group_size,
+            dp: dp.unwrap_or(DpRule::Required),
+            purposes,
+        })));
+    }
+    levels.sort();
+    GradingScheme { name, levels }
+}
+
+/// Stand-in for a level that could not be read: reported already, so it
+/// permits everything and compares with nothing, to avoid follow-on errors.
+fn unknown_level() -> Level {
+    Level(std::sync::Arc::new(LevelDef {
+        name: "<unknown>".into(),
+        rank: u8::MAX,
+        admitted: true,
+        ceiling: [
+            Use::Project,
+            Use::GroupBy,
+            Use::Aggregate,
+            Use::Filter,
+            Use::FilterLiteral,
+            Use::Join,
+        ]
+        .into(),
+        row_output: RowOutput::Always,
+        min_group_size: 0,
+        dp: DpRule::Required,
+        purposes: [
+            Purpose::PublicGovernance,
+            Purpose::PublicWelfare,
+            Purpose::Commercial,
+        ]
+        .into(),
+    }))
 }
 
 /// Two grants for the same operator and dataset in force at the same time
@@ -217,7 +368,7 @@ fn resolve_escalations(
                 "an escalation combines at least two datasets",
             );
         }
-        if let Some(level) = c.word(at.at("level"), "level", &e.level, LEVELS, Level::parse) {
+        if let Some(level) = c.level(at.at("level"), &e.level) {
             out.push(Escalation {
                 datasets: e.datasets.iter().cloned().collect(),
                 level,
@@ -248,7 +399,7 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
             format!("dataset id `{}` must be `schema.table`", d.id),
         );
     }
-    let level = c.word(at.at("level"), "level", &d.level, LEVELS, Level::parse);
+    let level = c.level(at.at("level"), &d.level);
     let share = c.word(
         at.at("share"),
         "share attribute",
@@ -263,10 +414,17 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
         ATTRS,
         Attribute::parse,
     );
-    if level == Some(Level::Core) {
+    if let Some(l) = &level
+        && !l.def().admitted
+    {
+        let what = if l.def().name == "core" {
+            " (核心数据)"
+        } else {
+            ""
+        };
         c.err(
             at.at("level"),
-            "core data (核心数据) is never admitted to veil",
+            format!("data of level `{l}`{what} is never admitted to veil"),
         )
         .help = Some("remove the dataset from the policy".into());
     }
@@ -290,7 +448,7 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
                 format!("column `{}` is declared twice", col.name),
             );
         }
-        let clevel = c.word(cat.at("level"), "level", &col.level, LEVELS, Level::parse);
+        let clevel = c.level(cat.at("level"), &col.level);
         let mut allow = BTreeSet::new();
         for (k, u) in col.allow.iter().enumerate() {
             if let Some(u) = c.word(cat.at("allow").at(k), "use", u, USES, Use::parse) {
@@ -298,7 +456,7 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
             }
         }
         let identifier = col.tags.iter().any(|t| t == "identifier");
-        if let (Some(cl), Some(dl)) = (clevel, level) {
+        if let (Some(cl), Some(dl)) = (&clevel, &level) {
             if cl > dl {
                 c.err(
                     cat.at("level"),
@@ -329,6 +487,13 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
                         .join(", ")
                 ));
             }
+        }
+        if let Some(cl) = &clevel
+            && cl.def().row_output == RowOutput::IfOpen
+            && allow.contains(&Use::Project)
+            && open == Some(Attribute::None)
+        {
+            c.err(cat.at("allow"), format!("`{}` may not appear in output rows: level {cl} allows that only in datasets that are open (open ≠ \"none\")", col.name));
         }
         if identifier
             && allow
@@ -400,7 +565,7 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
         }
         columns.push(Column {
             name: col.name.clone(),
-            level: clevel.unwrap_or(Level::Core),
+            level: clevel.unwrap_or_else(unknown_level),
             identifier,
             allow,
             bounds,
@@ -409,7 +574,8 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
             bucket,
         });
     }
-    let public = level == Some(Level::General1) && open == Some(Attribute::Unconditional);
+    let public = level.as_ref().is_some_and(|l| l.def().dp == DpRule::None)
+        && open == Some(Attribute::Unconditional);
     let unit = match &d.privacy_unit {
         Some(u) => {
             let uat = at.at("privacy_unit");
@@ -470,7 +636,7 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
         registration_id: d.registration_id.clone(),
         // A bad word was reported above; conservative stand-ins keep the
         // dataset known, so that grants naming it are still checked.
-        level: level.unwrap_or(Level::General4),
+        level: level.unwrap_or_else(unknown_level),
         share: share.unwrap_or(Attribute::None),
         open: open.unwrap_or(Attribute::None),
         source_path: d.source.path.clone(),
@@ -562,12 +728,39 @@ fn resolve_grant(
             )
             .help = Some("add its registration_id (公共数据资源登记编号) to the dataset".into());
         }
-        if ds.level == Level::Important
-            && purpose.is_some()
-            && purpose != Some(Purpose::PublicGovernance)
+        if let Some(p) = purpose
+            && ds.level.def().admitted
+            && !ds.level.def().purposes.contains(&p)
         {
-            c.err(sat.at("dataset"), format!("`{}` is important data (重要数据): it may only be granted for public_governance", ds.id));
+            let allowed: Vec<String> = ds
+                .level
+                .def()
+                .purposes
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            let what = if ds.level.def().name == "important" {
+                " (重要数据)"
+            } else {
+                ""
+            };
+            c.err(
+                sat.at("dataset"),
+                format!(
+                    "`{}` is graded {}{what}: it may only be granted for {}",
+                    ds.id,
+                    ds.level,
+                    list_or_nothing(&allowed)
+                ),
+            )
+            .help =
+                Some("change the grant's purpose, or remove the dataset from this grant".into());
         }
+        needs_dp |= match ds.level.def().dp {
+            DpRule::Required => true,
+            DpRule::Commercial => purpose == Some(Purpose::Commercial),
+            DpRule::Optional | DpRule::None => false,
+        };
         let mut columns = BTreeMap::new();
         for (name, uses) in &s.columns {
             let cat = sat.at("columns").at(name.as_str());
@@ -790,6 +983,14 @@ fn resolve_grant(
         dp,
         pricing,
     })
+}
+
+fn list_or_nothing(v: &[String]) -> String {
+    if v.is_empty() {
+        "nothing".to_owned()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// A row filter must parse as a SQL predicate over the dataset's columns,
