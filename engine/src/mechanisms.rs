@@ -15,6 +15,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use veil_policy::DomainValue;
 use veil_sandbox::{BoundedAggregates, KeyValue};
 
+use opendp::core::{Measure, Measurement, Metric};
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::{MakeNoise, ZExpFamily};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
@@ -105,35 +106,36 @@ impl NoiseMeasurement {
         let domain = VectorDomain::new(AtomDomain::<IBig>::default());
         let scale = scale.clone();
         Ok(match mechanism {
-            Mechanism::DiscreteLaplace => {
-                let m = std::rc::Rc::new(
-                    MakeNoise::<_, _, MaxDivergence>::make_noise(
-                        ZExpFamily::<1> { scale },
-                        (domain, L1Distance::<RBig>::default()),
-                    )
-                    .map_err(opendp_err)?,
-                );
-                let m2 = m.clone();
-                NoiseMeasurement {
-                    map: Box::new(move |d| m.map(d)),
-                    invoke: Box::new(move |x| m2.invoke(x)),
-                }
-            }
-            Mechanism::DiscreteGaussian => {
-                let m = std::rc::Rc::new(
-                    MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
-                        ZExpFamily::<2> { scale },
-                        (domain, L2Distance::<RBig>::default()),
-                    )
-                    .map_err(opendp_err)?,
-                );
-                let m2 = m.clone();
-                NoiseMeasurement {
-                    map: Box::new(move |d| m.map(d)),
-                    invoke: Box::new(move |x| m2.invoke(x)),
-                }
-            }
+            Mechanism::DiscreteLaplace => Self::wrap(
+                MakeNoise::<_, _, MaxDivergence>::make_noise(
+                    ZExpFamily::<1> { scale },
+                    (domain, L1Distance::<RBig>::default()),
+                )
+                .map_err(opendp_err)?,
+            ),
+            Mechanism::DiscreteGaussian => Self::wrap(
+                MakeNoise::<_, _, ZeroConcentratedDivergence>::make_noise(
+                    ZExpFamily::<2> { scale },
+                    (domain, L2Distance::<RBig>::default()),
+                )
+                .map_err(opendp_err)?,
+            ),
         })
+    }
+
+    fn wrap<MI, MO>(
+        m: Measurement<VectorDomain<AtomDomain<IBig>>, MI, MO, Vec<IBig>>,
+    ) -> NoiseMeasurement
+    where
+        MI: 'static + Metric<Distance = RBig>,
+        MO: 'static + Measure<Distance = f64>,
+    {
+        let m = std::rc::Rc::new(m);
+        let m2 = m.clone();
+        NoiseMeasurement {
+            map: Box::new(move |d| m.map(d)),
+            invoke: Box::new(move |x| m2.invoke(x)),
+        }
     }
 
     /// Privacy loss (ε or ρ) at an input distance.

@@ -69,6 +69,26 @@ fn uses(s: &BTreeSet<Use>) -> String {
     s.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
 }
 
+impl Out {
+    /// Uses gained are a widening, uses lost a narrowing.
+    fn uses_changed(
+        &mut self,
+        before: &BTreeSet<Use>,
+        after: &BTreeSet<Use>,
+        gained: impl Fn(&str) -> String,
+        lost: impl Fn(&str) -> String,
+    ) {
+        let added: BTreeSet<Use> = after.difference(before).copied().collect();
+        let removed: BTreeSet<Use> = before.difference(after).copied().collect();
+        if !added.is_empty() {
+            self.push(Change::Widened, gained(&uses(&added)));
+        }
+        if !removed.is_empty() {
+            self.push(Change::Narrowed, lost(&uses(&removed)));
+        }
+    }
+}
+
 /// The differences in effective permissions from `old` to `new`.
 pub fn diff(old: &Policy, new: &Policy) -> Vec<Difference> {
     let mut out = Out(Vec::new());
@@ -129,28 +149,12 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Difference> {
                     os.columns.get(c).unwrap_or(&empty),
                     s.columns.get(c).unwrap_or(&empty),
                 );
-                let added: BTreeSet<Use> = after.difference(before).copied().collect();
-                let removed: BTreeSet<Use> = before.difference(after).copied().collect();
-                if !added.is_empty() {
-                    out.push(
-                        Change::Widened,
-                        format!(
-                            "{g}: {}.{c} may now be used for {}",
-                            s.dataset,
-                            uses(&added)
-                        ),
-                    );
-                }
-                if !removed.is_empty() {
-                    out.push(
-                        Change::Narrowed,
-                        format!(
-                            "{g}: {}.{c} may no longer be used for {}",
-                            s.dataset,
-                            uses(&removed)
-                        ),
-                    );
-                }
+                out.uses_changed(
+                    before,
+                    after,
+                    |u| format!("{g}: {}.{c} may now be used for {u}", s.dataset),
+                    |u| format!("{g}: {}.{c} may no longer be used for {u}", s.dataset),
+                );
             }
             if os.row_filter != s.row_filter {
                 out.push(
@@ -260,28 +264,12 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Difference> {
         }
         for c in &d.columns {
             if let Some(oc) = od.column(&c.name) {
-                let added: BTreeSet<Use> = c.allow.difference(&oc.allow).copied().collect();
-                let removed: BTreeSet<Use> = oc.allow.difference(&c.allow).copied().collect();
-                if !added.is_empty() {
-                    out.push(
-                        Change::Widened,
-                        format!(
-                            "dataset {id}: column {} now allows {}",
-                            c.name,
-                            uses(&added)
-                        ),
-                    );
-                }
-                if !removed.is_empty() {
-                    out.push(
-                        Change::Narrowed,
-                        format!(
-                            "dataset {id}: column {} no longer allows {}",
-                            c.name,
-                            uses(&removed)
-                        ),
-                    );
-                }
+                out.uses_changed(
+                    &oc.allow,
+                    &c.allow,
+                    |u| format!("dataset {id}: column {} now allows {u}", c.name),
+                    |u| format!("dataset {id}: column {} no longer allows {u}", c.name),
+                );
                 if oc.bounds != c.bounds {
                     out.push(
                         Change::Changed,

@@ -108,7 +108,14 @@ pub const PRESET_SCHEME: &str = "GB/T 43697-2024";
 /// (name, admitted, row output, min group, DP rule, purposes) of the preset,
 /// least sensitive first: POLICY.md's default level table.
 /// One row of the preset table.
-type PresetRow = (&'static str, bool, RowOutput, u32, DpRule, &'static [Purpose]);
+type PresetRow = (
+    &'static str,
+    bool,
+    RowOutput,
+    u32,
+    DpRule,
+    &'static [Purpose],
+);
 
 const PRESET: [PresetRow; 6] = {
     use Purpose::*;
