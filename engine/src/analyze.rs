@@ -20,6 +20,10 @@ use crate::error::{EngineError, Result, Rule};
 pub enum AggregateCall {
     /// `COUNT(*)` (or `COUNT(<literal>)`).
     CountStar,
+    /// `COUNT(col)`: non-null values.
+    Count(String),
+    /// `COUNT(DISTINCT <unit>)`: distinct privacy units.
+    CountDistinctUnit,
     /// `SUM(col)`.
     Sum(String),
     /// `AVG(col)`.
@@ -379,11 +383,27 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
             ),
         ));
     }
-    if params.distinct || params.filter.is_some() || !params.order_by.is_empty() {
+    if params.filter.is_some() || !params.order_by.is_empty() {
         return Err(EngineError::rejected(
             Rule::UnsupportedShape,
-            format!("{name} with DISTINCT, FILTER or ORDER BY is not supported yet"),
+            format!("{name} with FILTER or ORDER BY is not supported yet"),
         ));
+    }
+    let unit = ctx.dataset.unit.as_ref().map(|u| u.column.as_str());
+    if params.distinct {
+        return match (name.as_str(), params.args.as_slice()) {
+            ("COUNT", [Expr::Column(c)]) if Some(c.name.as_str()) == unit => {
+                Ok(AggregateCall::CountDistinctUnit)
+            }
+            _ => Err(EngineError::rejected(
+                Rule::AggregateNotAllowed,
+                format!(
+                    "DISTINCT is supported only as COUNT(DISTINCT {}), the privacy unit of `{}`",
+                    unit.unwrap_or("<unit>"),
+                    ctx.dataset.id
+                ),
+            )),
+        };
     }
     let column = |args: &[Expr]| -> Result<String> {
         match args {
@@ -397,10 +417,14 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
     let call = match name.as_str() {
         "COUNT" => match params.args.as_slice() {
             [Expr::Literal(v, _)] if !v.is_null() => AggregateCall::CountStar,
+            [Expr::Column(c)] => {
+                ctx.require(&c.name, Use::Aggregate)?;
+                AggregateCall::Count(c.name.clone())
+            }
             _ => {
                 return Err(EngineError::rejected(
-                    Rule::AggregateNotAllowed,
-                    "COUNT(column) is not supported yet; use COUNT(*)",
+                    Rule::UnsupportedShape,
+                    "COUNT accepts *, a plain column, or DISTINCT of the privacy unit",
                 ));
             }
         },

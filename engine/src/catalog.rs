@@ -56,6 +56,7 @@ pub const ALLOWED_AGGREGATE_FUNCTIONS: &[&str] = &["count", "sum", "avg", "min",
 pub struct Catalog {
     data_dir: PathBuf,
     schemas: BTreeMap<String, SchemaRef>,
+    units: BTreeMap<String, String>,
 }
 
 impl Catalog {
@@ -103,7 +104,16 @@ impl Catalog {
             }
             schemas.insert(ds.id.clone(), schema);
         }
-        Ok(Catalog { data_dir, schemas })
+        let units = policy
+            .datasets
+            .values()
+            .filter_map(|d| d.unit.as_ref().map(|u| (d.id.clone(), u.column.clone())))
+            .collect();
+        Ok(Catalog {
+            data_dir,
+            schemas,
+            units,
+        })
     }
 
     /// The data directory.
@@ -125,12 +135,20 @@ impl Catalog {
         let scope = grant
             .scope(dataset)
             .ok_or_else(|| EngineError::Internal(format!("grant lacks dataset `{dataset}`")))?;
-        let fields: Vec<_> = file
+        let mut fields: Vec<_> = file
             .fields()
             .iter()
             .filter(|f| scope.columns.contains_key(f.name()))
             .cloned()
             .collect();
+        // The privacy unit is in scope for COUNT(DISTINCT unit) whatever the
+        // grant says (POLICY.md); every other use of it is checked as usual.
+        if let Some(unit) = self.units.get(dataset)
+            && !scope.columns.contains_key(unit)
+            && let Ok(f) = file.field_with_name(unit)
+        {
+            fields.push(Arc::new(f.clone()));
+        }
         Ok(Arc::new(Schema::new(fields)))
     }
 

@@ -11,7 +11,7 @@ use datafusion::physical_plan::collect;
 use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 
 use crate::error::{EngineError, Result};
-use crate::rewrite::{COUNT_COLUMN, CertifiedPlan, sum_column};
+use crate::rewrite::{CertifiedPlan, count_column, sum_column};
 
 /// Executes a certified plan on `state` (an execution session of the catalog).
 ///
@@ -65,6 +65,7 @@ async fn execute_inner(
         read_batch(
             batch,
             spec.group_columns.len(),
+            spec.counts.len(),
             spec.sums.len(),
             &mut groups,
         )
@@ -79,12 +80,17 @@ async fn execute_inner(
 fn read_batch(
     batch: &RecordBatch,
     keys: usize,
+    counts: usize,
     sums: usize,
     out: &mut Vec<GroupAggregate>,
 ) -> Option<()> {
-    let count = batch
-        .column_by_name(COUNT_COLUMN)?
-        .as_primitive_opt::<Int64Type>()?;
+    let count_arrays: Vec<_> = (0..counts)
+        .map(|j| {
+            batch
+                .column_by_name(&count_column(j))
+                .and_then(|a| a.as_primitive_opt::<Int64Type>())
+        })
+        .collect::<Option<_>>()?;
     let sum_arrays: Vec<_> = (0..sums)
         .map(|i| {
             batch
@@ -111,7 +117,7 @@ fn read_batch(
         }
         out.push(GroupAggregate {
             key,
-            count: count.value(row),
+            counts: count_arrays.iter().map(|a| a.value(row)).collect(),
             // A NULL sum means every value was NULL: the empty sum, zero.
             sums: sum_arrays
                 .iter()

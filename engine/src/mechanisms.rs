@@ -23,7 +23,7 @@ use opendp::metrics::{L1Distance, L2Distance};
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
 use crate::error::{EngineError, Result};
-use crate::rewrite::{ReleaseSpec, ReleasedAggregate};
+use crate::rewrite::{CountKind, ReleaseSpec, ReleasedAggregate};
 
 /// Per-query secret keys for contribution bounding.
 #[derive(Clone, Copy)]
@@ -173,10 +173,10 @@ pub fn release(
     exact: &BoundedAggregates,
     schema: SchemaRef,
 ) -> Result<Release> {
-    let by_key: HashMap<&[KeyValue], (i64, &[i128])> = exact
+    let by_key: HashMap<&[KeyValue], (&[i64], &[i128])> = exact
         .groups
         .iter()
-        .map(|g| (g.key.as_slice(), (g.count, g.sums.as_slice())))
+        .map(|g| (g.key.as_slice(), (g.counts.as_slice(), g.sums.as_slice())))
         .collect();
     let keys: Vec<Vec<KeyValue>> = spec
         .keys
@@ -184,29 +184,29 @@ pub fn release(
         .map(|k| k.iter().map(key_value).collect())
         .collect();
     let n = keys.len();
-    let lookup = |k: &[KeyValue]| by_key.get(k).copied();
-    // Exact per-key statistics; absent keys are empty groups (zero).
-    let counts: Vec<IBig> = keys
-        .iter()
-        .map(|k| IBig::from(lookup(k).map(|(c, _)| c).unwrap_or(0)))
-        .collect();
-    let noisy_count = match &spec.count {
-        Some(plan) => Some(noisy_vector(plan, counts)?),
-        None => None,
+    // Exact per-key statistics in public-key order; absent keys are empty
+    // groups (zero).
+    // `Ok(j)` picks the j-th count, `Err(i)` the i-th sum.
+    let exact_vector = |stat: std::result::Result<usize, usize>| -> Vec<IBig> {
+        keys.iter()
+            .map(|k| {
+                let value = by_key
+                    .get(k.as_slice())
+                    .and_then(|(counts, sums)| match stat {
+                        Ok(j) => counts.get(j).map(|v| i128::from(*v)),
+                        Err(i) => sums.get(i).copied(),
+                    });
+                IBig::from(value.unwrap_or(0))
+            })
+            .collect()
     };
+    let mut noisy_counts = Vec::new();
+    for (j, c) in spec.counts.iter().enumerate() {
+        noisy_counts.push(noisy_vector(&c.noise, exact_vector(Ok(j)))?);
+    }
     let mut noisy_sums = Vec::new();
     for (i, s) in spec.sums.iter().enumerate() {
-        let exact: Vec<IBig> = keys
-            .iter()
-            .map(|k| {
-                IBig::from(
-                    lookup(k)
-                        .and_then(|(_, sums)| sums.get(i).copied())
-                        .unwrap_or(0),
-                )
-            })
-            .collect();
-        noisy_sums.push(noisy_vector(&s.noise, exact)?);
+        noisy_sums.push(noisy_vector(&s.noise, exact_vector(Err(i)))?);
     }
 
     let groups = spec.group_columns.len();
@@ -230,14 +230,9 @@ pub fn release(
     for (j, agg) in spec.aggregates.iter().enumerate() {
         let field = schema.field(groups + j);
         let (array, acc): (ArrayRef, Accuracy) = match *agg {
-            ReleasedAggregate::Count => {
-                let plan = spec
-                    .count
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
-                let values = noisy_count
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+            ReleasedAggregate::Count(c) => {
+                let plan = &spec.counts[c].noise;
+                let values = &noisy_counts[c];
                 let array = Int64Array::from_iter_values(values.iter().map(|v| {
                     i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
                 }));
@@ -247,7 +242,12 @@ pub fn release(
                         mechanism: plan.mechanism.name(),
                         scale: plan.scale_f64(),
                         half_width_95: plan.half_width(0.05)?,
-                        aggregate: "COUNT(*)".into(),
+                        aggregate: match &spec.counts[c].kind {
+                            CountKind::Rows => "COUNT(*)".to_owned(),
+                            CountKind::NonNull(col) => format!("COUNT({col})"),
+                            CountKind::Summed(i) => format!("COUNT({})", spec.sums[*i].column),
+                            CountKind::DistinctUnits => "COUNT(DISTINCT unit)".to_owned(),
+                        },
                     },
                 )
             }
@@ -266,15 +266,10 @@ pub fn release(
                     },
                 )
             }
-            ReleasedAggregate::Avg(i) => {
+            ReleasedAggregate::Avg { sum: i, count: c } => {
                 let s = &spec.sums[i];
-                let plan = spec
-                    .count
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
-                let values = noisy_count
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Internal("count missing".into()))?;
+                let plan = &spec.counts[c].noise;
+                let values = &noisy_counts[c];
                 let unit = 10f64.powi(s.precision as i32);
                 let (lo, hi) = s.bounds;
                 // Each interval at 97.5% so that both hold together with ≥ 95%.

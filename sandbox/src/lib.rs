@@ -13,7 +13,7 @@
 //! ```
 //! use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 //! let out = BoundedAggregates {
-//!     groups: vec![GroupAggregate { key: vec![KeyValue::Text("东城区".into())], count: 3, sums: vec![120] }],
+//!     groups: vec![GroupAggregate { key: vec![KeyValue::Text("东城区".into())], counts: vec![3], sums: vec![120] }],
 //! };
 //! let bytes = out.encode().unwrap();
 //! assert_eq!(BoundedAggregates::decode(&bytes).unwrap(), out);
@@ -38,8 +38,9 @@ pub enum KeyValue {
 pub struct GroupAggregate {
     /// Group key, one value per GROUP BY column.
     pub key: Vec<KeyValue>,
-    /// Number of kept rows.
-    pub count: i64,
+    /// Counts (of kept rows, non-null values or distinct units), one per
+    /// counted statistic.
+    pub counts: Vec<i64>,
     /// Fixed-point sums of clamped values, one per summed column.
     pub sums: Vec<i128>,
 }
@@ -91,7 +92,7 @@ mod tests {
         let out = BoundedAggregates {
             groups: vec![GroupAggregate {
                 key: vec![KeyValue::Int(7), KeyValue::Text("海淀区".into())],
-                count: i64::MAX,
+                counts: vec![i64::MAX, 0],
                 sums: vec![i128::MAX, i128::MIN],
             }],
         };

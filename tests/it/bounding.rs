@@ -44,7 +44,7 @@ async fn bounded_total(f: &Fixture, sql: &str) -> (usize, i64) {
         .expect("certified and executed");
     (
         exact.groups.len(),
-        exact.groups.iter().map(|g| g.count).sum(),
+        exact.groups.iter().map(|g| g.counts[0]).sum(),
     )
 }
 
@@ -104,13 +104,34 @@ async fn the_kept_groups_change_from_query_to_query() {
         .await
         .expect("b");
     let counts = |x: &veil_sandbox::BoundedAggregates| {
-        let mut v: Vec<_> = x.groups.iter().map(|g| (g.key.clone(), g.count)).collect();
+        let mut v: Vec<_> = x
+            .groups
+            .iter()
+            .map(|g| (g.key.clone(), g.counts[0]))
+            .collect();
         v.sort();
         v
     };
     assert_ne!(counts(&a), counts(&b));
     assert_eq!(
-        a.groups.iter().map(|g| g.count).sum::<i64>(),
-        b.groups.iter().map(|g| g.count).sum::<i64>()
+        a.groups.iter().map(|g| g.counts[0]).sum::<i64>(),
+        b.groups.iter().map(|g| g.counts[0]).sum::<i64>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_units_are_counted_once_per_group() {
+    // COUNT(DISTINCT unit) needs no grant on the unit column (POLICY.md), and
+    // each person has one employer district, so per-district distinct counts
+    // add up to the number of people.
+    let f = Fixture::start().await;
+    let (_, total) = bounded_total(
+        &f,
+        "SELECT district, COUNT(DISTINCT person_id) FROM hrss.social_insurance GROUP BY district",
+    )
+    .await;
+    assert_eq!(
+        total,
+        oracle(&f.data(), "SELECT COUNT(DISTINCT person_id) FROM si").await
     );
 }

@@ -137,6 +137,39 @@ async fn empty_groups_are_released_with_noise_and_order_by_is_post_processing() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_of_a_column_and_of_distinct_units() {
+    let f = Fixture::start().await;
+    let r = f
+        .query(
+            "op-credit-01",
+            "SELECT district, COUNT(wage_base) AS paid, COUNT(DISTINCT person_id) AS people, AVG(wage_base) AS mean \
+             FROM hrss.social_insurance GROUP BY district",
+        )
+        .await
+        .expect("accepted");
+    assert_eq!(column_strings(&r, "district").len(), DISTRICTS);
+    let md = |name: &str| {
+        r.schema
+            .field_with_name(name)
+            .expect("field")
+            .metadata()
+            .clone()
+    };
+    assert_eq!(md("paid")[meta::AGGREGATE], "COUNT(wage_base)");
+    assert_eq!(md("people")[meta::AGGREGATE], "COUNT(DISTINCT unit)");
+    // A unit adds at most 12 rows to a group but itself only once: less noise.
+    let scale = |name: &str| md(name)[meta::SCALE].parse::<f64>().expect("scale");
+    assert!(
+        (scale("paid") / scale("people") - 12.0).abs() < 1e-6,
+        "{} {}",
+        scale("paid"),
+        scale("people")
+    );
+    // Four statistics share the cost: COUNT(wage_base), COUNT(DISTINCT), SUM and AVG's count.
+    assert!(column_f64(&r, "people").iter().all(|v| v.is_finite()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_header_works_without_a_handshake() {
     let f = Fixture::start().await;
     let mut c = Client::connect(&f.server.endpoint())

@@ -132,6 +132,14 @@ async fn min_max_and_unlisted_aggregates_are_refused() {
         &["[AGGREGATE_NOT_ALLOWED]", "percentile"],
     )
     .await;
+    refused(
+        &f,
+        "op-univ-07",
+        "SELECT COUNT(DISTINCT district) FROM pop.residents",
+        Code::PermissionDenied,
+        &["[AGGREGATE_NOT_ALLOWED]", "COUNT(DISTINCT person_id)"],
+    )
+    .await;
     // op-ndrc may only COUNT.
     refused(
         &f,

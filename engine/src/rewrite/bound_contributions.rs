@@ -34,7 +34,7 @@ impl RewriteStage for BoundContributions {
         let c = |name: &str| col(DfColumn::new(Some(ctx.table.clone()), name));
         let unit = c(&ctx.unit.column);
         let groups: Vec<Expr> = ctx.query.group_columns.iter().map(|g| c(g)).collect();
-        let values: Vec<Expr> = ctx.sums.iter().map(|s| c(&s.name)).collect();
+        let values: Vec<Expr> = ctx.value_sources().iter().map(|s| c(s)).collect();
 
         let mut unit_and_groups = vec![unit.clone()];
         unit_and_groups.extend(groups.iter().cloned());
@@ -70,7 +70,7 @@ impl RewriteStage for BoundContributions {
             .and_then(|b| {
                 b.filter(
                     col(GROUP_RANK)
-                        .lt_eq(lit(u64::from(ctx.unit.max_groups)))
+                        .lt_eq(lit(u64::from(ctx.max_groups)))
                         .and(col(ROW_RANK).lt_eq(lit(u64::from(ctx.unit.max_rows)))),
                 )
             })

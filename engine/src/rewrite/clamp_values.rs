@@ -51,6 +51,17 @@ impl RewriteStage for ClampValues {
                 .map_err(df)?;
             exprs.push(clamped.alias(value_column(i)));
         }
+        for (j, kind) in ctx.counts.iter().enumerate() {
+            if let super::CountKind::NonNull(name) = kind {
+                exprs.push(
+                    col(DfColumn::new(Some(ctx.table.clone()), name))
+                        .alias(super::counted_column(j)),
+                );
+            }
+        }
+        exprs.push(
+            col(DfColumn::new(Some(ctx.table.clone()), &ctx.unit.column)).alias(super::UNIT_COLUMN),
+        );
         input.project(exprs).map_err(df)
     }
 }

@@ -34,8 +34,18 @@ use crate::analyze::{AggregateCall, PrivateQuery};
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
 
-/// Name of the kept-row count in the bounded aggregate.
-pub const COUNT_COLUMN: &str = "__veil_count";
+/// Name of the `j`-th count in the bounded aggregate.
+pub fn count_column(j: usize) -> String {
+    format!("__veil_count{j}")
+}
+
+/// Name of the raw column counted by the `j`-th count (`COUNT(col)`).
+pub(crate) fn counted_column(j: usize) -> String {
+    format!("__veil_c{j}")
+}
+
+/// Name of the privacy-unit column carried to the aggregate.
+pub(crate) const UNIT_COLUMN: &str = "__veil_unit";
 
 /// Name of the `i`-th fixed-point sum in the bounded aggregate.
 pub fn sum_column(i: usize) -> String {
@@ -64,15 +74,42 @@ pub struct SumStatistic {
     pub noise: NoisePlan,
 }
 
+/// What a count statistic counts, per group, among the kept rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CountKind {
+    /// Rows (`COUNT(*)`).
+    Rows,
+    /// Non-null values of a column (`COUNT(col)`).
+    NonNull(String),
+    /// Non-null clamped values of the `i`-th summed column (AVG's denominator).
+    Summed(usize),
+    /// Distinct privacy units (`COUNT(DISTINCT unit)`).
+    DistinctUnits,
+}
+
+/// A counted statistic and its noise.
+#[derive(Debug, Clone)]
+pub struct CountStatistic {
+    /// What is counted.
+    pub kind: CountKind,
+    /// Noise for the vector of counts.
+    pub noise: NoisePlan,
+}
+
 /// How each aggregate of the query is computed from the released statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleasedAggregate {
-    /// The noisy count.
-    Count,
+    /// The `j`-th noisy count.
+    Count(usize),
     /// The `i`-th noisy sum.
     Sum(usize),
-    /// The `i`-th noisy sum over the noisy count.
-    Avg(usize),
+    /// The `sum`-th noisy sum over the `count`-th noisy count.
+    Avg {
+        /// Index of the sum.
+        sum: usize,
+        /// Index of the count of its non-null values.
+        count: usize,
+    },
 }
 
 /// Everything the broker needs to release a certified plan's output.
@@ -86,8 +123,8 @@ pub struct ReleaseSpec {
     pub group_columns: Vec<String>,
     /// Every released key: the product of the group columns' public domains.
     pub keys: Vec<Vec<DomainValue>>,
-    /// Noise of the count, if any aggregate needs it.
-    pub count: Option<NoisePlan>,
+    /// Counted statistics.
+    pub counts: Vec<CountStatistic>,
     /// Summed columns.
     pub sums: Vec<SumStatistic>,
     /// One entry per aggregate of the query.
@@ -127,7 +164,25 @@ pub(crate) struct RewriteContext<'a> {
     pub table: TableReference,
     pub row_filter: Option<Expr>,
     pub sums: Vec<&'a Column>,
+    pub counts: Vec<CountKind>,
+    /// Groups per unit, after the grant's tightening.
+    pub max_groups: u32,
     pub keys: crate::mechanisms::BoundingKeys,
+}
+
+impl RewriteContext<'_> {
+    /// Source columns whose values the aggregates read (beyond unit and keys).
+    pub fn value_sources(&self) -> Vec<String> {
+        let mut cols: Vec<String> = self.sums.iter().map(|c| c.name.clone()).collect();
+        for k in &self.counts {
+            if let CountKind::NonNull(c) = k
+                && !cols.contains(c)
+            {
+                cols.push(c.clone());
+            }
+        }
+        cols
+    }
 }
 
 /// One stage of the rewrite.
@@ -195,43 +250,56 @@ pub fn certify(
         None => None,
     };
 
-    // Statistics: one count (if needed) and one sum per distinct summed column.
+    // Statistics: one vector per distinct count and per summed column.
     let mut sum_columns: Vec<&Column> = Vec::new();
+    let mut count_kinds: Vec<CountKind> = Vec::new();
     let mut aggregates = Vec::new();
-    let mut needs_count = false;
     for call in &query.aggregates {
         aggregates.push(match call {
             AggregateCall::CountStar => {
-                needs_count = true;
-                ReleasedAggregate::Count
+                ReleasedAggregate::Count(index_of(&mut count_kinds, CountKind::Rows))
+            }
+            AggregateCall::Count(c) => {
+                ReleasedAggregate::Count(index_of(&mut count_kinds, CountKind::NonNull(c.clone())))
+            }
+            AggregateCall::CountDistinctUnit => {
+                ReleasedAggregate::Count(index_of(&mut count_kinds, CountKind::DistinctUnits))
             }
             AggregateCall::Sum(c) => {
                 ReleasedAggregate::Sum(sum_index(dataset, c, &mut sum_columns)?)
             }
             AggregateCall::Avg(c) => {
-                needs_count = true;
-                ReleasedAggregate::Avg(sum_index(dataset, c, &mut sum_columns)?)
+                let sum = sum_index(dataset, c, &mut sum_columns)?;
+                let count = index_of(&mut count_kinds, CountKind::Summed(sum));
+                ReleasedAggregate::Avg { sum, count }
             }
         });
     }
     let mechanism = Mechanism::for_grant(dp);
     let cost = Budget::charge(dp.per_query)?;
-    let statistics = sum_columns.len() + usize::from(needs_count);
+    let statistics = sum_columns.len() + count_kinds.len();
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
     let (max_groups, max_rows) = match unit.kind {
         UnitKind::Row => (1, 1),
         _ => (unit.max_groups, unit.max_rows),
     };
-    let count = if needs_count {
-        let per_group = dashu::rational::RBig::from(max_rows);
-        Some(plan_noise(
-            mechanism,
-            vector_sensitivity(mechanism, max_groups, &per_group)?,
-            &share,
-        )?)
-    } else {
-        None
-    };
+    let max_groups = dp.max_groups.map_or(max_groups, |g| g.min(max_groups));
+    let mut counts = Vec::new();
+    for kind in &count_kinds {
+        // A unit adds at most max_rows rows to a group, and itself once.
+        let per_group = match kind {
+            CountKind::DistinctUnits => dashu::rational::RBig::from(1u8),
+            _ => dashu::rational::RBig::from(max_rows),
+        };
+        counts.push(CountStatistic {
+            kind: kind.clone(),
+            noise: plan_noise(
+                mechanism,
+                vector_sensitivity(mechanism, max_groups, &per_group)?,
+                &share,
+            )?,
+        });
+    }
     let mut sums = Vec::new();
     for col in &sum_columns {
         let (lo, hi) = col
@@ -277,6 +345,8 @@ pub fn certify(
         table: table.clone(),
         row_filter,
         sums: sum_columns.clone(),
+        counts: count_kinds.clone(),
+        max_groups,
         keys: crate::mechanisms::BoundingKeys::fresh()?,
     };
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
@@ -299,13 +369,24 @@ pub fn certify(
             mechanism,
             group_columns,
             keys,
-            count,
+            counts,
             sums,
             aggregates,
             query,
             cost,
         },
     })
+}
+
+/// The index of an item in a list, adding it on first use.
+fn index_of<T: PartialEq>(items: &mut Vec<T>, item: T) -> usize {
+    match items.iter().position(|x| *x == item) {
+        Some(i) => i,
+        None => {
+            items.push(item);
+            items.len() - 1
+        }
+    }
 }
 
 /// The index of a summed column, adding it on first use.
