@@ -183,32 +183,8 @@ impl Catalog {
             CATALOG.to_owned(),
             Arc::new(catalog),
         );
-        let scalar = SessionStateDefaults::default_scalar_functions()
-            .into_iter()
-            .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()))
-            .collect();
-        let aggregate = SessionStateDefaults::default_aggregate_functions()
-            .into_iter()
-            .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
-            .collect();
-        let planners: Vec<Arc<dyn ExprPlanner>> = vec![
-            Arc::new(CoreFunctionPlanner::default()),
-            Arc::new(AggregateFunctionPlanner),
-        ];
-        Ok(SessionStateBuilder::new()
-            .with_config(session_config())
-            .with_runtime_env(
-                RuntimeEnvBuilder::new()
-                    .with_object_store_registry(Arc::new(ConfinedStores { data: None }))
-                    .build_arc()
-                    .map_err(internal)?,
-            )
+        Ok(hardened_planning_builder()?
             .with_catalog_list(Arc::new(list))
-            .with_scalar_functions(scalar)
-            .with_aggregate_functions(aggregate)
-            .with_window_functions(vec![])
-            .with_table_function_list(vec![])
-            .with_expr_planners(planners)
             .build())
     }
 
@@ -254,6 +230,37 @@ impl Catalog {
     }
 }
 
+/// The hand-built planning session, before tables are added: allow-listed
+/// scalar and aggregate functions only, no window or table functions, no
+/// object store, no information_schema.
+pub fn hardened_planning_builder() -> Result<SessionStateBuilder> {
+    let scalar = SessionStateDefaults::default_scalar_functions()
+        .into_iter()
+        .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()))
+        .collect();
+    let aggregate = SessionStateDefaults::default_aggregate_functions()
+        .into_iter()
+        .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
+        .collect();
+    let planners: Vec<Arc<dyn ExprPlanner>> = vec![
+        Arc::new(CoreFunctionPlanner::default()),
+        Arc::new(AggregateFunctionPlanner),
+    ];
+    Ok(SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_runtime_env(
+            RuntimeEnvBuilder::new()
+                .with_object_store_registry(Arc::new(ConfinedStores { data: None }))
+                .build_arc()
+                .map_err(internal)?,
+        )
+        .with_scalar_functions(scalar)
+        .with_aggregate_functions(aggregate)
+        .with_window_functions(vec![])
+        .with_table_function_list(vec![])
+        .with_expr_planners(planners))
+}
+
 fn session_config() -> SessionConfig {
     let mut config = SessionConfig::new()
         .with_information_schema(false)
@@ -296,6 +303,79 @@ impl ObjectStoreRegistry for ConfinedStores {
                 "no object store for scheme `{}`",
                 url.scheme()
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::execution::object_store::ObjectStoreUrl;
+
+    use super::*;
+
+    fn sorted(names: impl Iterator<Item = String>) -> Vec<String> {
+        let mut v: Vec<String> = names.collect();
+        v.sort();
+        v
+    }
+
+    /// Pins what an operator's session can call. A DataFusion upgrade that
+    /// renames, drops or adds a function (say, a new file reader) fails here.
+    #[test]
+    fn the_planning_session_registers_exactly_the_allow_list() {
+        let state = hardened_planning_builder().expect("builder").build();
+        // Registered names include aliases (avg is also `mean`): pin them all.
+        let scalar = sorted(state.scalar_functions().keys().cloned());
+        assert_eq!(
+            scalar,
+            [
+                "abs", "ceil", "coalesce", "floor", "greatest", "least", "nullif", "round", "trunc"
+            ]
+        );
+        let aggregate = sorted(state.aggregate_functions().keys().cloned());
+        assert_eq!(aggregate, ["avg", "count", "max", "mean", "min", "sum"]);
+        assert!(state.window_functions().is_empty());
+        assert!(
+            state.table_functions().is_empty(),
+            "no read_parquet, range, generate_series …"
+        );
+        assert!(
+            state.table_factories().is_empty(),
+            "no CREATE EXTERNAL TABLE factories"
+        );
+        assert!(!state.config().options().catalog.information_schema);
+        assert!(
+            state
+                .runtime_env()
+                .object_store(ObjectStoreUrl::local_filesystem())
+                .is_err(),
+            "planning sessions reach no file system"
+        );
+    }
+
+    #[test]
+    fn the_data_store_serves_only_its_own_url() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let stores = ConfinedStores {
+            data: Some(Arc::new(
+                LocalFileSystem::new_with_prefix(dir.path()).expect("fs"),
+            )),
+        };
+        assert!(
+            stores
+                .get_store(&Url::parse("veil-data://data/x.parquet").expect("url"))
+                .is_ok()
+        );
+        for other in [
+            "file:///etc/passwd",
+            "veil-data://other/x",
+            "s3://bucket/x",
+            "http://127.0.0.1/x",
+        ] {
+            assert!(
+                stores.get_store(&Url::parse(other).expect("url")).is_err(),
+                "{other}"
+            );
         }
     }
 }
