@@ -1,0 +1,114 @@
+//! veil's certified plan against plain DataFusion on the same Parquet data.
+//!
+//! The same `GROUP BY district` COUNT/SUM/AVG over `hrss.social_insurance`,
+//! once through `Engine::run` (gate, plan, checks, rewrite, ledger charge,
+//! contribution bounding, exact sums, noise, post-processing) and once as a
+//! plain DataFusion query, at about 1M and 10M rows. Report the ratio of the
+//! two medians measured in the same run:
+//!
+//! ```sh
+//! cargo bench --bench engine              # VEIL_BENCH_ROWS=1m to skip 10M
+//! ```
+
+#![allow(clippy::disallowed_methods)] // the baseline is a default DataFusion session
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+const QUERY: &str = "SELECT district, COUNT(*) AS n, SUM(wage_base) AS total, AVG(wage_base) AS mean \
+                     FROM hrss.social_insurance GROUP BY district";
+
+/// Residents per scale unit give about 8.7 social-insurance rows each.
+fn scale_for_rows(rows: f64) -> f64 {
+    rows / (veil::generate::BASE_RESIDENTS * 8.67)
+}
+
+fn policy_with_budget(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/beijing/policy.toml"),
+    )
+    .expect("example policy")
+    .replace(
+        "budget = 2.0\n  per_query_max = 0.05",
+        "budget = 1000000.0\n  per_query_max = 0.05",
+    );
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).expect("policy");
+    path
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sizes: &[(&str, f64)] = match std::env::var("VEIL_BENCH_ROWS").as_deref() {
+        Ok("1m") => &[("1M", 1e6)],
+        _ => &[("1M", 1e6), ("10M", 1e7)],
+    };
+    let mut group = c.benchmark_group("group_by_count_sum_avg");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .warm_up_time(Duration::from_secs(2));
+    for (label, rows) in sizes {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = dir.path().join("data");
+        veil::generate::generate(&data, scale_for_rows(*rows), veil::generate::DEFAULT_SEED)
+            .expect("generate");
+        let engine = veil::open_engine(
+            &policy_with_budget(dir.path()),
+            &data,
+            &dir.path().join("state"),
+        )
+        .expect("engine");
+
+        let ctx = SessionContext::new();
+        rt.block_on(
+            ctx.register_parquet(
+                "social_insurance",
+                data.join("hrss/social_insurance.parquet")
+                    .to_str()
+                    .expect("utf8"),
+                ParquetReadOptions::default(),
+            ),
+        )
+        .expect("register");
+        let plain_sql = QUERY.replace("hrss.social_insurance", "social_insurance");
+
+        group.bench_with_input(
+            BenchmarkId::new("plain_datafusion", label),
+            &plain_sql,
+            |b, sql| {
+                b.to_async(&rt).iter(|| async {
+                    ctx.sql(sql)
+                        .await
+                        .expect("sql")
+                        .collect()
+                        .await
+                        .expect("collect")
+                })
+            },
+        );
+        let e = Arc::clone(&engine);
+        group.bench_with_input(
+            BenchmarkId::new("veil_certified", label),
+            &QUERY,
+            |b, sql| {
+                b.to_async(&rt).iter(|| async {
+                    e.run("op-credit-01", sql, chrono::Utc::now().fixed_offset())
+                        .await
+                        .expect("answered")
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
