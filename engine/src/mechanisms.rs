@@ -399,4 +399,127 @@ mod tests {
         assert_ne!(a.groups, a.rows);
         assert!(!format!("{a:?}").contains(&format!("{}", a.groups[0])) || a.groups[0] < 10);
     }
+
+    /// Empirical privacy audit (THREATS.md): run the mechanism on neighbouring
+    /// inputs, pick a distinguishing event on a training half, and bound the
+    /// privacy loss from below on a fresh half with Clopper–Pearson intervals.
+    mod audit {
+        use super::*;
+
+        /// Total false-alarm rate of one audit (two one-sided bounds at α/2).
+        const ALPHA: f64 = 1e-6;
+        const N: usize = 60_000;
+
+        /// x with `regularized_incomplete_beta(a, b, x) = target`, by bisection.
+        fn beta_quantile(a: f64, b: f64, target: f64) -> f64 {
+            let (mut lo, mut hi) = (0.0f64, 1.0f64);
+            for _ in 0..200 {
+                let mid = 0.5 * (lo + hi);
+                if statrs::function::beta::beta_reg(a, b, mid) < target {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            0.5 * (lo + hi)
+        }
+
+        /// One-sided Clopper–Pearson bounds at level `a` each.
+        fn cp_lower(k: usize, n: usize, a: f64) -> f64 {
+            if k == 0 {
+                0.0
+            } else {
+                beta_quantile(k as f64, (n - k + 1) as f64, a)
+            }
+        }
+
+        fn cp_upper(k: usize, n: usize, a: f64) -> f64 {
+            if k == n {
+                1.0
+            } else {
+                beta_quantile((k + 1) as f64, (n - k) as f64, 1.0 - a)
+            }
+        }
+
+        /// ε lower bound for `plan` distinguishing inputs 0 and `shift`.
+        fn epsilon_lower_bound(plan: &NoisePlan, shift: i64, delta: f64) -> f64 {
+            let sample = |x: i64| -> Vec<i64> {
+                noisy_vector(plan, vec![IBig::from(x); N])
+                    .expect("noise")
+                    .iter()
+                    .map(|v| i64::try_from(v).expect("small"))
+                    .collect()
+            };
+            let (d0, d1) = (sample(0), sample(shift));
+            let (train0, test0) = d0.split_at(N / 2);
+            let (train1, test1) = d1.split_at(N / 2);
+            // The event {X >= t} whose training data give the best lower
+            // bound: enough mass on both sides to be estimated tightly.
+            let n = N / 2;
+            let at_least = |xs: &[i64], t: i64| xs.iter().filter(|x| **x >= t).count();
+            let t = (-20..=60)
+                .max_by(|a, b| {
+                    let score = |t: i64| {
+                        let hi = cp_upper(at_least(train0, t), n, ALPHA / 2.0);
+                        let lo = cp_lower(at_least(train1, t), n, ALPHA / 2.0);
+                        ((lo - delta).max(f64::MIN_POSITIVE) / hi).ln()
+                    };
+                    score(*a).total_cmp(&score(*b))
+                })
+                .expect("a threshold");
+            let p0_high = cp_upper(at_least(test0, t), n, ALPHA / 2.0);
+            let p1_low = cp_lower(at_least(test1, t), n, ALPHA / 2.0);
+            ((p1_low - delta).max(f64::MIN_POSITIVE) / p0_high).ln()
+        }
+
+        #[test]
+        fn clopper_pearson_matches_known_values() {
+            // n = 100, k = 50, 97.5% one-sided: [0.3983, 0.6017].
+            assert!((cp_lower(50, 100, 0.025) - 0.3983).abs() < 1e-3);
+            assert!((cp_upper(50, 100, 0.025) - 0.6017).abs() < 1e-3);
+        }
+
+        #[test]
+        fn discrete_laplace_keeps_its_epsilon_and_the_audit_can_see_a_leak() {
+            let share = Budget::charge(1.0).expect("ok").as_rational();
+            let plan =
+                plan_noise(Mechanism::DiscreteLaplace, RBig::from(1u8), &share).expect("plan");
+            let claimed = plan.spent;
+            let lb = epsilon_lower_bound(&plan, 1, 0.0);
+            assert!(
+                lb <= claimed,
+                "ε lower bound {lb} exceeds the claimed {claimed}"
+            );
+            assert!(lb > 0.5 * claimed, "the audit has power: {lb}");
+            // Negative control: the same noise on a neighbour three units away
+            // (an under-estimated sensitivity) is caught.
+            let leak = epsilon_lower_bound(&plan, 3, 0.0);
+            eprintln!(
+                "discrete Laplace audit: claimed ε = {claimed:.4}, lower bound {lb:.4}; with a 3× sensitivity bug {leak:.4}"
+            );
+            assert!(
+                leak > claimed,
+                "a sensitivity bug must fail the audit: {leak}"
+            );
+        }
+
+        #[test]
+        fn discrete_gaussian_keeps_its_epsilon_delta() {
+            // ρ = 0.5 with sensitivity 1 (σ = 1); as (ε, δ): ε = ρ + 2√(ρ ln 1/δ).
+            let share = Budget::charge(0.5).expect("ok").as_rational();
+            let plan =
+                plan_noise(Mechanism::DiscreteGaussian, RBig::from(1u8), &share).expect("plan");
+            let delta: f64 = 1e-6;
+            let claimed = plan.spent + 2.0 * (plan.spent * (1.0 / delta).ln()).sqrt();
+            let lb = epsilon_lower_bound(&plan, 1, delta);
+            eprintln!(
+                "discrete Gaussian audit: claimed ε = {claimed:.4} at δ = {delta}, lower bound {lb:.4}"
+            );
+            assert!(
+                lb <= claimed,
+                "ε lower bound {lb} exceeds the claimed {claimed}"
+            );
+            assert!(lb > 0.7, "the audit has power: {lb}");
+        }
+    }
 }
