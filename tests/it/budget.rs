@@ -27,14 +27,7 @@ async fn a_budget_spent_to_exhaustion_refuses_the_next_query() {
     );
     assert!(e.message.contains("0 epsilon of 2 remain"), "{}", e.message);
     assert_eq!(f.charges(), 4);
-    assert_eq!(
-        f.engine
-            .ledger()
-            .spent("G-2026-002", "epsilon")
-            .expect("spent")
-            .micro(),
-        2_000_000
-    );
+    assert_eq!(f.spent("G-2026-002", "epsilon"), 2_000_000);
     // Other grants are unaffected.
     f.query("op-univ-07", "SELECT COUNT(*) FROM pop.residents")
         .await
@@ -58,14 +51,7 @@ async fn the_charge_is_durable_before_execution_and_stands_when_execution_fails(
     );
     assert!(!e.message.contains("parquet"), "{}", e.message);
     assert_eq!(f.charges(), 1, "the reservation stands after dispatch");
-    assert_eq!(
-        f.engine
-            .ledger()
-            .spent("G-2026-002", "epsilon")
-            .expect("spent")
-            .micro(),
-        500_000
-    );
+    assert_eq!(f.spent("G-2026-002", "epsilon"), 500_000);
     // The ledger survives a restart with the same state.
     drop(f.engine.clone());
     let reopened = veil_engine::ledger::Ledger::open(&f.dir.path().join("state")).expect("reopen");

@@ -73,6 +73,15 @@ impl Fixture {
     pub fn charges(&self) -> u64 {
         self.engine.ledger().charges().expect("ledger")
     }
+
+    /// Budget spent on a grant, in micro-units.
+    pub fn spent(&self, grant: &str, unit: &str) -> u64 {
+        self.engine
+            .ledger()
+            .spent(grant, unit)
+            .expect("ledger")
+            .micro()
+    }
 }
 
 /// All values of a column as strings (NULL as "NULL").
