@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use veil_proto::v1::veil_server::{Veil, VeilServer};
 use veil_proto::v1::{
-    GetBudgetRequest, GetBudgetResponse, GetServerInfoRequest, GrantBudget, ServerInfo,
+    AggregateEstimate, CostEstimate, EstimateCostRequest, GetBudgetRequest, GetBudgetResponse,
+    GetServerInfoRequest, GrantBudget, ServerInfo,
 };
 
 use crate::server::{Shared, status_of};
@@ -59,6 +60,45 @@ impl Veil for VeilApi {
         Ok(Response::new(GetBudgetResponse {
             operator_id: operator,
             grants,
+        }))
+    }
+
+    async fn estimate_cost(
+        &self,
+        request: Request<EstimateCostRequest>,
+    ) -> Result<Response<CostEstimate>, Status> {
+        let operator = self.shared.operator(request.metadata())?;
+        let now = chrono::Utc::now().fixed_offset();
+        let e = self
+            .shared
+            .engine()
+            .estimate(&operator, &request.into_inner().sql, now)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(CostEstimate {
+            grant_id: e.grant,
+            unit: e.unit.to_owned(),
+            cost: e.cost,
+            remaining: e.remaining,
+            exceeds_budget: e.cost > e.remaining + 1e-12 && !e.unit.is_empty(),
+            rows: e.rows.map(|r| r as u64),
+            aggregates: e
+                .aggregates
+                .into_iter()
+                .map(|(column, acc)| AggregateEstimate {
+                    column,
+                    aggregate: acc
+                        .as_ref()
+                        .map(|a| a.aggregate.clone())
+                        .unwrap_or_else(|| "AVG".into()),
+                    mechanism: acc
+                        .as_ref()
+                        .map(|a| a.mechanism.to_owned())
+                        .unwrap_or_default(),
+                    scale: acc.as_ref().map(|a| a.scale).unwrap_or(f64::NAN),
+                    half_width_95: acc.map(|a| a.half_width_95),
+                })
+                .collect(),
         }))
     }
 }

@@ -298,22 +298,105 @@ pub fn explain(e: CallError) -> anyhow::Error {
     anyhow!("{} ({:?})", e.message, e.code)
 }
 
-/// Calls `veil.v1.Veil/GetBudget` with a bearer token.
-pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBudgetResponse> {
+/// A `veil.v1.Veil` client that sends a bearer token on every call.
+async fn veil_client(
+    endpoint: &str,
+    token: &str,
+) -> Result<
+    veil_proto::v1::veil_client::VeilClient<
+        tonic::service::interceptor::InterceptedService<
+            Channel,
+            impl tonic::service::Interceptor + use<>,
+        >,
+    >,
+> {
     let channel = Endpoint::from_shared(endpoint.to_owned())?
         .connect()
         .await?;
     let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let mut client = veil_proto::v1::veil_client::VeilClient::with_interceptor(
+    Ok(veil_proto::v1::veil_client::VeilClient::with_interceptor(
         channel,
         move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("authorization", value.clone());
             Ok(req)
         },
-    );
-    Ok(client
+    ))
+}
+
+/// Calls `veil.v1.Veil/GetBudget` with a bearer token.
+pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBudgetResponse> {
+    Ok(veil_client(endpoint, token)
+        .await?
         .get_budget(veil_proto::v1::GetBudgetRequest {})
         .await
         .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
         .into_inner())
+}
+
+/// Calls `veil.v1.Veil/EstimateCost`: a dry run of `sql`.
+pub async fn estimate(
+    endpoint: &str,
+    token: &str,
+    sql: &str,
+) -> Result<veil_proto::v1::CostEstimate, CallError> {
+    let mut client = veil_client(endpoint, token).await.map_err(|e| CallError {
+        code: tonic::Code::Unavailable,
+        message: e.to_string(),
+    })?;
+    client
+        .estimate_cost(veil_proto::v1::EstimateCostRequest {
+            sql: sql.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| CallError {
+            code: s.code(),
+            message: s.message().to_owned(),
+        })
+}
+
+/// Renders a dry run for people.
+pub fn render_estimate(e: &veil_proto::v1::CostEstimate) -> String {
+    let mut out = String::new();
+    if e.unit.is_empty() {
+        let _ = writeln!(
+            out,
+            "dry run: public data under grant {}: exact answer, no budget charged",
+            e.grant_id
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "dry run: grant {} would charge {:.6} {} ({:.6} remaining){}{}",
+        e.grant_id,
+        e.cost,
+        e.unit,
+        e.remaining,
+        e.rows.map(|r| format!("; {r} rows")).unwrap_or_default(),
+        if e.exceeds_budget {
+            " — REFUSED: not enough budget"
+        } else {
+            ""
+        }
+    );
+    for a in &e.aggregates {
+        match a.half_width_95 {
+            Some(h) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:<22} {:<18} scale {:<12.4} ± {:.4} (95%)",
+                    a.column, a.aggregate, a.mechanism, a.scale, h
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:<22} interval depends on the noisy count",
+                    a.column, a.aggregate
+                );
+            }
+        }
+    }
+    out
 }

@@ -55,6 +55,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Show the cost and accuracy without running the query or spending budget.
+        #[arg(long)]
+        dry_run: bool,
         /// The SQL statement.
         sql: String,
     },
@@ -173,8 +176,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             token,
             operator,
             format,
+            dry_run,
             sql,
         } => runtime()?.block_on(async {
+            if dry_run {
+                return match veil::client::estimate(&endpoint, &token, &sql).await {
+                    Ok(e) => {
+                        print!("{}", veil::client::render_estimate(&e));
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        eprintln!("refused ({:?}): {}", e.code, e.message);
+                        Ok(ExitCode::from(1))
+                    }
+                };
+            }
             let mut client = Client::connect(&endpoint).await?;
             match operator {
                 Some(op) => client

@@ -65,6 +65,25 @@ pub struct Answer {
     pub request_id: String,
 }
 
+/// What a query would cost and how accurate it would be: computed from the
+/// query, the policy and the ledger only, without reading data or spending.
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    /// Grant the query would run under.
+    pub grant: String,
+    /// Cost in the grant's unit (0 for public data).
+    pub cost: f64,
+    /// `epsilon`, `rho`, or empty for public data.
+    pub unit: &'static str,
+    /// Budget remaining now, before this query.
+    pub remaining: f64,
+    /// Rows the answer would have (every public key), if known in advance.
+    pub rows: Option<usize>,
+    /// Accuracy of each aggregate column; `None` where it depends on noisy
+    /// values (AVG).
+    pub aggregates: Vec<(String, Option<crate::mechanisms::Accuracy>)>,
+}
+
 /// The engine of one domain: the policy in force (with its catalog) and the
 /// ledger. The policy can be replaced while serving; every query runs on one
 /// consistent [`Snapshot`].
@@ -216,6 +235,64 @@ impl Engine {
                 execute_certified(&certified, &snap.catalog.execution_state()?, "test").await
             }
             Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
+        }
+    }
+
+    /// A dry run: the cost and accuracy of a query, with every check applied,
+    /// but no data read and no budget spent.
+    pub async fn estimate(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<Estimate> {
+        let snap = self.snapshot();
+        match self.plan(&snap, operator, sql, now).await? {
+            Planned::Public { grant, .. } => Ok(Estimate {
+                grant: grant.id.clone(),
+                cost: 0.0,
+                unit: "",
+                remaining: 0.0,
+                rows: None,
+                aggregates: vec![],
+            }),
+            Planned::Private {
+                certified, grant, ..
+            } => {
+                let spec = certified.spec();
+                let dp = grant
+                    .dp
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
+                let unit = spec.mechanism.unit();
+                let total = Budget::total(dp.budget)?;
+                let spent = self.ledger.spent(&grant.id, unit)?;
+                // Name each estimate after the output column that shows it.
+                let groups = spec.group_columns.len();
+                let out_schema = spec.query.plan.schema();
+                let origins = output_origins(&spec.query.plan, &spec.query.aggregate_schema);
+                let mut aggregates = Vec::new();
+                for (k, origin) in origins.iter().enumerate() {
+                    if let Some(j) = origin
+                        && *j >= groups
+                        && let Some(agg) = spec.aggregates.get(j - groups)
+                    {
+                        aggregates.push((
+                            out_schema.field(k).name().clone(),
+                            crate::mechanisms::planned_accuracy(spec, *agg)?,
+                        ));
+                    }
+                }
+                Ok(Estimate {
+                    grant: grant.id.clone(),
+                    cost: spec.cost.as_f64(),
+                    unit,
+                    remaining: total.micro().saturating_sub(spent.micro()) as f64
+                        / crate::accounting::MICRO as f64,
+                    rows: Some(spec.keys.len()),
+                    aggregates,
+                })
+            }
         }
     }
 

@@ -40,5 +40,5 @@ pub mod ledger;
 pub mod mechanisms;
 pub mod rewrite;
 
-pub use broker::{Answer, Engine, meta};
+pub use broker::{Answer, Engine, Estimate, meta};
 pub use error::{EngineError, Result, Rule};

@@ -149,6 +149,38 @@ impl NoiseMeasurement {
     }
 }
 
+/// Accuracy of a released COUNT or SUM column: known before any data is read.
+/// (AVG's depends on its noisy count, so it is computed per release.)
+pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Option<Accuracy>> {
+    Ok(match agg {
+        ReleasedAggregate::Count(c) => {
+            let plan = &spec.counts[c].noise;
+            Some(Accuracy {
+                mechanism: plan.mechanism.name(),
+                scale: plan.scale_f64(),
+                half_width_95: plan.half_width(0.05)?,
+                aggregate: match &spec.counts[c].kind {
+                    CountKind::Rows => "COUNT(*)".to_owned(),
+                    CountKind::NonNull(col) => format!("COUNT({col})"),
+                    CountKind::Summed(i) => format!("COUNT({})", spec.sums[*i].column),
+                    CountKind::DistinctUnits => "COUNT(DISTINCT unit)".to_owned(),
+                },
+            })
+        }
+        ReleasedAggregate::Sum(i) => {
+            let s = &spec.sums[i];
+            let unit = 10f64.powi(s.precision as i32);
+            Some(Accuracy {
+                mechanism: s.noise.mechanism.name(),
+                scale: s.noise.scale_f64() / unit,
+                half_width_95: s.noise.half_width(0.05)? / unit,
+                aggregate: format!("SUM({})", s.column),
+            })
+        }
+        ReleasedAggregate::Avg { .. } => None,
+    })
+}
+
 /// Adds noise to a vector of exact integers through its opendp measurement.
 fn noisy_vector(plan: &NoisePlan, exact: Vec<IBig>) -> Result<Vec<IBig>> {
     NoiseMeasurement::new(plan.mechanism, &plan.scale)?.sample(&exact)
@@ -231,40 +263,20 @@ pub fn release(
         let field = schema.field(groups + j);
         let (array, acc): (ArrayRef, Accuracy) = match *agg {
             ReleasedAggregate::Count(c) => {
-                let plan = &spec.counts[c].noise;
-                let values = &noisy_counts[c];
-                let array = Int64Array::from_iter_values(values.iter().map(|v| {
+                let array = Int64Array::from_iter_values(noisy_counts[c].iter().map(|v| {
                     i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
                 }));
-                (
-                    Arc::new(array),
-                    Accuracy {
-                        mechanism: plan.mechanism.name(),
-                        scale: plan.scale_f64(),
-                        half_width_95: plan.half_width(0.05)?,
-                        aggregate: match &spec.counts[c].kind {
-                            CountKind::Rows => "COUNT(*)".to_owned(),
-                            CountKind::NonNull(col) => format!("COUNT({col})"),
-                            CountKind::Summed(i) => format!("COUNT({})", spec.sums[*i].column),
-                            CountKind::DistinctUnits => "COUNT(DISTINCT unit)".to_owned(),
-                        },
-                    },
-                )
+                let acc = planned_accuracy(spec, *agg)?
+                    .ok_or_else(|| EngineError::Internal("count accuracy".into()))?;
+                (Arc::new(array), acc)
             }
             ReleasedAggregate::Sum(i) => {
-                let s = &spec.sums[i];
-                let unit = 10f64.powi(s.precision as i32);
+                let unit = 10f64.powi(spec.sums[i].precision as i32);
                 let array =
                     Float64Array::from_iter_values(noisy_sums[i].iter().map(|v| to_f64(v) / unit));
-                (
-                    Arc::new(array),
-                    Accuracy {
-                        mechanism: s.noise.mechanism.name(),
-                        scale: s.noise.scale_f64() / unit,
-                        half_width_95: s.noise.half_width(0.05)? / unit,
-                        aggregate: format!("SUM({})", s.column),
-                    },
-                )
+                let acc = planned_accuracy(spec, *agg)?
+                    .ok_or_else(|| EngineError::Internal("sum accuracy".into()))?;
+                (Arc::new(array), acc)
             }
             ReleasedAggregate::Avg { sum: i, count: c } => {
                 let s = &spec.sums[i];

@@ -4,6 +4,7 @@
 mod bounding;
 mod budget;
 mod cli;
+mod dry_run;
 mod flight;
 mod leaks;
 mod noise;
