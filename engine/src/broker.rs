@@ -260,12 +260,7 @@ impl Engine {
                 certified, grant, ..
             } => {
                 let spec = certified.spec();
-                let dp = grant
-                    .dp
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
-                let unit = spec.mechanism.unit();
-                let total = Budget::total(dp.budget)?;
+                let (unit, total) = budget_of(&grant, spec)?;
                 let spent = self.ledger.spent(&grant.id, unit)?;
                 // Name each estimate after the output column that shows it.
                 let groups = spec.group_columns.len();
@@ -456,12 +451,7 @@ impl Engine {
         request_id: &str,
     ) -> Result<Answer> {
         let spec = certified.spec();
-        let dp = grant
-            .dp
-            .as_ref()
-            .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
-        let unit = spec.mechanism.unit();
-        let total = Budget::total(dp.budget)?;
+        let (unit, total) = budget_of(grant, spec)?;
         // 1. Durable charge before any data is read.
         let reservation = self
             .ledger
@@ -524,6 +514,15 @@ impl Engine {
             request_id: request_id.to_owned(),
         })
     }
+}
+
+/// The unit and total budget a certified query is charged against.
+fn budget_of(grant: &Grant, spec: &crate::rewrite::ReleaseSpec) -> Result<(&'static str, Budget)> {
+    let dp = grant
+        .dp
+        .as_ref()
+        .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
+    Ok((spec.mechanism.unit(), Budget::total(dp.budget)?))
 }
 
 fn fmt_budget(x: f64) -> String {
