@@ -84,20 +84,8 @@ fn read_batch(
     sums: usize,
     out: &mut Vec<GroupAggregate>,
 ) -> Option<()> {
-    let count_arrays: Vec<_> = (0..counts)
-        .map(|j| {
-            batch
-                .column_by_name(&count_column(j))
-                .and_then(|a| a.as_primitive_opt::<Int64Type>())
-        })
-        .collect::<Option<_>>()?;
-    let sum_arrays: Vec<_> = (0..sums)
-        .map(|i| {
-            batch
-                .column_by_name(&sum_column(i))
-                .and_then(|a| a.as_primitive_opt::<Decimal128Type>())
-        })
-        .collect::<Option<_>>()?;
+    let count_arrays = typed_columns::<Int64Type>(batch, counts, count_column)?;
+    let sum_arrays = typed_columns::<Decimal128Type>(batch, sums, sum_column)?;
     for row in 0..batch.num_rows() {
         let mut key = Vec::with_capacity(keys);
         for k in 0..keys {
@@ -126,6 +114,21 @@ fn read_batch(
         });
     }
     Some(())
+}
+
+/// The `n` columns named by `name(0..n)`, all of primitive type `T`.
+fn typed_columns<T: datafusion::arrow::datatypes::ArrowPrimitiveType>(
+    batch: &RecordBatch,
+    n: usize,
+    name: fn(usize) -> String,
+) -> Option<Vec<&datafusion::arrow::array::PrimitiveArray<T>>> {
+    (0..n)
+        .map(|i| {
+            batch
+                .column_by_name(&name(i))
+                .and_then(|a| a.as_primitive_opt::<T>())
+        })
+        .collect()
 }
 
 /// A data-independent classification of a DataFusion error: its variant only,
