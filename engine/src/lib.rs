@@ -30,6 +30,7 @@
 
 pub mod accounting;
 pub mod analyze;
+mod bounded_sample;
 pub mod broker;
 pub mod catalog;
 mod error;

@@ -1,13 +1,15 @@
-//! `AggregateExactly`: per group, the number of kept rows and the exact sums of
-//! the clamped fixed-point values (decimal128: `i128` arithmetic, which the
-//! bounds keep far from overflow; never a wrapping integer or a float sum).
+//! `AggregateExactly`: per group, the sums of the units' bounded counts and
+//! the exact sums of their fixed-point contributions (decimal128: `i128`
+//! arithmetic, which the bounds keep far from overflow; never a wrapping
+//! integer or a float sum). Each input row is one unit in one group, so the
+//! number of rows is the distinct-unit count.
 
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, sum};
+use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 
 use super::{
-    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, count_column, counted_column, df,
-    sum_column, value_column,
+    CountKind, RewriteContext, RewriteStage, count_column, df, sum_column, unit_count_column,
+    unit_sum_column,
 };
 use crate::error::Result;
 
@@ -31,16 +33,14 @@ impl RewriteStage for AggregateExactly {
             .enumerate()
             .map(|(j, kind)| {
                 match kind {
-                    CountKind::Rows => count(lit(1i64)),
-                    CountKind::NonNull(_) => count(col(counted_column(j))),
-                    CountKind::Summed(i) => count(col(value_column(*i))),
-                    CountKind::DistinctUnits => count_distinct(col(UNIT_COLUMN)),
+                    CountKind::DistinctUnits => count(lit(1i64)),
+                    _ => sum(col(unit_count_column(j))),
                 }
                 .alias(count_column(j))
             })
             .collect();
         for i in 0..ctx.sums.len() {
-            aggregates.push(sum(col(value_column(i))).alias(sum_column(i)));
+            aggregates.push(sum(col(unit_sum_column(i))).alias(sum_column(i)));
         }
         input.aggregate(groups, aggregates).map_err(df)
     }

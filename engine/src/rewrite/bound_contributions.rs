@@ -1,25 +1,59 @@
-//! `BoundContributions`: each privacy unit keeps at most `max_groups` groups
-//! (L0) and at most `max_rows` rows per group (L∞).
+//! `BoundContributions`: one row per (unit, group) carrying the unit's
+//! contribution to each statistic, over at most `max_rows` of its rows in
+//! that group (L∞), and at most `max_groups` such rows per unit (L0).
 //!
-//! Groups and rows are ranked by a keyed hash under a fresh per-query key, so
-//! the kept ones are a uniformly random choice, never "the first rows". The
-//! ranking of a unit's rows depends on that unit's rows alone.
+//! Rows and groups are ranked by a keyed hash under a fresh per-query key, so
+//! the kept ones are a uniformly random choice, never "the first rows"; the
+//! ranking of a unit's rows depends on that unit's rows alone. The L∞ bound
+//! is one hash aggregation ([`BoundedSample`] keeps the `max_rows` smallest
+//! priorities per pair), so the raw rows are never sorted; the L0 bound ranks
+//! the much smaller set of (unit, group) rows, and is skipped when the query
+//! has no more possible keys than `max_groups`.
+//!
+//! When every row is its own unit, each row is already one (unit, group)
+//! contribution and only the per-row statistics are projected.
 
-use datafusion::common::Column as DfColumn;
-use datafusion::functions_window::expr_fn::{dense_rank, row_number};
-use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit};
+use datafusion::functions_aggregate::expr_fn::count;
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit, when};
+use veil_policy::UnitKind;
 
-use super::{RewriteContext, RewriteStage, df};
+use super::{
+    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, unit_count_column,
+    unit_sum_column, value_column,
+};
+use crate::bounded_sample::BoundedSample;
 use crate::error::Result;
 use crate::keyed_hash::KeyedHash;
 
 /// See the module documentation.
 pub struct BoundContributions;
 
-const GROUP_PRIORITY: &str = "__veil_group_priority";
 const ROW_PRIORITY: &str = "__veil_row_priority";
+const GROUP_PRIORITY: &str = "__veil_group_priority";
 const GROUP_RANK: &str = "__veil_group_rank";
-const ROW_RANK: &str = "__veil_row_rank";
+
+/// The column whose non-NULL values the `j`-th count counts.
+fn counted(kind: &CountKind, j: usize) -> Option<Expr> {
+    match kind {
+        CountKind::Rows => Some(lit(1i64)),
+        CountKind::NonNull(_) => Some(col(counted_column(j))),
+        CountKind::Summed(i) => Some(col(value_column(*i))),
+        // Each (unit, group) row is one unit: counted by the final aggregate.
+        CountKind::DistinctUnits => None,
+    }
+}
+
+/// One unit's bounded contribution to the `j`-th count in a group.
+///
+/// Any `max_rows` of a unit's rows hold `min(rows, max_rows)` rows, so a row
+/// count needs no sample: a plain count, capped after aggregation.
+fn bounded_count(kind: &CountKind, j: usize, k: u32) -> Option<Expr> {
+    match kind {
+        CountKind::Rows => Some(count(lit(1i64))),
+        other => counted(other, j).map(|c| BoundedSample::count(k, col(ROW_PRIORITY), c)),
+    }
+}
 
 impl RewriteStage for BoundContributions {
     fn name(&self) -> &'static str {
@@ -31,49 +65,89 @@ impl RewriteStage for BoundContributions {
         input: LogicalPlanBuilder,
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
-        let c = |name: &str| col(DfColumn::new(Some(ctx.table.clone()), name));
-        let unit = c(&ctx.unit.column);
-        let groups: Vec<Expr> = ctx.query.group_columns.iter().map(|g| c(g)).collect();
-        let values: Vec<Expr> = ctx.value_sources().iter().map(|s| c(s)).collect();
+        let groups: Vec<Expr> = ctx.query.group_columns.iter().map(col).collect();
+        let counts = ctx.counts.iter().enumerate();
+        if ctx.unit.kind == UnitKind::Row {
+            let mut per_row = groups;
+            for (j, kind) in counts {
+                if let Some(c) = counted(kind, j) {
+                    let one = when(c.is_not_null(), lit(1i64)).otherwise(lit(0i64));
+                    per_row.push(one.map_err(df)?.alias(unit_count_column(j)));
+                }
+            }
+            for i in 0..ctx.sums.len() {
+                per_row.push(col(value_column(i)).alias(unit_sum_column(i)));
+            }
+            return input.project(per_row).map_err(df);
+        }
 
-        let mut unit_and_groups = vec![unit.clone()];
+        let mut unit_and_groups = vec![col(UNIT_COLUMN)];
         unit_and_groups.extend(groups.iter().cloned());
-        let mut row_identity = unit_and_groups.clone();
-        row_identity.extend(values.iter().cloned());
+        let schema = input.schema().clone();
+        let mut with_priority: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
+        let identity = with_priority.clone();
+        with_priority.push(KeyedHash::call(ctx.keys.rows, identity).alias(ROW_PRIORITY));
 
-        // Keep every column later stages read, plus the two priorities.
-        let mut keep: Vec<Expr> = unit_and_groups.clone();
-        keep.extend(values.iter().cloned());
-        keep.push(KeyedHash::call(ctx.keys.groups, unit_and_groups.clone()).alias(GROUP_PRIORITY));
-        keep.push(KeyedHash::call(ctx.keys.rows, row_identity).alias(ROW_PRIORITY));
+        let k = ctx.max_rows;
+        let mut contributions = Vec::new();
+        for (j, kind) in counts.clone() {
+            if let Some(c) = bounded_count(kind, j, k) {
+                contributions.push(c.alias(unit_count_column(j)));
+            }
+        }
+        for (i, column) in ctx.sums.iter().enumerate() {
+            contributions.push(
+                BoundedSample::sum(
+                    k,
+                    column.precision as i8,
+                    col(ROW_PRIORITY),
+                    col(value_column(i)),
+                )
+                .alias(unit_sum_column(i)),
+            );
+        }
+        let aggregated = input
+            .project(with_priority)
+            .and_then(|b| b.aggregate(unit_and_groups.clone(), contributions))
+            .map_err(df)?;
+        let mut capped = unit_and_groups.clone();
+        for (j, kind) in counts {
+            let n = col(unit_count_column(j));
+            capped.push(match kind {
+                CountKind::DistinctUnits => continue,
+                CountKind::Rows => when(n.clone().gt(lit(i64::from(k))), lit(i64::from(k)))
+                    .otherwise(n)
+                    .map_err(df)?
+                    .alias(unit_count_column(j)),
+                _ => n,
+            });
+        }
+        capped.extend((0..ctx.sums.len()).map(|i| col(unit_sum_column(i))));
+        let per_pair = aggregated.project(capped).map_err(df)?;
+        if ctx.key_space <= ctx.max_groups as usize {
+            return Ok(per_pair);
+        }
 
+        let mut with_group_priority: Vec<Expr> = per_pair
+            .schema()
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        with_group_priority
+            .push(KeyedHash::call(ctx.keys.groups, unit_and_groups).alias(GROUP_PRIORITY));
         let mut group_order = vec![col(GROUP_PRIORITY).sort(true, false)];
         group_order.extend(groups.iter().map(|g| g.clone().sort(true, false)));
-        let group_rank = dense_rank()
-            .partition_by(vec![unit.clone()])
+        let group_rank = row_number()
+            .partition_by(vec![col(UNIT_COLUMN)])
             .order_by(group_order)
             .build()
             .map_err(df)?
             .alias(GROUP_RANK);
-        let row_rank = row_number()
-            .partition_by(unit_and_groups)
-            .order_by(vec![col(ROW_PRIORITY).sort(true, false)])
-            .build()
-            .map_err(df)?
-            .alias(ROW_RANK);
-
-        input
-            .project(keep)
-            // Different sort keys need separate window nodes.
+        per_pair
+            .project(with_group_priority)
             .and_then(|b| b.window(vec![group_rank]))
-            .and_then(|b| b.window(vec![row_rank]))
-            .and_then(|b| {
-                b.filter(
-                    col(GROUP_RANK)
-                        .lt_eq(lit(u64::from(ctx.max_groups)))
-                        .and(col(ROW_RANK).lt_eq(lit(u64::from(ctx.unit.max_rows)))),
-                )
-            })
+            .and_then(|b| b.filter(col(GROUP_RANK).lt_eq(lit(u64::from(ctx.max_groups)))))
             .map_err(df)
     }
 }

@@ -8,9 +8,11 @@
 //!
 //! 1. [`FilterRows`]: operator predicates, the grant's mandatory row filter,
 //!    and group keys restricted to their public domain.
-//! 2. [`BoundContributions`]: at most `max_groups` groups per unit and
-//!    `max_rows` rows per unit and group, chosen by a per-query keyed hash.
-//! 3. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
+//! 2. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
+//! 3. [`BoundContributions`]: one row per (unit, group) holding the unit's
+//!    counts and sums over at most `max_rows` of its rows, then at most
+//!    `max_groups` groups per unit; rows and groups chosen by a per-query
+//!    keyed hash.
 //! 4. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
 
 mod aggregate_exactly;
@@ -27,6 +29,7 @@ use veil_policy::{Column, Dataset, DomainValue, Grant, Policy, PrivacyUnit, Unit
 pub use aggregate_exactly::AggregateExactly;
 pub use bound_contributions::BoundContributions;
 pub use clamp_values::ClampValues;
+pub(crate) use clamp_values::DECIMAL_PRECISION;
 pub use filter_rows::FilterRows;
 
 use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
@@ -50,6 +53,16 @@ pub(crate) const UNIT_COLUMN: &str = "__veil_unit";
 /// Name of the `i`-th fixed-point sum in the bounded aggregate.
 pub fn sum_column(i: usize) -> String {
     format!("__veil_sum{i}")
+}
+
+/// Name of one unit's bounded contribution to the `j`-th count of a group.
+pub(crate) fn unit_count_column(j: usize) -> String {
+    format!("__veil_unit_count{j}")
+}
+
+/// Name of one unit's bounded contribution to the `i`-th sum of a group.
+pub(crate) fn unit_sum_column(i: usize) -> String {
+    format!("__veil_unit_sum{i}")
 }
 
 /// Name of the `i`-th clamped value column.
@@ -167,22 +180,11 @@ pub(crate) struct RewriteContext<'a> {
     pub counts: Vec<CountKind>,
     /// Groups per unit, after the grant's tightening.
     pub max_groups: u32,
+    /// Rows per unit and group.
+    pub max_rows: u32,
+    /// How many distinct group keys the query can produce.
+    pub key_space: usize,
     pub keys: crate::mechanisms::BoundingKeys,
-}
-
-impl RewriteContext<'_> {
-    /// Source columns whose values the aggregates read (beyond unit and keys).
-    pub fn value_sources(&self) -> Vec<String> {
-        let mut cols: Vec<String> = self.sums.iter().map(|c| c.name.clone()).collect();
-        for k in &self.counts {
-            if let CountKind::NonNull(c) = k
-                && !cols.contains(c)
-            {
-                cols.push(c.clone());
-            }
-        }
-        cols
-    }
 }
 
 /// One stage of the rewrite.
@@ -201,8 +203,8 @@ pub(crate) trait RewriteStage {
 fn stages() -> [&'static dyn RewriteStage; 4] {
     [
         &FilterRows,
-        &BoundContributions,
         &ClampValues,
+        &BoundContributions,
         &AggregateExactly,
     ]
 }
@@ -309,6 +311,16 @@ pub fn certify(
         let lo_fp = (lo * scale).ceil() as i128;
         let hi_fp = (hi * scale).floor() as i128;
         let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
+        // One unit's sum in one group must fit the fixed-point decimal.
+        if per_row
+            .checked_mul(u128::from(max_rows))
+            .is_none_or(|v| v >= 10u128.pow(u32::from(DECIMAL_PRECISION)))
+        {
+            return Err(EngineError::Unavailable(format!(
+                "the bounds of `{}` times max_rows exceed the 38-digit fixed-point range; the security officer must narrow them",
+                col.name
+            )));
+        }
         let per_group =
             dashu::rational::RBig::from(per_row) * dashu::rational::RBig::from(max_rows);
         sums.push(SumStatistic {
@@ -347,15 +359,14 @@ pub fn certify(
         sums: sum_columns.clone(),
         counts: count_kinds.clone(),
         max_groups,
+        max_rows,
+        key_space: keys.len(),
         keys: crate::mechanisms::BoundingKeys::fresh()?,
     };
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
     let mut builder = LogicalPlanBuilder::scan(table, source, None)
         .map_err(|e| EngineError::Internal(e.to_string()))?;
     for stage in stages() {
-        if unit.kind == UnitKind::Row && stage.name() == "bound_contributions" {
-            continue;
-        }
         builder = stage.rewrite(builder, &ctx)?;
     }
     let plan = builder
