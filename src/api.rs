@@ -82,6 +82,7 @@ impl Veil for VeilApi {
             remaining: e.remaining,
             exceeds_budget: e.cost > e.remaining + 1e-12 && !e.unit.is_empty(),
             rows: e.rows.map(|r| r as u64),
+            selection_threshold: e.threshold,
             aggregates: e
                 .aggregates
                 .into_iter()

@@ -256,6 +256,18 @@ fn render_table(f: &Fetched) -> String {
             md.get(meta::TOTAL).map(String::as_str).unwrap_or("?"),
             md.get(meta::GRANT).map(String::as_str).unwrap_or("?"),
         );
+        if let Some(t) = md.get(meta::THRESHOLD) {
+            let _ = writeln!(
+                out,
+                "  groups chosen by DP partition selection: noisy distinct units ≥ {t} (τ = {}){}",
+                md.get(meta::TAU).map(String::as_str).unwrap_or("?"),
+                if md.get(meta::TRUNCATED).is_some_and(|t| t == "true") {
+                    "; more groups passed than the grant's row cap and were left out"
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(out, "  ± is the half-width of a 95% interval of the noise");
     } else {
         let _ = writeln!(
@@ -380,6 +392,12 @@ pub fn render_estimate(e: &veil_proto::v1::CostEstimate) -> String {
             ""
         }
     );
+    if let Some(t) = e.selection_threshold {
+        let _ = writeln!(
+            out,
+            "  keys without a public domain: only groups whose noisy distinct-unit count reaches {t} are released"
+        );
+    }
     for a in &e.aggregates {
         match a.half_width_95 {
             Some(h) => {

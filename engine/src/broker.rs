@@ -24,7 +24,7 @@ use crate::execute::execute_certified;
 use crate::gate::gate;
 use crate::ledger::{ChargeState, Ledger, ReserveError};
 use crate::mechanisms::{Release, release};
-use crate::rewrite::{CertifiedPlan, certify};
+use crate::rewrite::{CertifiedPlan, KeySet, certify};
 
 /// Schema metadata keys of an answer.
 pub mod meta {
@@ -42,8 +42,17 @@ pub mod meta {
     pub const POLICY: &str = "veil.policy_hash";
     /// Request id.
     pub const REQUEST: &str = "veil.request_id";
-    /// How group keys were chosen.
+    /// How group keys were chosen: `public_domain` or `partition_selection`.
     pub const KEYS: &str = "veil.keys";
+    /// Partition selection: τ, the smallest threshold opendp certifies for
+    /// the grant's δ.
+    pub const TAU: &str = "veil.tau";
+    /// Partition selection: the threshold applied, `max(τ, k)` with k the
+    /// policy's minimum group size in distinct units.
+    pub const THRESHOLD: &str = "veil.selection_threshold";
+    /// Partition selection: `true` when selected keys beyond the grant's
+    /// result-row cap were left out.
+    pub const TRUNCATED: &str = "veil.truncated";
     /// Field: mechanism.
     pub const MECHANISM: &str = "veil.mechanism";
     /// Field: noise scale in output units.
@@ -79,6 +88,8 @@ pub struct Estimate {
     pub remaining: f64,
     /// Rows the answer would have (every public key), if known in advance.
     pub rows: Option<usize>,
+    /// Partition selection's threshold `max(τ, k)`, if keys are selected.
+    pub threshold: Option<u64>,
     /// Accuracy of each aggregate column; `None` where it depends on noisy
     /// values (AVG).
     pub aggregates: Vec<(String, Option<crate::mechanisms::Accuracy>)>,
@@ -254,6 +265,7 @@ impl Engine {
                 unit: "",
                 remaining: 0.0,
                 rows: None,
+                threshold: None,
                 aggregates: vec![],
             }),
             Planned::Private {
@@ -284,7 +296,11 @@ impl Engine {
                     unit,
                     remaining: total.micro().saturating_sub(spent.micro()) as f64
                         / crate::accounting::MICRO as f64,
-                    rows: Some(spec.keys.len()),
+                    rows: spec.keys.known_len(),
+                    threshold: match &spec.keys {
+                        KeySet::Selected(selection) => Some(selection.threshold()),
+                        KeySet::Public(_) => None,
+                    },
                     aggregates,
                 })
             }
@@ -505,7 +521,15 @@ impl Engine {
         metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
         metadata.insert(meta::POLICY.to_owned(), snap.policy.hash.clone());
         metadata.insert(meta::REQUEST.to_owned(), request_id.to_owned());
-        metadata.insert(meta::KEYS.to_owned(), "public_domain".to_owned());
+        metadata.insert(meta::KEYS.to_owned(), spec.keys.kind().to_owned());
+        if let KeySet::Selected(selection) = &spec.keys {
+            metadata.insert(meta::TAU.to_owned(), selection.tau.to_string());
+            metadata.insert(
+                meta::THRESHOLD.to_owned(),
+                selection.threshold().to_string(),
+            );
+            metadata.insert(meta::TRUNCATED.to_owned(), released.truncated().to_string());
+        }
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
         let batches = with_schema(batches, &schema)?;
         Ok(Answer {
@@ -606,7 +630,7 @@ async fn post_process(
                     md.insert(meta::AGGREGATE.to_owned(), acc.aggregate.clone());
                 }
                 Some(_) => {
-                    md.insert(meta::KEYS.to_owned(), "public_domain".to_owned());
+                    md.insert(meta::KEYS.to_owned(), spec.keys.kind().to_owned());
                 }
                 None => {
                     md.insert(meta::MECHANISM.to_owned(), "post_processing".to_owned());

@@ -11,19 +11,19 @@ use dashu::integer::IBig;
 use dashu::rational::RBig;
 use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use veil_policy::DomainValue;
 use veil_sandbox::{BoundedAggregates, KeyValue};
 
 use opendp::core::{Measure, Measurement, Metric};
-use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::{MakeNoise, ZExpFamily};
-use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
-use opendp::metrics::{L1Distance, L2Distance};
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{MakeNoise, MakeNoiseThreshold, ZExpFamily};
+use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{AbsoluteDistance, L1Distance, L01InfDistance, L2Distance};
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
 use crate::error::{EngineError, Result};
-use crate::rewrite::{CountKind, ReleaseSpec, ReleasedAggregate};
+use crate::rewrite::{CountKind, KeySet, ReleaseSpec, ReleasedAggregate};
 
 /// Per-query secret keys for contribution bounding.
 #[derive(Clone, Copy)]
@@ -73,13 +73,19 @@ pub struct Accuracy {
 pub struct Release {
     batch: RecordBatch,
     accuracy: Vec<Accuracy>,
+    truncated: bool,
 }
 
 impl Release {
-    /// One row per public key: group columns, then aggregates, typed as the
-    /// operator's Aggregate node promised.
+    /// One row per released key: group columns, then aggregates, typed as
+    /// the operator's Aggregate node promised.
     pub fn batch(&self) -> &RecordBatch {
         &self.batch
+    }
+
+    /// Whether selected keys beyond the grant's result-row cap were dropped.
+    pub fn truncated(&self) -> bool {
+        self.truncated
     }
 
     /// Accuracy of each aggregate column, in order.
@@ -149,6 +155,86 @@ impl NoiseMeasurement {
     }
 }
 
+/// DP partition selection: discrete Laplace noise on each observed key's
+/// distinct-unit count, keeping the keys whose noisy count reaches a
+/// threshold (opendp's noise-threshold measurement).
+pub struct SelectionMeasurement(
+    Measurement<
+        MapDomain<AtomDomain<u64>, AtomDomain<IBig>>,
+        L01InfDistance<AbsoluteDistance<RBig>>,
+        Approximate<MaxDivergence>,
+        HashMap<u64, IBig>,
+    >,
+);
+
+impl SelectionMeasurement {
+    /// Noise at `scale`, keeping noisy counts `≥ threshold`.
+    pub fn new(scale: &RBig, threshold: u64) -> Result<SelectionMeasurement> {
+        let space = (
+            MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<IBig>::default()),
+            L01InfDistance::<AbsoluteDistance<RBig>>::default(),
+        );
+        Ok(SelectionMeasurement(
+            ZExpFamily::<1> {
+                scale: scale.clone(),
+            }
+            .make_noise_threshold(space, IBig::from(threshold))
+            .map_err(opendp_err)?,
+        ))
+    }
+
+    /// (ε, δ) when one unit touches at most `max_groups` keys, once each.
+    pub fn spend(&self, max_groups: u32) -> Result<(f64, f64)> {
+        let g = RBig::from(max_groups);
+        self.0.map(&(max_groups, g, RBig::ONE)).map_err(opendp_err)
+    }
+
+    /// The kept keys (by index) and their noisy counts.
+    pub fn select(&self, exact: &HashMap<u64, IBig>) -> Result<HashMap<u64, IBig>> {
+        self.0.invoke(exact).map_err(opendp_err)
+    }
+}
+
+/// τ: the smallest threshold at which partition selection with noise `scale`
+/// spends at most `delta` when a unit touches `max_groups` keys, found by
+/// searching opendp's own privacy map (δ falls as the threshold rises), plus
+/// one.
+///
+/// The one: opendp 0.16's map bounds δ by `Pr[Z > T − l∞]`, but its
+/// measurement keeps a key whose noisy count is `≥ T`, so a key holding
+/// `l∞` units survives with `Pr[Z ≥ T − l∞] = Pr[Z > (T − 1) − l∞]`: the map at
+/// `T − 1` is the true δ at `T`. The empirical audit in this module's tests
+/// measures the gap (at ε = 1, δ = 0.01 opendp's own τ = 5 releases a lonely
+/// key 1.3% of the time) and checks the corrected threshold.
+pub fn selection_threshold(scale: &RBig, max_groups: u32, delta: f64) -> Result<u64> {
+    opendp_threshold(scale, max_groups, delta).map(|t| t + 1)
+}
+
+/// The smallest threshold opendp's privacy map accepts for `delta`.
+fn opendp_threshold(scale: &RBig, max_groups: u32, delta: f64) -> Result<u64> {
+    let delta_at =
+        |t: u64| -> Result<f64> { Ok(SelectionMeasurement::new(scale, t)?.spend(max_groups)?.1) };
+    let mut high = 1u64;
+    while delta_at(high)? > delta {
+        high = high
+            .checked_mul(2)
+            .filter(|h| *h < 1 << 62)
+            .ok_or_else(|| {
+                EngineError::Internal("no partition-selection threshold reaches δ".into())
+            })?;
+    }
+    let mut low = high / 2; // δ(low) > delta, or low = 0 (never a valid threshold)
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if delta_at(mid)? > delta {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Ok(high)
+}
+
 /// Accuracy of a released COUNT or SUM column: known before any data is read.
 /// (AVG's depends on its noisy count, so it is computed per release.)
 pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Option<Accuracy>> {
@@ -197,7 +283,82 @@ fn key_value(v: &DomainValue) -> KeyValue {
     }
 }
 
-/// Releases a certified plan's bounded aggregates: every public key, noisy.
+/// The released keys, and the noisy statistic that selected them (if any).
+struct ReleasedKeys {
+    keys: Vec<Vec<KeyValue>>,
+    /// Index of the count that selected the keys, and its noisy values.
+    selected_by: Option<(usize, Vec<IBig>)>,
+    /// Keys dropped by the grant's result-row cap (post-processing).
+    truncated: bool,
+}
+
+/// Public keys in domain order, or the keys that pass partition selection
+/// (sorted by key, so the order reveals nothing beyond the keys).
+fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<ReleasedKeys> {
+    let selection = match &spec.keys {
+        KeySet::Public(keys) => {
+            return Ok(ReleasedKeys {
+                keys: keys
+                    .iter()
+                    .map(|k| k.iter().map(key_value).collect())
+                    .collect(),
+                selected_by: None,
+                truncated: false,
+            });
+        }
+        KeySet::Selected(selection) => selection,
+    };
+    let units: HashMap<u64, IBig> = exact
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let n = g.counts.get(selection.count).copied().unwrap_or(0);
+            (i as u64, IBig::from(n))
+        })
+        .collect();
+    let measurement = SelectionMeasurement::new(
+        &spec.counts[selection.count].noise.scale,
+        selection.threshold(),
+    )?;
+    let mut kept: Vec<(&[KeyValue], IBig)> = measurement
+        .select(&units)?
+        .into_iter()
+        .filter_map(|(i, v)| Some((exact.groups.get(i as usize)?.key.as_slice(), v)))
+        .collect();
+    kept.sort();
+    let truncated = kept.len() > selection.max_keys;
+    kept.truncate(selection.max_keys);
+    let (keys, noisy) = kept.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
+    Ok(ReleasedKeys {
+        keys,
+        selected_by: Some((selection.count, noisy)),
+        truncated,
+    })
+}
+
+/// One key column as `target`: integers or text, as the keys hold them.
+fn key_column(keys: &[Vec<KeyValue>], g: usize, target: &DataType) -> Result<ArrayRef> {
+    let array: ArrayRef = if keys.iter().all(|k| matches!(k[g], KeyValue::Int(_))) {
+        Arc::new(Int64Array::from_iter_values(keys.iter().map(
+            |k| match &k[g] {
+                KeyValue::Int(i) => *i,
+                KeyValue::Text(_) => 0,
+            },
+        )))
+    } else {
+        Arc::new(StringArray::from_iter_values(keys.iter().map(
+            |k| match &k[g] {
+                KeyValue::Int(i) => i.to_string(),
+                KeyValue::Text(s) => s.clone(),
+            },
+        )))
+    };
+    cast(&array, target).map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+/// Releases a certified plan's bounded aggregates: every public key, or the
+/// keys partition selection keeps, each statistic noisy.
 ///
 /// `schema` is the arrow schema of the operator's Aggregate node.
 pub fn release(
@@ -210,13 +371,13 @@ pub fn release(
         .iter()
         .map(|g| (g.key.as_slice(), (g.counts.as_slice(), g.sums.as_slice())))
         .collect();
-    let keys: Vec<Vec<KeyValue>> = spec
-        .keys
-        .iter()
-        .map(|k| k.iter().map(key_value).collect())
-        .collect();
+    let ReleasedKeys {
+        keys,
+        selected_by,
+        truncated,
+    } = released_keys(spec, exact)?;
     let n = keys.len();
-    // Exact per-key statistics in public-key order; absent keys are empty
+    // Exact per-key statistics in release order; absent keys are empty
     // groups (zero).
     // `Ok(j)` picks the j-th count, `Err(i)` the i-th sum.
     let exact_vector = |stat: std::result::Result<usize, usize>| -> Vec<IBig> {
@@ -234,7 +395,11 @@ pub fn release(
     };
     let mut noisy_counts = Vec::new();
     for (j, c) in spec.counts.iter().enumerate() {
-        noisy_counts.push(noisy_vector(&c.noise, exact_vector(Ok(j)))?);
+        noisy_counts.push(match &selected_by {
+            // The selecting count is already noisy: released as drawn.
+            Some((s, noisy)) if *s == j => noisy.clone(),
+            _ => noisy_vector(&c.noise, exact_vector(Ok(j)))?,
+        });
     }
     let mut noisy_sums = Vec::new();
     for (i, s) in spec.sums.iter().enumerate() {
@@ -244,19 +409,7 @@ pub fn release(
     let groups = spec.group_columns.len();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for g in 0..groups {
-        let target = schema.field(g).data_type().clone();
-        let array: ArrayRef = match spec.keys.first().and_then(|k| k.get(g)) {
-            Some(DomainValue::Int(_)) => Arc::new(Int64Array::from_iter_values(
-                spec.keys.iter().map(|k| match &k[g] {
-                    DomainValue::Int(i) => *i,
-                    DomainValue::Text(_) => 0,
-                }),
-            )),
-            _ => Arc::new(StringArray::from_iter_values(
-                spec.keys.iter().map(|k| k[g].to_string()),
-            )),
-        };
-        columns.push(cast(&array, &target).map_err(|e| EngineError::Internal(e.to_string()))?);
+        columns.push(key_column(&keys, g, schema.field(g).data_type())?);
     }
     let mut accuracy = Vec::new();
     for (j, agg) in spec.aggregates.iter().enumerate() {
@@ -334,7 +487,11 @@ pub fn release(
     ));
     let batch =
         RecordBatch::try_new(plain, columns).map_err(|e| EngineError::Internal(e.to_string()))?;
-    Ok(Release { batch, accuracy })
+    Ok(Release {
+        batch,
+        accuracy,
+        truncated,
+    })
 }
 
 /// A fresh, unguessable request id (hex), from opendp's CSPRNG.
@@ -410,6 +567,31 @@ mod tests {
         assert_ne!(a.groups, b.groups);
         assert_ne!(a.groups, a.rows);
         assert!(!format!("{a:?}").contains(&format!("{}", a.groups[0])) || a.groups[0] < 10);
+    }
+
+    #[test]
+    fn tau_is_the_smallest_threshold_within_delta() {
+        let scale = RBig::from(2u8);
+        let delta_at = |t: u64| {
+            SelectionMeasurement::new(&scale, t)
+                .expect("m")
+                .spend(3)
+                .expect("map")
+        };
+        let mut previous = 0;
+        for delta in [1e-3, 1e-6, 1e-9] {
+            let tau = selection_threshold(&scale, 3, delta).expect("τ");
+            // One above opendp's own choice (see `selection_threshold`).
+            let (eps, at) = delta_at(tau - 1);
+            assert!(
+                at <= delta && delta_at(tau - 2).1 > delta,
+                "τ = {tau} for δ = {delta}"
+            );
+            // ε does not depend on the threshold: max_groups / scale.
+            assert!((eps - 1.5).abs() < 1e-9, "{eps}");
+            assert!(tau > previous, "a smaller δ needs a larger τ");
+            previous = tau;
+        }
     }
 
     /// Empirical privacy audit (THREATS.md): run the mechanism on neighbouring
@@ -513,6 +695,46 @@ mod tests {
                 leak > claimed,
                 "a sensitivity bug must fail the audit: {leak}"
             );
+        }
+
+        /// The share of `keys` single-unit keys that partition selection at
+        /// `threshold` releases: on the neighbour without that unit the key
+        /// is never released, so this share must stay within δ.
+        fn single_unit_release_rate(scale: &RBig, threshold: u64, keys: u64) -> (usize, usize) {
+            let lonely: HashMap<u64, IBig> = (0..keys).map(|k| (k, IBig::ONE)).collect();
+            let kept = SelectionMeasurement::new(scale, threshold)
+                .expect("measurement")
+                .select(&lonely)
+                .expect("selection");
+            (kept.len(), lonely.len())
+        }
+
+        #[test]
+        fn partition_selection_releases_a_lonely_key_at_most_delta_often() {
+            let delta = 1e-2;
+            for (epsilon, max_groups) in [(1.0, 1u32), (0.5, 3)] {
+                let share = Budget::charge(epsilon).expect("ok").as_rational();
+                let plan = plan_noise(Mechanism::DiscreteLaplace, RBig::from(max_groups), &share)
+                    .expect("plan");
+                let tau = selection_threshold(&plan.scale, max_groups, delta).expect("τ");
+                let (released, n) = single_unit_release_rate(&plan.scale, tau, 200_000);
+                // A unit in max_groups lonely keys: δ covers all of them at once.
+                let per_key_bound = 1.0 - (1.0 - delta).powf(1.0 / f64::from(max_groups));
+                let low = cp_lower(released, n, ALPHA / 2.0);
+                eprintln!(
+                    "partition selection audit: ε = {epsilon}, max_groups = {max_groups}, τ = {tau}: {released}/{n} lonely keys released, lower bound {low:.5} vs per-key δ {per_key_bound:.5}"
+                );
+                assert!(
+                    low <= per_key_bound,
+                    "lonely keys leak: {low} > {per_key_bound}"
+                );
+                // Negative control: two below τ, the same audit sees δ exceeded.
+                let (leaked, n) = single_unit_release_rate(&plan.scale, tau - 2, 200_000);
+                assert!(
+                    cp_lower(leaked, n, ALPHA / 2.0) > per_key_bound,
+                    "the audit has power: {leaked}/{n}"
+                );
+            }
         }
 
         #[test]

@@ -10,4 +10,5 @@ mod leaks;
 mod noise;
 mod rejections;
 mod reload;
+mod selection;
 mod support;

@@ -1,6 +1,7 @@
 //! `FilterRows`: the operator's predicates, the grant's mandatory row filter,
 //! and every group key restricted to its public domain (rows outside it could
-//! otherwise create keys that are not public).
+//! otherwise create keys that are not public); keys left to partition
+//! selection only lose NULL, which is never released.
 
 use datafusion::common::Column as DfColumn;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -9,7 +10,7 @@ use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 use veil_policy::DomainValue;
 
 use super::{RewriteContext, RewriteStage, df};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 
 /// See the module documentation.
 pub struct FilterRows;
@@ -32,11 +33,12 @@ impl RewriteStage for FilterRows {
             predicates.push(f.clone());
         }
         for g in &ctx.query.group_columns {
-            let domain = ctx
-                .dataset
-                .column(g)
-                .and_then(|c| c.domain_values())
-                .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
+            let key = col(DfColumn::new(Some(ctx.table.clone()), g));
+            let Some(domain) = ctx.dataset.column(g).and_then(|c| c.domain_values()) else {
+                // Partition selection: NULL is not a releasable key.
+                predicates.push(key.is_not_null());
+                continue;
+            };
             let list = domain
                 .iter()
                 .map(|v| match v {
@@ -44,7 +46,7 @@ impl RewriteStage for FilterRows {
                     DomainValue::Text(s) => lit(s.as_str()),
                 })
                 .collect();
-            predicates.push(col(DfColumn::new(Some(ctx.table.clone()), g)).in_list(list, false));
+            predicates.push(key.in_list(list, false));
         }
         match conjunction(predicates) {
             Some(p) => input.filter(p).map_err(df),

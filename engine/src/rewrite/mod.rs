@@ -125,6 +125,58 @@ pub enum ReleasedAggregate {
     },
 }
 
+/// Which group keys a release contains.
+#[derive(Debug, Clone)]
+pub enum KeySet {
+    /// Every key of the product of the group columns' public domains, empty
+    /// groups included (noisy zeros).
+    Public(Vec<Vec<DomainValue>>),
+    /// The keys found in the data whose noisy distinct-unit count passes DP
+    /// partition selection.
+    Selected(Selection),
+}
+
+impl KeySet {
+    /// How the keys are chosen, as reported in response metadata.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeySet::Public(_) => "public_domain",
+            KeySet::Selected(_) => "partition_selection",
+        }
+    }
+
+    /// The number of released rows, when it does not depend on the data.
+    pub fn known_len(&self) -> Option<usize> {
+        match self {
+            KeySet::Public(keys) => Some(keys.len()),
+            KeySet::Selected(_) => None,
+        }
+    }
+}
+
+/// DP partition selection: a key is released when its noisy distinct-unit
+/// count reaches `max(tau, min_units)`.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Index of the distinct-unit count statistic whose noise selects keys.
+    pub count: usize,
+    /// τ: the smallest threshold at which opendp's privacy map stays within δ.
+    pub tau: u64,
+    /// The policy's minimum group size k in distinct units.
+    pub min_units: u32,
+    /// δ of the grant, spent by the selection.
+    pub delta: f64,
+    /// At most this many keys are returned (the grant's result-row cap).
+    pub max_keys: usize,
+}
+
+impl Selection {
+    /// The threshold a noisy distinct-unit count must reach: `max(τ, k)`.
+    pub fn threshold(&self) -> u64 {
+        self.tau.max(u64::from(self.min_units))
+    }
+}
+
 /// Everything the broker needs to release a certified plan's output.
 #[derive(Debug, Clone)]
 pub struct ReleaseSpec {
@@ -134,8 +186,8 @@ pub struct ReleaseSpec {
     pub mechanism: Mechanism,
     /// GROUP BY columns.
     pub group_columns: Vec<String>,
-    /// Every released key: the product of the group columns' public domains.
-    pub keys: Vec<Vec<DomainValue>>,
+    /// Which keys are released.
+    pub keys: KeySet,
     /// Counted statistics.
     pub counts: Vec<CountStatistic>,
     /// Summed columns.
@@ -277,6 +329,28 @@ pub fn certify(
             }
         });
     }
+    // Keys without a public domain are released by DP partition selection,
+    // which needs δ > 0 and selects on the distinct-unit count.
+    let selection = match key_product(&query, dataset)? {
+        Some(keys) => {
+            if keys.len() > grant.max_result_rows as usize {
+                return Err(EngineError::rejected(
+                    Rule::ResultTooLarge,
+                    format!(
+                        "the group keys' domains multiply to {} rows; grant `{}` allows {}",
+                        keys.len(),
+                        grant.id,
+                        grant.max_result_rows
+                    ),
+                ));
+            }
+            Err(keys)
+        }
+        None => {
+            let delta = selection_delta(&query, dataset, grant, dp, &file_schema)?;
+            Ok((index_of(&mut count_kinds, CountKind::DistinctUnits), delta))
+        }
+    };
     let mechanism = Mechanism::for_grant(dp);
     let cost = Budget::charge(dp.per_query)?;
     let statistics = sum_columns.len() + count_kinds.len();
@@ -337,18 +411,20 @@ pub fn certify(
         });
     }
 
-    let keys = key_product(&query, dataset)?;
-    if keys.len() > grant.max_result_rows as usize {
-        return Err(EngineError::rejected(
-            Rule::ResultTooLarge,
-            format!(
-                "the group keys' domains multiply to {} rows; grant `{}` allows {}",
-                keys.len(),
-                grant.id,
-                grant.max_result_rows
-            ),
-        ));
-    }
+    let keys = match selection {
+        Err(keys) => KeySet::Public(keys),
+        Ok((count, delta)) => KeySet::Selected(Selection {
+            count,
+            tau: crate::mechanisms::selection_threshold(
+                &counts[count].noise.scale,
+                max_groups,
+                delta,
+            )?,
+            min_units: policy.min_group_size(grant),
+            delta,
+            max_keys: grant.max_result_rows as usize,
+        }),
+    };
 
     let ctx = RewriteContext {
         query: &query,
@@ -360,7 +436,7 @@ pub fn certify(
         counts: count_kinds.clone(),
         max_groups,
         max_rows,
-        key_space: keys.len(),
+        key_space: keys.known_len().unwrap_or(usize::MAX),
         keys: crate::mechanisms::BoundingKeys::fresh()?,
     };
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
@@ -412,14 +488,69 @@ fn sum_index<'a>(dataset: &'a Dataset, name: &str, sums: &mut Vec<&'a Column>) -
     Ok(sums.len() - 1)
 }
 
-/// All public keys: the product of the group columns' domains, in order.
-fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Vec<Vec<DomainValue>>> {
+/// δ for partition selection over the query's group columns, or why the
+/// grant cannot select partitions.
+fn selection_delta(
+    query: &PrivateQuery,
+    dataset: &Dataset,
+    grant: &Grant,
+    dp: &veil_policy::DpSettings,
+    file_schema: &datafusion::arrow::datatypes::Schema,
+) -> Result<f64> {
+    let private: Vec<&str> = query
+        .group_columns
+        .iter()
+        .filter(|g| dataset.column(g).and_then(|c| c.domain_values()).is_none())
+        .map(String::as_str)
+        .collect();
+    let names = private
+        .iter()
+        .map(|g| format!("`{}.{g}`", dataset.id))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let delta = match dp.accounting {
+        veil_policy::Accounting::Epsilon { delta } if delta > 0.0 => delta,
+        _ => {
+            return Err(EngineError::rejected(
+                Rule::GroupKeyWithoutDomain,
+                format!(
+                    "{names} has no public domain listed in the policy, so its keys can only be released by DP partition selection, which needs a grant with (ε, δ) accounting and δ > 0; grant `{}` has none. Group by a column whose domain the policy lists, or ask the data owner for such a grant",
+                    grant.id
+                ),
+            ));
+        }
+    };
+    for g in private {
+        let supported = file_schema.field_with_name(g).is_ok_and(|f| {
+            f.data_type().is_integer()
+                || matches!(
+                    f.data_type(),
+                    datafusion::arrow::datatypes::DataType::Utf8
+                        | datafusion::arrow::datatypes::DataType::LargeUtf8
+                        | datafusion::arrow::datatypes::DataType::Utf8View
+                )
+        });
+        if !supported {
+            return Err(EngineError::rejected(
+                Rule::UnsupportedShape,
+                format!(
+                    "`{}.{g}` is neither text nor an integer; partition selection groups by text or integer columns only",
+                    dataset.id
+                ),
+            ));
+        }
+    }
+    Ok(delta)
+}
+
+/// All public keys: the product of the group columns' domains, in order;
+/// `None` when a group column has no public domain.
+fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Option<Vec<Vec<DomainValue>>>> {
     let mut keys: Vec<Vec<DomainValue>> = vec![vec![]];
     for g in &query.group_columns {
-        let domain = dataset
-            .column(g)
-            .and_then(|c| c.domain_values())
-            .ok_or_else(|| EngineError::Internal("group column without domain".into()))?;
+        let Some(domain) = dataset.column(g).and_then(|c| c.domain_values()) else {
+            return Ok(None);
+        };
         if keys.len().saturating_mul(domain.len()) > 1_000_000 {
             return Err(EngineError::rejected(
                 Rule::ResultTooLarge,
@@ -437,7 +568,7 @@ fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Vec<Vec<Domain
             })
             .collect();
     }
-    Ok(keys)
+    Ok(Some(keys))
 }
 
 pub(crate) fn df(e: datafusion::error::DataFusionError) -> EngineError {

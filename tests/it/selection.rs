@@ -1,0 +1,125 @@
+//! DP partition selection: GROUP BY a column without a public domain releases
+//! only the keys whose noisy distinct-unit count reaches `max(τ, k)`.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, StringArray};
+use veil_engine::meta;
+
+use crate::support::*;
+
+/// `gender` loses its public domain and op-univ-07's grant gains a δ.
+fn selection_policy() -> String {
+    let policy = example_policy()
+        .replacen("  domain = [\"男\", \"女\"]\n", "", 1)
+        .replacen(
+            "  accounting = \"epsilon\"                         # pure ε: discrete Laplace noise\n",
+            "  accounting = \"epsilon\"\n  delta = 1e-6\n",
+            1,
+        );
+    assert!(
+        policy.contains("delta = 1e-6"),
+        "the example policy changed"
+    );
+    policy
+}
+
+const SQL: &str = "SELECT gender, COUNT(*) AS n FROM pop.residents GROUP BY gender";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_without_a_domain_pass_partition_selection() {
+    // One resident gets a gender nobody else has, two get NULL.
+    let f = Fixture::with_policy(&selection_policy(), |data| {
+        rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
+            let original = b.column_by_name("gender").expect("gender");
+            let as_text = datafusion::arrow::compute::cast(
+                original,
+                &datafusion::arrow::datatypes::DataType::Utf8,
+            )
+            .expect("text");
+            let mut values: Vec<Option<String>> = as_text
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_owned))
+                .collect();
+            values[0] = Some("未说明".to_owned());
+            values[1] = None;
+            values[2] = None;
+            let edited =
+                datafusion::arrow::compute::cast(&StringArray::from(values), original.data_type())
+                    .expect("cast back");
+            // The generator declares gender NOT NULL; this copy allows NULL.
+            let fields: Vec<_> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| {
+                    f.as_ref()
+                        .clone()
+                        .with_nullable(f.is_nullable() || f.name() == "gender")
+                })
+                .collect();
+            let nullable = datafusion::arrow::array::RecordBatch::try_new(
+                Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
+                b.columns().to_vec(),
+            )
+            .expect("batch");
+            replace_column(nullable, "gender", Arc::new(edited))
+        })
+    })
+    .await;
+
+    let now = chrono::Utc::now().fixed_offset();
+    let estimate = f
+        .engine
+        .estimate("op-univ-07", SQL, now)
+        .await
+        .expect("dry run");
+    assert_eq!(estimate.rows, None, "the released keys depend on the data");
+    let threshold = estimate.threshold.expect("a selection threshold");
+
+    let r = f.query("op-univ-07", SQL).await.expect("answered");
+    // The lonely key passes with probability below δ = 1e-6 (this test's
+    // false-alarm rate); NULL is never a key; both populous keys pass, sorted.
+    assert_eq!(column_strings(&r, "gender"), vec!["女", "男"]);
+    let md = r.schema.metadata();
+    assert_eq!(
+        md.get(meta::KEYS).map(String::as_str),
+        Some("partition_selection")
+    );
+    let tau: u64 = md.get(meta::TAU).expect("τ").parse().expect("integer");
+    let applied: u64 = md
+        .get(meta::THRESHOLD)
+        .expect("threshold")
+        .parse()
+        .expect("integer");
+    assert_eq!(applied, threshold, "the dry run predicts the threshold");
+    let policy = f.engine.policy();
+    let grant = policy
+        .grants
+        .iter()
+        .find(|g| g.grantee == "op-univ-07")
+        .expect("grant");
+    assert_eq!(applied, tau.max(u64::from(policy.min_group_size(grant))));
+    assert_eq!(md.get(meta::TRUNCATED).map(String::as_str), Some("false"));
+    // The noisy counts are close to the exact ones.
+    let exact = exact_counts(&f.data().join("pop/residents.parquet"), "gender").await;
+    for (key, n) in column_strings(&r, "gender").iter().zip(column_f64(&r, "n")) {
+        let truth = exact[key] as f64;
+        assert!((n - truth).abs() < 200.0, "{key}: {n} vs {truth}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_selection_needs_a_delta() {
+    // The same policy without δ: refused before any data is read.
+    let policy = selection_policy().replacen("  delta = 1e-6\n", "", 1);
+    let f = Fixture::with_policy(&policy, |_| {}).await;
+    let e = assert_refused(
+        f.query("op-univ-07", SQL).await,
+        tonic::Code::InvalidArgument,
+        &["[GROUP_KEY_WITHOUT_DOMAIN]", "gender", "δ"],
+    );
+    drop(e);
+    assert_eq!(f.charges(), 0);
+}
