@@ -159,20 +159,20 @@ impl NoiseMeasurement {
 /// distinct-unit count, keeping the keys whose noisy count reaches a
 /// threshold (opendp's noise-threshold measurement).
 pub struct SelectionMeasurement(
-    Measurement<
-        MapDomain<AtomDomain<u64>, AtomDomain<IBig>>,
-        L01InfDistance<AbsoluteDistance<RBig>>,
-        Approximate<MaxDivergence>,
-        HashMap<u64, IBig>,
-    >,
+    Measurement<KeyCounts, KeyDistance, Approximate<MaxDivergence>, HashMap<u64, IBig>>,
 );
+
+/// Exact distinct-unit counts by key index.
+type KeyCounts = MapDomain<AtomDomain<u64>, AtomDomain<IBig>>;
+/// How far neighbouring datasets' key counts are: (keys touched, L1, L∞).
+type KeyDistance = L01InfDistance<AbsoluteDistance<RBig>>;
 
 impl SelectionMeasurement {
     /// Noise at `scale`, keeping noisy counts `≥ threshold`.
     pub fn new(scale: &RBig, threshold: u64) -> Result<SelectionMeasurement> {
         let space = (
-            MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<IBig>::default()),
-            L01InfDistance::<AbsoluteDistance<RBig>>::default(),
+            KeyCounts::new(AtomDomain::default(), AtomDomain::default()),
+            KeyDistance::default(),
         );
         Ok(SelectionMeasurement(
             ZExpFamily::<1> {
