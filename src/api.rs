@@ -88,16 +88,10 @@ impl Veil for VeilApi {
                 .into_iter()
                 .map(|(column, acc)| AggregateEstimate {
                     column,
-                    aggregate: acc
-                        .as_ref()
-                        .map(|a| a.aggregate.clone())
-                        .unwrap_or_else(|| "AVG".into()),
-                    mechanism: acc
-                        .as_ref()
-                        .map(|a| a.mechanism.to_owned())
-                        .unwrap_or_default(),
-                    scale: acc.as_ref().map(|a| a.scale).unwrap_or(f64::NAN),
-                    half_width_95: acc.map(|a| a.half_width_95),
+                    aggregate: acc.aggregate,
+                    mechanism: acc.mechanism.to_owned(),
+                    scale: acc.scale,
+                    half_width_95: acc.half_width_95,
                 })
                 .collect(),
         }))

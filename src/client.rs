@@ -410,8 +410,8 @@ pub fn render_estimate(e: &veil_proto::v1::CostEstimate) -> String {
             None => {
                 let _ = writeln!(
                     out,
-                    "  {:<16} {:<22} interval depends on the noisy count",
-                    a.column, a.aggregate
+                    "  {:<16} {:<22} {:<18} interval known only after the release",
+                    a.column, a.aggregate, a.mechanism
                 );
             }
         }

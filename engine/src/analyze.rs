@@ -16,7 +16,7 @@ use veil_policy::{Column, Dataset, Grant, Policy, Use};
 use crate::error::{EngineError, Result, Rule};
 
 /// One aggregate of the query, in the Aggregate node's order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AggregateCall {
     /// `COUNT(*)` (or `COUNT(<literal>)`).
     CountStar,
@@ -28,6 +28,15 @@ pub enum AggregateCall {
     Sum(String),
     /// `AVG(col)`.
     Avg(String),
+    /// A DP quantile: `MEDIAN(col)` (α = 0.5), `PERCENTILE_CONT(α) WITHIN
+    /// GROUP (ORDER BY col)`, `APPROX_PERCENTILE_CONT(col, α)`, and `MIN`/`MAX`
+    /// (α = 0 / 1) where the grant lists them.
+    Quantile {
+        /// Column.
+        column: String,
+        /// Which quantile, in [0, 1].
+        alpha: f64,
+    },
 }
 
 /// The DP shape of an aggregate query over one private dataset.
@@ -351,11 +360,12 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         ));
     };
     let name = func.name().to_ascii_uppercase();
-    if name == "MIN" || name == "MAX" {
+    if (name == "MIN" || name == "MAX") && !ctx.grant.agg_functions.contains(&name) {
         return Err(EngineError::rejected(
             Rule::AggregateNotAllowed,
             format!(
-                "{name} reveals one unit's value and is not released; use a percentile instead"
+                "{name} reveals one unit's value and is not released; use a DP percentile such as PERCENTILE_CONT(0.99) WITHIN GROUP (ORDER BY col), or ask the security officer to list {name} (a DP quantile at {}) in the grant",
+                if name == "MIN" { 0 } else { 1 }
             ),
         ));
     }
@@ -374,7 +384,8 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
             ),
         ));
     }
-    if params.filter.is_some() || !params.order_by.is_empty() {
+    let ordered_set = matches!(name.as_str(), "PERCENTILE_CONT" | "APPROX_PERCENTILE_CONT");
+    if params.filter.is_some() || (!params.order_by.is_empty() && !ordered_set) {
         return Err(EngineError::rejected(
             Rule::UnsupportedShape,
             format!("{name} with FILTER or ORDER BY is not supported yet"),
@@ -421,6 +432,35 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         },
         "SUM" => AggregateCall::Sum(column(&params.args)?),
         "AVG" => AggregateCall::Avg(column(&params.args)?),
+        "MEDIAN" | "MIN" | "MAX" => AggregateCall::Quantile {
+            column: column(&params.args)?,
+            alpha: match name.as_str() {
+                "MIN" => 0.0,
+                "MAX" => 1.0,
+                _ => 0.5,
+            },
+        },
+        "PERCENTILE_CONT" | "APPROX_PERCENTILE_CONT" => {
+            // `f(p) WITHIN GROUP (ORDER BY col)` plans as args [col, p] with
+            // the ordering kept; `APPROX_PERCENTILE_CONT(col, p)` likewise.
+            let (column, p) = match params.args.as_slice() {
+                [Expr::Column(c), Expr::Literal(p, _), ..] => (Some(c.name.clone()), fraction(p)),
+                _ => (None, None),
+            };
+            let (Some(column), Some(p)) = (column, p) else {
+                return Err(EngineError::rejected(
+                    Rule::UnsupportedShape,
+                    format!(
+                        "{name} accepts a literal fraction in [0, 1] and a plain column: {name}(0.9) WITHIN GROUP (ORDER BY col)"
+                    ),
+                ));
+            };
+            let descending = params.order_by.first().is_some_and(|s| !s.asc);
+            AggregateCall::Quantile {
+                column,
+                alpha: if descending { 1.0 - p } else { p },
+            }
+        }
         _ => {
             return Err(EngineError::rejected(
                 Rule::AggregateNotAllowed,
@@ -428,7 +468,10 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
             ));
         }
     };
-    if let AggregateCall::Sum(c) | AggregateCall::Avg(c) = &call {
+    if let AggregateCall::Sum(c)
+    | AggregateCall::Avg(c)
+    | AggregateCall::Quantile { column: c, .. } = &call
+    {
         let col = ctx.require(c, Use::Aggregate)?;
         if col.bounds.is_none() {
             return Err(EngineError::rejected(
@@ -441,6 +484,15 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         }
     }
     Ok(call)
+}
+
+/// A literal fraction in [0, 1].
+fn fraction(v: &ScalarValue) -> Option<f64> {
+    let f = v.cast_to(&DataType::Float64).ok()?;
+    match f {
+        ScalarValue::Float64(Some(x)) if (0.0..=1.0).contains(&x) => Some(x),
+        _ => None,
+    }
 }
 
 /// Checks a WHERE predicate: comparisons of a column with literals need

@@ -13,10 +13,13 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Int64Array, ListArray, UInt64Array,
+    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Int64Array, Int64Builder, ListArray,
+    ListBuilder, UInt64Array,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
-use datafusion::arrow::datatypes::{DataType, Decimal128Type, Field, FieldRef, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, FieldRef, Int64Type, UInt64Type,
+};
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
@@ -36,6 +39,8 @@ enum Output {
         /// Decimal scale of the values.
         scale: i8,
     },
+    /// The kept non-NULL values themselves (`Int64` in, `List<Int64>` out).
+    Kept,
 }
 
 /// The aggregate function; see the module documentation.
@@ -58,6 +63,12 @@ impl BoundedSample {
         Self::call(k, Output::Sum { scale }, priority, value)
     }
 
+    /// The non-NULL `value`s (`Int64`) among the `k` rows of smallest
+    /// `priority`, as a list.
+    pub fn kept(k: u32, priority: Expr, value: Expr) -> Expr {
+        Self::call(k, Output::Kept, priority, value)
+    }
+
     fn call(k: u32, output: Output, priority: Expr, value: Expr) -> Expr {
         let udaf = AggregateUDF::new_from_impl(BoundedSample {
             k: k as usize,
@@ -69,7 +80,7 @@ impl BoundedSample {
 
     fn value_type(&self) -> DataType {
         match self.output {
-            Output::Count => DataType::Decimal128(DECIMAL_PRECISION, 0),
+            Output::Count | Output::Kept => DataType::Decimal128(DECIMAL_PRECISION, 0),
             Output::Sum { scale } => DataType::Decimal128(DECIMAL_PRECISION, scale),
         }
     }
@@ -102,6 +113,7 @@ impl AggregateUDFImpl for BoundedSample {
             {
                 Ok(self.value_type())
             }
+            (Output::Kept, [DataType::UInt64, DataType::Int64]) => Ok(kept_type()),
             _ => internal_err!("veil_bounded_sample over {arg_types:?}"),
         }
     }
@@ -136,6 +148,10 @@ impl AggregateUDFImpl for BoundedSample {
     ) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(self.accumulate()))
     }
+}
+
+fn kept_type() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true)))
 }
 
 /// The kept (priority, value) pairs of one group: the `k` smallest seen.
@@ -190,7 +206,11 @@ impl Groups {
         let priority = priority.as_primitive::<UInt64Type>();
         let sums = match self.output {
             Output::Sum { .. } => Some(value.as_primitive::<Decimal128Type>()),
-            Output::Count => None,
+            Output::Count | Output::Kept => None,
+        };
+        let ints = match self.output {
+            Output::Kept => Some(value.as_primitive::<Int64Type>()),
+            Output::Count | Output::Sum { .. } => None,
         };
         let nulls = value.logical_nulls();
         Ok((0..priority.len()).map(move |row| {
@@ -200,6 +220,8 @@ impl Groups {
             }
             let v = if nulls.as_ref().is_some_and(|n| n.is_null(row)) {
                 None
+            } else if let Some(ints) = ints {
+                Some(i128::from(ints.value(row)))
             } else {
                 Some(sums.map_or(0, |s| s.value(row)))
             };
@@ -251,6 +273,17 @@ impl Groups {
                     sums.push(sum);
                 }
                 Arc::new(Decimal128Array::from(sums).with_data_type(self.value_type.clone()))
+            }
+            Output::Kept => {
+                let mut lists = ListBuilder::new(Int64Builder::new());
+                for g in groups {
+                    for v in g.0.iter().filter_map(|(_, v)| *v) {
+                        // Values came in as Int64.
+                        lists.values().append_value(v as i64);
+                    }
+                    lists.append(true);
+                }
+                Arc::new(lists.finish())
             }
         })
     }
@@ -394,23 +427,34 @@ mod tests {
     }
 
     fn inputs(rows: &[(u64, Option<i128>)]) -> Vec<ArrayRef> {
-        vec![
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0))),
-            Arc::new(
+        typed_inputs(rows, Output::Sum { scale: SCALE })
+    }
+
+    fn typed_inputs(rows: &[(u64, Option<i128>)], output: Output) -> Vec<ArrayRef> {
+        let values: ArrayRef = match output {
+            Output::Kept => Arc::new(Int64Array::from_iter(
+                rows.iter().map(|r| r.1.map(|v| v as i64)),
+            )),
+            _ => Arc::new(
                 Decimal128Array::from_iter(rows.iter().map(|r| r.1))
                     .with_data_type(DataType::Decimal128(DECIMAL_PRECISION, SCALE)),
             ),
+        };
+        vec![
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            values,
         ]
     }
 
     /// Reference: sort by (priority, value), keep k, then count or sum.
-    fn reference(rows: &[(u64, Option<i128>)], k: usize) -> (i64, Option<i128>) {
+    fn reference(rows: &[(u64, Option<i128>)], k: usize) -> (i64, Option<i128>, Vec<i128>) {
         let mut sorted = rows.to_vec();
         sorted.sort();
         sorted.truncate(k);
-        let kept: Vec<i128> = sorted.iter().filter_map(|r| r.1).collect();
+        let mut kept: Vec<i128> = sorted.iter().filter_map(|r| r.1).collect();
         let sum = (!kept.is_empty()).then(|| kept.iter().sum());
-        (kept.len() as i64, sum)
+        kept.sort();
+        (kept.len() as i64, sum, kept)
     }
 
     fn rows() -> impl Strategy<Value = Vec<(u8, u64, Option<i128>)>> {
@@ -425,26 +469,32 @@ mod tests {
         #[test]
         fn partial_merge_equals_sorting_reference(rows in rows(), k in 1usize..6, split in 0usize..60) {
             let split = split.min(rows.len());
-            for output in [Output::Count, Output::Sum { scale: SCALE }] {
+            for output in [Output::Count, Output::Sum { scale: SCALE }, Output::Kept] {
                 let mut finals = sample(output, k);
                 for part in [&rows[..split], &rows[split..]] {
                     let mut partial = sample(output, k);
                     let pairs: Vec<_> = part.iter().map(|r| (r.1, r.2)).collect();
                     let groups: Vec<usize> = part.iter().map(|r| usize::from(r.0)).collect();
-                    partial.update_batch(&inputs(&pairs), &groups, None, 3).expect("update");
+                    partial.update_batch(&typed_inputs(&pairs, output), &groups, None, 3).expect("update");
                     let state = partial.state(EmitTo::All).expect("state");
                     finals.merge_batch(&state, &[0, 1, 2], 3).expect("merge");
                 }
                 let out = finals.evaluate(EmitTo::All).expect("evaluate");
                 for g in 0..3u8 {
                     let mine: Vec<_> = rows.iter().filter(|r| r.0 == g).map(|r| (r.1, r.2)).collect();
-                    let (count, sum) = reference(&mine, k);
+                    let (count, sum, kept) = reference(&mine, k);
                     match output {
                         Output::Count => prop_assert_eq!(out.as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(usize::from(g)), count),
                         Output::Sum { .. } => {
                             let s = out.as_primitive::<Decimal128Type>();
                             let got = (!s.is_null(usize::from(g))).then(|| s.value(usize::from(g)));
                             prop_assert_eq!(got, sum);
+                        }
+                        Output::Kept => {
+                            let list = out.as_list::<i32>().value(usize::from(g));
+                            let mut got: Vec<i128> = list.as_primitive::<Int64Type>().values().iter().map(|v| i128::from(*v)).collect();
+                            got.sort();
+                            prop_assert_eq!(got, kept);
                         }
                     }
                 }

@@ -92,7 +92,7 @@ pub struct Estimate {
     pub threshold: Option<u64>,
     /// Accuracy of each aggregate column; `None` where it depends on noisy
     /// values (AVG).
-    pub aggregates: Vec<(String, Option<crate::mechanisms::Accuracy>)>,
+    pub aggregates: Vec<(String, crate::mechanisms::Accuracy)>,
 }
 
 /// The engine of one domain: the policy in force (with its catalog) and the
@@ -626,7 +626,9 @@ async fn post_process(
                     let acc = &released.accuracy()[j - groups];
                     md.insert(meta::MECHANISM.to_owned(), acc.mechanism.to_owned());
                     md.insert(meta::SCALE.to_owned(), format!("{}", acc.scale));
-                    md.insert(meta::CI95.to_owned(), format!("{}", acc.half_width_95));
+                    if let Some(h) = acc.half_width_95 {
+                        md.insert(meta::CI95.to_owned(), format!("{h}"));
+                    }
                     md.insert(meta::AGGREGATE.to_owned(), acc.aggregate.clone());
                 }
                 Some(_) => {

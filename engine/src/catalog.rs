@@ -49,7 +49,16 @@ pub const ALLOWED_SCALAR_FUNCTIONS: &[&str] = &[
     "abs", "ceil", "floor", "round", "trunc", "coalesce", "nullif", "greatest", "least",
 ];
 /// Aggregate functions the planner knows; the policy narrows them further.
-pub const ALLOWED_AGGREGATE_FUNCTIONS: &[&str] = &["count", "sum", "avg", "min", "max"];
+pub const ALLOWED_AGGREGATE_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "median",
+    "percentile_cont",
+    "approx_percentile_cont",
+];
 
 /// Datasets' file schemas and the data directory.
 #[derive(Debug)]
@@ -333,7 +342,21 @@ mod tests {
             ]
         );
         let aggregate = sorted(state.aggregate_functions().keys().cloned());
-        assert_eq!(aggregate, ["avg", "count", "max", "mean", "min", "sum"]);
+        assert_eq!(
+            aggregate,
+            [
+                "approx_percentile_cont",
+                "avg",
+                "count",
+                "max",
+                "mean",
+                "median",
+                "min",
+                "percentile_cont",
+                "quantile_cont",
+                "sum"
+            ]
+        );
         assert!(state.window_functions().is_empty());
         assert!(
             state.table_functions().is_empty(),

@@ -11,7 +11,7 @@ use datafusion::physical_plan::collect;
 use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 
 use crate::error::{EngineError, Result};
-use crate::rewrite::{CertifiedPlan, count_column, sum_column};
+use crate::rewrite::{CertifiedPlan, count_column, histogram_column, sum_column};
 
 /// Executes a certified plan on `state` (an execution session of the catalog).
 ///
@@ -65,8 +65,7 @@ async fn execute_inner(
         read_batch(
             batch,
             spec.group_columns.len(),
-            spec.counts.len(),
-            spec.sums.len(),
+            [spec.counts.len(), spec.sums.len(), spec.quantiles.len()],
             &mut groups,
         )
         .ok_or_else(|| {
@@ -80,12 +79,18 @@ async fn execute_inner(
 fn read_batch(
     batch: &RecordBatch,
     keys: usize,
-    counts: usize,
-    sums: usize,
+    [counts, sums, quantiles]: [usize; 3],
     out: &mut Vec<GroupAggregate>,
 ) -> Option<()> {
     let count_arrays = typed_columns::<Int64Type>(batch, counts, count_column)?;
     let sum_arrays = typed_columns::<Decimal128Type>(batch, sums, sum_column)?;
+    let histogram_arrays: Vec<_> = (0..quantiles)
+        .map(|q| {
+            batch
+                .column_by_name(&histogram_column(q))
+                .and_then(|a| a.as_list_opt::<i32>())
+        })
+        .collect::<Option<_>>()?;
     for row in 0..batch.num_rows() {
         let mut key = Vec::with_capacity(keys);
         for k in 0..keys {
@@ -111,6 +116,13 @@ fn read_batch(
                 .iter()
                 .map(|a| if a.is_null(row) { 0 } else { a.value(row) })
                 .collect(),
+            histograms: histogram_arrays
+                .iter()
+                .map(|h| {
+                    let counts = h.value(row);
+                    Some(counts.as_primitive_opt::<Int64Type>()?.values().to_vec())
+                })
+                .collect::<Option<_>>()?,
         });
     }
     Some(())

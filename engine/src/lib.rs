@@ -39,6 +39,7 @@ pub mod gate;
 mod keyed_hash;
 pub mod ledger;
 pub mod mechanisms;
+pub mod quantile_grid;
 pub mod rewrite;
 
 pub use broker::{Answer, Engine, Estimate, meta};

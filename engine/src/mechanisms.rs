@@ -13,16 +13,21 @@ use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, 
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use veil_policy::DomainValue;
-use veil_sandbox::{BoundedAggregates, KeyValue};
+use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 
 use opendp::core::{Measure, Measurement, Metric};
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{MakeNoise, MakeNoiseThreshold, ZExpFamily};
+use opendp::measurements::{
+    MakeNoise, MakeNoiseThreshold, TopKMeasure, ZExpFamily, make_private_quantile,
+};
 use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
-use opendp::metrics::{AbsoluteDistance, L1Distance, L01InfDistance, L2Distance};
+use opendp::metrics::{
+    AbsoluteDistance, L1Distance, L01InfDistance, L2Distance, SymmetricDistance,
+};
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
 use crate::error::{EngineError, Result};
+use crate::quantile_grid::QuantileGrid;
 use crate::rewrite::{CountKind, KeySet, ReleaseSpec, ReleasedAggregate};
 
 /// Per-query secret keys for contribution bounding.
@@ -60,8 +65,9 @@ pub struct Accuracy {
     pub mechanism: &'static str,
     /// Noise scale in output units (for AVG: of the sum).
     pub scale: f64,
-    /// Half-width of the 95% interval, valid for every cell of the column.
-    pub half_width_95: f64,
+    /// Half-width of the 95% interval, valid for every cell of the column;
+    /// `None` where the mechanism has no interval in output units (quantiles).
+    pub half_width_95: Option<f64>,
     /// What was computed, e.g. `AVG(wage_base)`.
     pub aggregate: String,
 }
@@ -98,12 +104,14 @@ impl Release {
 /// map and the noisy release. (opendp measurements are not `Send`, so they are
 /// built where they are used, from the parameters kept in [`NoisePlan`].)
 pub(crate) struct NoiseMeasurement {
-    map: PrivacyMapFn,
-    invoke: ReleaseFn,
+    map: PrivacyMapFn<RBig>,
+    invoke: ReleaseFn<Vec<IBig>, Vec<IBig>>,
 }
 
-type PrivacyMapFn = Box<dyn Fn(&RBig) -> opendp::error::Fallible<f64>>;
-type ReleaseFn = Box<dyn Fn(&Vec<IBig>) -> opendp::error::Fallible<Vec<IBig>>>;
+/// An opendp measurement's privacy map, behind its measure's generic type.
+type PrivacyMapFn<D> = Box<dyn Fn(&D) -> opendp::error::Fallible<f64>>;
+/// An opendp measurement's function.
+type ReleaseFn<I, O> = Box<dyn Fn(&I) -> opendp::error::Fallible<O>>;
 
 impl NoiseMeasurement {
     /// Discrete Laplace (L1 → ε) or discrete Gaussian (L2 → ρ) at `scale`,
@@ -235,36 +243,139 @@ fn opendp_threshold(scale: &RBig, max_groups: u32, delta: f64) -> Result<u64> {
     Ok(high)
 }
 
-/// Accuracy of a released COUNT or SUM column: known before any data is read.
-/// (AVG's depends on its noisy count, so it is computed per release.)
-pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Option<Accuracy>> {
+/// Accuracy of a released column as known before any data is read. COUNT and
+/// SUM intervals are exact; AVG's depends on its noisy count (computed per
+/// release) and a quantile's has no closed form in output units.
+pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Accuracy> {
     Ok(match agg {
         ReleasedAggregate::Count(c) => {
             let plan = &spec.counts[c].noise;
-            Some(Accuracy {
+            Accuracy {
                 mechanism: plan.mechanism.name(),
                 scale: plan.scale_f64(),
-                half_width_95: plan.half_width(0.05)?,
+                half_width_95: Some(plan.half_width(0.05)?),
                 aggregate: match &spec.counts[c].kind {
                     CountKind::Rows => "COUNT(*)".to_owned(),
                     CountKind::NonNull(col) => format!("COUNT({col})"),
                     CountKind::Summed(i) => format!("COUNT({})", spec.sums[*i].column),
                     CountKind::DistinctUnits => "COUNT(DISTINCT unit)".to_owned(),
                 },
-            })
+            }
         }
         ReleasedAggregate::Sum(i) => {
             let s = &spec.sums[i];
             let unit = 10f64.powi(s.precision as i32);
-            Some(Accuracy {
+            Accuracy {
                 mechanism: s.noise.mechanism.name(),
                 scale: s.noise.scale_f64() / unit,
-                half_width_95: s.noise.half_width(0.05)? / unit,
+                half_width_95: Some(s.noise.half_width(0.05)? / unit),
                 aggregate: format!("SUM({})", s.column),
-            })
+            }
         }
-        ReleasedAggregate::Avg { .. } => None,
+        ReleasedAggregate::Avg { sum, .. } => {
+            let s = &spec.sums[sum];
+            Accuracy {
+                mechanism: s.noise.mechanism.name(),
+                scale: s.noise.scale_f64() / 10f64.powi(s.precision as i32),
+                half_width_95: None,
+                aggregate: format!("AVG({})", s.column),
+            }
+        }
+        ReleasedAggregate::Quantile(q) => {
+            let stat = &spec.quantiles[q];
+            Accuracy {
+                mechanism: "exponential",
+                scale: stat.scale,
+                half_width_95: None,
+                aggregate: format!("QUANTILE({}, {})", stat.column, stat.alpha),
+            }
+        }
     })
+}
+
+/// opendp's DP quantile (exponential mechanism: noisy max over the scores
+/// of a grid's candidates) for one group's kept values, given as ranks.
+struct QuantileMeasurement {
+    map: PrivacyMapFn<u32>,
+    invoke: ReleaseFn<Vec<i64>, i64>,
+}
+
+impl QuantileMeasurement {
+    fn new(mechanism: Mechanism, grid: &QuantileGrid, alpha: f64, scale: f64) -> Result<Self> {
+        match mechanism {
+            Mechanism::DiscreteLaplace => Self::with::<MaxDivergence>(grid, alpha, scale),
+            Mechanism::DiscreteGaussian => {
+                Self::with::<ZeroConcentratedDivergence>(grid, alpha, scale)
+            }
+        }
+    }
+
+    fn with<MO: TopKMeasure + Default>(
+        grid: &QuantileGrid,
+        alpha: f64,
+        scale: f64,
+    ) -> Result<Self> {
+        let m = std::rc::Rc::new(
+            make_private_quantile(
+                VectorDomain::new(AtomDomain::<i64>::default()),
+                SymmetricDistance,
+                MO::default(),
+                grid.candidate_ranks(),
+                alpha,
+                scale,
+            )
+            .map_err(opendp_err)?,
+        );
+        let m2 = m.clone();
+        Ok(QuantileMeasurement {
+            map: Box::new(move |d| m.map(d)),
+            invoke: Box::new(move |x| m2.invoke(x)),
+        })
+    }
+}
+
+/// The scale at which a quantile over every group spends at most `share`:
+/// a unit changes at most `max_rows` values in each of at most `max_groups`
+/// groups, so the spend is `max_groups` times opendp's map at `max_rows`.
+/// Returns the scale and that spend.
+pub fn quantile_scale(
+    mechanism: Mechanism,
+    grid: &QuantileGrid,
+    alpha: f64,
+    max_rows: u32,
+    max_groups: u32,
+    share: &RBig,
+) -> Result<(f64, f64)> {
+    // Round the share down so that float rounding cannot overspend.
+    let target = share.to_f64().value() * (1.0 - 1e-9);
+    let spend = |scale: f64| -> Result<f64> {
+        let per_group = (QuantileMeasurement::new(mechanism, grid, alpha, scale)?.map)(&max_rows)
+            .map_err(opendp_err)?;
+        Ok(per_group * f64::from(max_groups))
+    };
+    let mut high = 1.0f64;
+    while spend(high)? > target {
+        high *= 2.0;
+        if high > 1e300 {
+            return Err(EngineError::Internal(
+                "no quantile scale fits the share".into(),
+            ));
+        }
+    }
+    let mut low = high / 2.0;
+    while low > 1e-300 && spend(low)? <= target {
+        high = low;
+        low /= 2.0;
+    }
+    for _ in 0..60 {
+        let mid = 0.5 * (low + high);
+        if spend(mid)? <= target {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    Ok((high, spend(high)?))
 }
 
 /// Adds noise to a vector of exact integers through its opendp measurement.
@@ -366,11 +477,8 @@ pub fn release(
     exact: &BoundedAggregates,
     schema: SchemaRef,
 ) -> Result<Release> {
-    let by_key: HashMap<&[KeyValue], (&[i64], &[i128])> = exact
-        .groups
-        .iter()
-        .map(|g| (g.key.as_slice(), (g.counts.as_slice(), g.sums.as_slice())))
-        .collect();
+    let by_key: HashMap<&[KeyValue], &GroupAggregate> =
+        exact.groups.iter().map(|g| (g.key.as_slice(), g)).collect();
     let ReleasedKeys {
         keys,
         selected_by,
@@ -383,12 +491,10 @@ pub fn release(
     let exact_vector = |stat: std::result::Result<usize, usize>| -> Vec<IBig> {
         keys.iter()
             .map(|k| {
-                let value = by_key
-                    .get(k.as_slice())
-                    .and_then(|(counts, sums)| match stat {
-                        Ok(j) => counts.get(j).map(|v| i128::from(*v)),
-                        Err(i) => sums.get(i).copied(),
-                    });
+                let value = by_key.get(k.as_slice()).and_then(|g| match stat {
+                    Ok(j) => g.counts.get(j).map(|v| i128::from(*v)),
+                    Err(i) => g.sums.get(i).copied(),
+                });
                 IBig::from(value.unwrap_or(0))
             })
             .collect()
@@ -405,6 +511,31 @@ pub fn release(
     for (i, s) in spec.sums.iter().enumerate() {
         noisy_sums.push(noisy_vector(&s.noise, exact_vector(Err(i)))?);
     }
+    let mut noisy_quantiles = Vec::new();
+    for (q, stat) in spec.quantiles.iter().enumerate() {
+        let m = QuantileMeasurement::new(stat.mechanism, &stat.grid, stat.alpha, stat.scale)?;
+        let unit = 10f64.powi(stat.precision as i32);
+        let mut values = Vec::with_capacity(n);
+        for k in &keys {
+            // A dataset with the kept values' order relations to every
+            // candidate: each rank repeated as often as it was counted.
+            let ranks: Vec<i64> = by_key
+                .get(k.as_slice())
+                .and_then(|g| g.histograms.get(q))
+                .map(|h| {
+                    h.iter()
+                        .enumerate()
+                        .flat_map(|(rank, n)| {
+                            std::iter::repeat_n(rank as i64, usize::try_from(*n).unwrap_or(0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let chosen = (m.invoke)(&ranks).map_err(opendp_err)?;
+            values.push(stat.grid.candidate(chosen) as f64 / unit);
+        }
+        noisy_quantiles.push(values);
+    }
 
     let groups = spec.group_columns.len();
     let mut columns: Vec<ArrayRef> = Vec::new();
@@ -415,21 +546,21 @@ pub fn release(
     for (j, agg) in spec.aggregates.iter().enumerate() {
         let field = schema.field(groups + j);
         let (array, acc): (ArrayRef, Accuracy) = match *agg {
+            ReleasedAggregate::Quantile(q) => (
+                Arc::new(Float64Array::from(noisy_quantiles[q].clone())),
+                planned_accuracy(spec, *agg)?,
+            ),
             ReleasedAggregate::Count(c) => {
                 let array = Int64Array::from_iter_values(noisy_counts[c].iter().map(|v| {
                     i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
                 }));
-                let acc = planned_accuracy(spec, *agg)?
-                    .ok_or_else(|| EngineError::Internal("count accuracy".into()))?;
-                (Arc::new(array), acc)
+                (Arc::new(array), planned_accuracy(spec, *agg)?)
             }
             ReleasedAggregate::Sum(i) => {
                 let unit = 10f64.powi(spec.sums[i].precision as i32);
                 let array =
                     Float64Array::from_iter_values(noisy_sums[i].iter().map(|v| to_f64(v) / unit));
-                let acc = planned_accuracy(spec, *agg)?
-                    .ok_or_else(|| EngineError::Internal("sum accuracy".into()))?;
-                (Arc::new(array), acc)
+                (Arc::new(array), planned_accuracy(spec, *agg)?)
             }
             ReleasedAggregate::Avg { sum: i, count: c } => {
                 let s = &spec.sums[i];
@@ -465,10 +596,8 @@ pub fn release(
                 (
                     Arc::new(Float64Array::from(out)),
                     Accuracy {
-                        mechanism: s.noise.mechanism.name(),
-                        scale: s.noise.scale_f64() / unit,
-                        half_width_95: widest,
-                        aggregate: format!("AVG({})", s.column),
+                        half_width_95: Some(widest),
+                        ..planned_accuracy(spec, *agg)?
                     },
                 )
             }
@@ -644,14 +773,24 @@ mod tests {
                     .map(|v| i64::try_from(v).expect("small"))
                     .collect()
             };
-            let (d0, d1) = (sample(0), sample(shift));
+            loss_lower_bound(&sample(0), &sample(shift), delta, -20..=60)
+        }
+
+        /// ε lower bound from `N` outputs on each of two neighbouring inputs:
+        /// the event {X ≥ t} is chosen on one half and measured on the other.
+        fn loss_lower_bound(
+            d0: &[i64],
+            d1: &[i64],
+            delta: f64,
+            thresholds: std::ops::RangeInclusive<i64>,
+        ) -> f64 {
             let (train0, test0) = d0.split_at(N / 2);
             let (train1, test1) = d1.split_at(N / 2);
             // The event {X >= t} whose training data give the best lower
             // bound: enough mass on both sides to be estimated tightly.
             let n = N / 2;
             let at_least = |xs: &[i64], t: i64| xs.iter().filter(|x| **x >= t).count();
-            let t = (-20..=60)
+            let t = thresholds
                 .max_by(|a, b| {
                     let score = |t: i64| {
                         let hi = cp_upper(at_least(train0, t), n, ALPHA / 2.0);
@@ -735,6 +874,31 @@ mod tests {
                     "the audit has power: {leaked}/{n}"
                 );
             }
+        }
+
+        #[test]
+        fn quantiles_keep_their_epsilon() {
+            // Candidates 0..=10; neighbours differ by one value at the top.
+            let grid = QuantileGrid::over(0, 10);
+            let share = Budget::charge(1.0).expect("ok").as_rational();
+            let (scale, claimed) =
+                quantile_scale(Mechanism::DiscreteLaplace, &grid, 0.5, 1, 1, &share)
+                    .expect("scale");
+            let m = QuantileMeasurement::new(Mechanism::DiscreteLaplace, &grid, 0.5, scale)
+                .expect("measurement");
+            let ranks = |values: &[i128]| values.iter().map(|v| grid.rank(*v)).collect::<Vec<_>>();
+            let d0 = ranks(&[2, 3, 4, 5, 6]);
+            let d1 = ranks(&[2, 3, 4, 5, 6, 10]);
+            let sample = |d: &Vec<i64>| -> Vec<i64> {
+                (0..N).map(|_| (m.invoke)(d).expect("quantile")).collect()
+            };
+            let lb = loss_lower_bound(&sample(&d0), &sample(&d1), 0.0, 1..=21);
+            eprintln!("quantile audit: claimed ε = {claimed:.4}, lower bound {lb:.4}");
+            assert!(
+                lb <= claimed,
+                "ε lower bound {lb} exceeds the claimed {claimed}"
+            );
+            assert!(lb > 0.1, "the audit sees the neighbours apart: {lb}");
         }
 
         #[test]

@@ -13,7 +13,7 @@
 //! ```
 //! use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 //! let out = BoundedAggregates {
-//!     groups: vec![GroupAggregate { key: vec![KeyValue::Text("东城区".into())], counts: vec![3], sums: vec![120] }],
+//!     groups: vec![GroupAggregate { key: vec![KeyValue::Text("东城区".into())], counts: vec![3], sums: vec![120], histograms: vec![] }],
 //! };
 //! let bytes = out.encode().unwrap();
 //! assert_eq!(BoundedAggregates::decode(&bytes).unwrap(), out);
@@ -43,6 +43,9 @@ pub struct GroupAggregate {
     pub counts: Vec<i64>,
     /// Fixed-point sums of clamped values, one per summed column.
     pub sums: Vec<i128>,
+    /// Per quantile, how many kept values fall on each rank of its
+    /// candidate grid.
+    pub histograms: Vec<Vec<i64>>,
 }
 
 /// The only thing an executor returns.
@@ -94,6 +97,7 @@ mod tests {
                 key: vec![KeyValue::Int(7), KeyValue::Text("海淀区".into())],
                 counts: vec![i64::MAX, 0],
                 sums: vec![i128::MAX, i128::MIN],
+                histograms: vec![vec![0, 3, 1]],
             }],
         };
         let bytes = out.encode().expect("encodes");

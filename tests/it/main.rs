@@ -8,6 +8,7 @@ mod dry_run;
 mod flight;
 mod leaks;
 mod noise;
+mod quantiles;
 mod rejections;
 mod reload;
 mod selection;

@@ -2,14 +2,15 @@
 //! the exact sums of their fixed-point contributions (decimal128: `i128`
 //! arithmetic, which the bounds keep far from overflow; never a wrapping
 //! integer or a float sum). Each input row is one unit in one group, so the
-//! number of rows is the distinct-unit count.
+//! number of rows is the distinct-unit count. Quantiles get a histogram of
+//! their kept values' ranks.
 
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 
 use super::{
-    CountKind, RewriteContext, RewriteStage, count_column, df, sum_column, unit_count_column,
-    unit_sum_column,
+    CountKind, RewriteContext, RewriteStage, count_column, df, histogram_column, sum_column,
+    unit_count_column, unit_ranks_column, unit_sum_column,
 };
 use crate::error::Result;
 
@@ -41,6 +42,12 @@ impl RewriteStage for AggregateExactly {
             .collect();
         for i in 0..ctx.sums.len() {
             aggregates.push(sum(col(unit_sum_column(i))).alias(sum_column(i)));
+        }
+        for (q, (_, grid)) in ctx.quantiles.iter().enumerate() {
+            aggregates.push(
+                grid.histogram(col(unit_ranks_column(q)))
+                    .alias(histogram_column(q)),
+            );
         }
         input.aggregate(groups, aggregates).map_err(df)
     }

@@ -19,8 +19,8 @@ use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, l
 use veil_policy::UnitKind;
 
 use super::{
-    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, unit_count_column,
-    unit_sum_column, value_column,
+    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, rank_column,
+    unit_count_column, unit_ranks_column, unit_sum_column, value_column,
 };
 use crate::bounded_sample::BoundedSample;
 use crate::error::Result;
@@ -78,6 +78,9 @@ impl RewriteStage for BoundContributions {
             for i in 0..ctx.sums.len() {
                 per_row.push(col(value_column(i)).alias(unit_sum_column(i)));
             }
+            for q in 0..ctx.quantiles.len() {
+                per_row.push(col(rank_column(q)).alias(unit_ranks_column(q)));
+            }
             return input.project(per_row).map_err(df);
         }
 
@@ -106,6 +109,12 @@ impl RewriteStage for BoundContributions {
                 .alias(unit_sum_column(i)),
             );
         }
+        for q in 0..ctx.quantiles.len() {
+            contributions.push(
+                BoundedSample::kept(k, col(ROW_PRIORITY), col(rank_column(q)))
+                    .alias(unit_ranks_column(q)),
+            );
+        }
         let aggregated = input
             .project(with_priority)
             .and_then(|b| b.aggregate(unit_and_groups.clone(), contributions))
@@ -123,6 +132,7 @@ impl RewriteStage for BoundContributions {
             });
         }
         capped.extend((0..ctx.sums.len()).map(|i| col(unit_sum_column(i))));
+        capped.extend((0..ctx.quantiles.len()).map(|q| col(unit_ranks_column(q))));
         let per_pair = aggregated.project(capped).map_err(df)?;
         if ctx.key_space <= ctx.max_groups as usize {
             return Ok(per_pair);

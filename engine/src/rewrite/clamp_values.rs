@@ -1,5 +1,6 @@
 //! `ClampValues`: every summed value becomes a fixed-point decimal clamped to
-//! its declared bounds. Values that do not convert (NaN, ±∞, out of range)
+//! its declared bounds, and every quantile's value its rank on the candidate
+//! grid ([`crate::quantile_grid`]). Values that do not convert (NaN, ±∞, out of range)
 //! become NULL through `TRY_CAST` and are dropped by the sum: no
 //! data-dependent error can arise here.
 
@@ -8,11 +9,29 @@ use datafusion::common::Column as DfColumn;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit, try_cast, when};
 use datafusion::scalar::ScalarValue;
 
-use super::{RewriteContext, RewriteStage, df, value_column};
-use crate::error::{EngineError, Result};
+use veil_policy::Column;
+
+use super::{RewriteContext, RewriteStage, df, fixed_point_bounds, rank_column, value_column};
+use crate::error::Result;
 
 /// See the module documentation.
 pub struct ClampValues;
+
+/// A column's values as fixed-point decimals clamped to its bounds; NULL
+/// where they do not convert.
+fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let (_, _, lo_fp, hi_fp) = fixed_point_bounds(column)?;
+    let p = column.precision as i8;
+    let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
+    let v = try_cast(
+        col(DfColumn::new(Some(ctx.table.clone()), &column.name)),
+        DataType::Decimal128(DECIMAL_PRECISION, p),
+    );
+    when(v.clone().lt(decimal(lo_fp)), decimal(lo_fp))
+        .when(v.clone().gt(decimal(hi_fp)), decimal(hi_fp))
+        .otherwise(v)
+        .map_err(df)
+}
 
 /// Precision of the fixed-point decimals.
 pub(crate) const DECIMAL_PRECISION: u8 = 38;
@@ -34,22 +53,10 @@ impl RewriteStage for ClampValues {
             .map(|g| col(DfColumn::new(Some(ctx.table.clone()), g)))
             .collect();
         for (i, column) in ctx.sums.iter().enumerate() {
-            let (lo, hi) = column
-                .bounds
-                .ok_or_else(|| EngineError::Internal("unbounded sum column".into()))?;
-            let scale = 10f64.powi(column.precision as i32);
-            let p = column.precision as i8;
-            let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
-            let (lo_fp, hi_fp) = ((lo * scale).ceil() as i128, (hi * scale).floor() as i128);
-            let v = try_cast(
-                col(DfColumn::new(Some(ctx.table.clone()), &column.name)),
-                DataType::Decimal128(DECIMAL_PRECISION, p),
-            );
-            let clamped = when(v.clone().lt(decimal(lo_fp)), decimal(lo_fp))
-                .when(v.clone().gt(decimal(hi_fp)), decimal(hi_fp))
-                .otherwise(v)
-                .map_err(df)?;
-            exprs.push(clamped.alias(value_column(i)));
+            exprs.push(clamped(column, ctx)?.alias(value_column(i)));
+        }
+        for (q, (column, grid)) in ctx.quantiles.iter().enumerate() {
+            exprs.push(grid.rank_of(clamped(column, ctx)?).alias(rank_column(q)));
         }
         for (j, kind) in ctx.counts.iter().enumerate() {
             if let super::CountKind::NonNull(name) = kind {

@@ -36,6 +36,7 @@ use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensiti
 use crate::analyze::{AggregateCall, PrivateQuery};
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
+use crate::quantile_grid::QuantileGrid;
 
 /// Name of the `j`-th count in the bounded aggregate.
 pub fn count_column(j: usize) -> String {
@@ -65,6 +66,21 @@ pub(crate) fn unit_sum_column(i: usize) -> String {
     format!("__veil_unit_sum{i}")
 }
 
+/// Name of the `q`-th quantile's rank column (one rank per raw row).
+pub(crate) fn rank_column(q: usize) -> String {
+    format!("__veil_rank{q}")
+}
+
+/// Name of one unit's kept ranks for the `q`-th quantile in a group.
+pub(crate) fn unit_ranks_column(q: usize) -> String {
+    format!("__veil_unit_ranks{q}")
+}
+
+/// Name of the `q`-th quantile's rank histogram in the bounded aggregate.
+pub fn histogram_column(q: usize) -> String {
+    format!("__veil_hist{q}")
+}
+
 /// Name of the `i`-th clamped value column.
 pub(crate) fn value_column(i: usize) -> String {
     format!("__veil_v{i}")
@@ -85,6 +101,26 @@ pub struct SumStatistic {
     pub bounds: (f64, f64),
     /// Noise for the vector of sums.
     pub noise: NoisePlan,
+}
+
+/// A DP quantile: the candidate grid over the column's bounds and the
+/// exponential mechanism's scale.
+#[derive(Debug, Clone)]
+pub struct QuantileStatistic {
+    /// Column name.
+    pub column: String,
+    /// Which quantile, in [0, 1].
+    pub alpha: f64,
+    /// Decimal digits kept.
+    pub precision: u32,
+    /// Candidates, in fixed-point units.
+    pub grid: QuantileGrid,
+    /// Mechanism (its measure: ε or ρ).
+    pub mechanism: Mechanism,
+    /// Scale of opendp's noisy max over the scores.
+    pub scale: f64,
+    /// What opendp's privacy map says the whole vector of groups spends.
+    pub spent: f64,
 }
 
 /// What a count statistic counts, per group, among the kept rows.
@@ -123,6 +159,8 @@ pub enum ReleasedAggregate {
         /// Index of the count of its non-null values.
         count: usize,
     },
+    /// The `q`-th DP quantile.
+    Quantile(usize),
 }
 
 /// Which group keys a release contains.
@@ -192,6 +230,8 @@ pub struct ReleaseSpec {
     pub counts: Vec<CountStatistic>,
     /// Summed columns.
     pub sums: Vec<SumStatistic>,
+    /// Quantiles.
+    pub quantiles: Vec<QuantileStatistic>,
     /// One entry per aggregate of the query.
     pub aggregates: Vec<ReleasedAggregate>,
     /// The operator's query (for post-processing over the release).
@@ -230,6 +270,8 @@ pub(crate) struct RewriteContext<'a> {
     pub row_filter: Option<Expr>,
     pub sums: Vec<&'a Column>,
     pub counts: Vec<CountKind>,
+    /// Quantile columns and their candidate grids.
+    pub quantiles: Vec<(&'a Column, QuantileGrid)>,
     /// Groups per unit, after the grant's tightening.
     pub max_groups: u32,
     /// Rows per unit and group.
@@ -307,6 +349,7 @@ pub fn certify(
     // Statistics: one vector per distinct count and per summed column.
     let mut sum_columns: Vec<&Column> = Vec::new();
     let mut count_kinds: Vec<CountKind> = Vec::new();
+    let mut quantile_calls: Vec<(&Column, f64)> = Vec::new();
     let mut aggregates = Vec::new();
     for call in &query.aggregates {
         aggregates.push(match call {
@@ -326,6 +369,22 @@ pub fn certify(
                 let sum = sum_index(dataset, c, &mut sum_columns)?;
                 let count = index_of(&mut count_kinds, CountKind::Summed(sum));
                 ReleasedAggregate::Avg { sum, count }
+            }
+            AggregateCall::Quantile { column, alpha } => {
+                let col = dataset
+                    .column(column)
+                    .ok_or_else(|| EngineError::Internal("column vanished".into()))?;
+                let q = match quantile_calls
+                    .iter()
+                    .position(|(c, a)| c.name == col.name && a.to_bits() == alpha.to_bits())
+                {
+                    Some(q) => q,
+                    None => {
+                        quantile_calls.push((col, *alpha));
+                        quantile_calls.len() - 1
+                    }
+                };
+                ReleasedAggregate::Quantile(q)
             }
         });
     }
@@ -353,7 +412,7 @@ pub fn certify(
     };
     let mechanism = Mechanism::for_grant(dp);
     let cost = Budget::charge(dp.per_query)?;
-    let statistics = sum_columns.len() + count_kinds.len();
+    let statistics = sum_columns.len() + count_kinds.len() + quantile_calls.len();
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
     let (max_groups, max_rows) = match unit.kind {
         UnitKind::Row => (1, 1),
@@ -378,12 +437,7 @@ pub fn certify(
     }
     let mut sums = Vec::new();
     for col in &sum_columns {
-        let (lo, hi) = col
-            .bounds
-            .ok_or_else(|| EngineError::Internal("unbounded sum column".into()))?;
-        let scale = 10f64.powi(col.precision as i32);
-        let lo_fp = (lo * scale).ceil() as i128;
-        let hi_fp = (hi * scale).floor() as i128;
+        let (lo, hi, lo_fp, hi_fp) = fixed_point_bounds(col)?;
         let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
         // One unit's sum in one group must fit the fixed-point decimal.
         if per_row
@@ -411,6 +465,26 @@ pub fn certify(
         });
     }
 
+    let mut quantiles = Vec::new();
+    let mut quantile_inputs = Vec::new();
+    for (col, alpha) in &quantile_calls {
+        let (_, _, lo_fp, hi_fp) = fixed_point_bounds(col)?;
+        let grid = QuantileGrid::over(lo_fp, hi_fp);
+        let (scale, spent) = crate::mechanisms::quantile_scale(
+            mechanism, &grid, *alpha, max_rows, max_groups, &share,
+        )?;
+        quantiles.push(QuantileStatistic {
+            column: col.name.clone(),
+            alpha: *alpha,
+            precision: col.precision,
+            grid,
+            mechanism,
+            scale,
+            spent,
+        });
+        quantile_inputs.push((*col, grid));
+    }
+
     let keys = match selection {
         Err(keys) => KeySet::Public(keys),
         Ok((count, delta)) => KeySet::Selected(Selection {
@@ -434,6 +508,7 @@ pub fn certify(
         row_filter,
         sums: sum_columns.clone(),
         counts: count_kinds.clone(),
+        quantiles: quantile_inputs,
         max_groups,
         max_rows,
         key_space: keys.known_len().unwrap_or(usize::MAX),
@@ -458,11 +533,27 @@ pub fn certify(
             keys,
             counts,
             sums,
+            quantiles,
             aggregates,
             query,
             cost,
         },
     })
+}
+
+/// A bounded column's declared bounds, and the same in fixed-point units
+/// (rounded inwards).
+pub(crate) fn fixed_point_bounds(col: &Column) -> Result<(f64, f64, i128, i128)> {
+    let (lo, hi) = col
+        .bounds
+        .ok_or_else(|| EngineError::Internal("unbounded column".into()))?;
+    let scale = 10f64.powi(col.precision as i32);
+    Ok((
+        lo,
+        hi,
+        (lo * scale).ceil() as i128,
+        (hi * scale).floor() as i128,
+    ))
 }
 
 /// The index of an item in a list, adding it on first use.

@@ -1,0 +1,123 @@
+//! DP quantiles: MEDIAN, PERCENTILE_CONT … WITHIN GROUP and
+//! APPROX_PERCENTILE_CONT through opendp's exponential mechanism, checked
+//! against the exact ranks of the released values.
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int32Type;
+use tonic::Code;
+use veil_engine::meta;
+
+use crate::support::*;
+
+/// Every resident's age, read straight from the file (test oracle).
+fn ages(f: &Fixture) -> Vec<i32> {
+    let mut out = Vec::new();
+    let file = std::fs::File::open(f.data().join("pop/residents.parquet")).expect("open");
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("parquet")
+            .build()
+            .expect("reader");
+    for batch in reader {
+        let batch = batch.expect("batch");
+        let col = batch.column_by_name("age").expect("age");
+        out.extend(col.as_primitive::<Int32Type>().values().iter().copied());
+    }
+    out
+}
+
+/// The fraction of ages below `v`, and of ages at most `v`.
+fn rank_fraction(ages: &[i32], v: f64) -> (f64, f64) {
+    let n = ages.len() as f64;
+    let below = ages.iter().filter(|a| f64::from(**a) < v).count() as f64;
+    let at_most = ages.iter().filter(|a| f64::from(**a) <= v).count() as f64;
+    (below / n, at_most / n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantiles_land_near_their_exact_rank() {
+    let f = Fixture::start().await;
+    let ages = ages(&f);
+    assert!(ages.len() >= 4000, "{} residents", ages.len());
+    // Each query spends ε = 0.5 on one quantile over 111 candidates (ages 0
+    // to 110). A released value whose exact rank is off by more than 10% of
+    // 4,000 residents needs a candidate 400 rows worse to beat the best: at
+    // most 111·e^(−0.5·400/4) ≈ 2e-20 per query, this test's false-alarm rate.
+    for (sql, alpha) in [
+        ("SELECT MEDIAN(age) AS q FROM pop.residents", 0.5),
+        (
+            "SELECT PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY age) AS q FROM pop.residents",
+            0.9,
+        ),
+        (
+            "SELECT PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY age DESC) AS q FROM pop.residents",
+            0.1,
+        ),
+        (
+            "SELECT APPROX_PERCENTILE_CONT(age, 0.25) AS q FROM pop.residents",
+            0.25,
+        ),
+    ] {
+        let r = f.query("op-univ-07", sql).await.expect(sql);
+        let v = column_f64(&r, "q")[0];
+        assert!((0.0..=110.0).contains(&v) && v.fract() == 0.0, "{sql}: {v}");
+        let (below, at_most) = rank_fraction(&ages, v);
+        assert!(
+            below <= alpha + 0.1 && at_most >= alpha - 0.1,
+            "{sql}: {v} has rank [{below}, {at_most}], wanted {alpha}"
+        );
+        let field = r.schema.field_with_name("q").expect("q");
+        assert_eq!(
+            field.metadata().get(meta::MECHANISM).map(String::as_str),
+            Some("exponential")
+        );
+        assert!(
+            !field.metadata().contains_key(meta::CI95),
+            "no closed-form interval"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantiles_share_a_query_with_counts_per_public_key() {
+    let f = Fixture::start().await;
+    let r = f
+        .query(
+            "op-univ-07",
+            "SELECT district, COUNT(*) AS n, MEDIAN(age) AS median_age FROM pop.residents GROUP BY district ORDER BY district",
+        )
+        .await
+        .expect("answered");
+    assert_eq!(column_strings(&r, "district").len(), 16);
+    for v in column_f64(&r, "median_age") {
+        assert!((0.0..=110.0).contains(&v), "{v}");
+    }
+    // Two statistics share the query's one charge.
+    let cost: f64 = r.schema.metadata()[meta::COST].parse().expect("cost");
+    assert!((cost - 0.5).abs() < 1e-9, "{cost}");
+    assert_eq!(f.charges(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_and_max_need_the_grant_to_list_them() {
+    let f = Fixture::start().await;
+    assert_refused(
+        f.query("op-univ-07", "SELECT MAX(age) FROM pop.residents")
+            .await,
+        Code::PermissionDenied,
+        &["[AGGREGATE_NOT_ALLOWED]", "PERCENTILE_CONT", "MAX"],
+    );
+    // Listed, MAX is the DP quantile at 1: some age near the top.
+    let policy = example_policy().replace(
+        "\"APPROX_PERCENTILE_CONT\"]",
+        "\"APPROX_PERCENTILE_CONT\", \"MAX\"]",
+    );
+    let f = Fixture::with_policy(&policy, |_| {}).await;
+    let r = f
+        .query("op-univ-07", "SELECT MAX(age) AS oldest FROM pop.residents")
+        .await
+        .expect("answered");
+    let v = column_f64(&r, "oldest")[0];
+    let (_, at_most) = rank_fraction(&ages(&f), v);
+    assert!(at_most >= 0.9, "{v} is not near the top: {at_most}");
+}
