@@ -13,6 +13,7 @@ use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
 use datafusion::scalar::ScalarValue;
 use veil_policy::{Column, Dataset, Grant, Policy, Use};
 
+use crate::dp_interval;
 use crate::error::{EngineError, Result, Rule};
 
 /// One aggregate of the query, in the Aggregate node's order.
@@ -261,6 +262,7 @@ fn reject_forbidden_nodes(plan: &LogicalPlan) -> Result<()> {
 fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
     // Walk down from the root through post-processing nodes to the aggregate.
     let mut node = &plan;
+    let mut above = Vec::new();
     let aggregate = loop {
         match node {
             LogicalPlan::Aggregate(a) => break a,
@@ -268,13 +270,17 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
             | LogicalPlan::Filter(_)
             | LogicalPlan::Sort(_)
             | LogicalPlan::Limit(_)
-            | LogicalPlan::SubqueryAlias(_) => node = node.inputs()[0],
+            | LogicalPlan::SubqueryAlias(_) => {
+                above.push(node);
+                node = node.inputs()[0];
+            }
             LogicalPlan::TableScan(_) => {
                 return Err(project_private(ctx, &plan));
             }
             other => return Err(unsupported_node(other)),
         }
     };
+    check_interval_calls(&above, aggregate)?;
     let mut group_columns = Vec::new();
     for g in &aggregate.group_expr {
         match strip_aliases(g) {
@@ -484,6 +490,47 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         }
     }
     Ok(call)
+}
+
+/// `DP_INTERVAL_LOW/HIGH` only in post-processing, each directly around an
+/// aggregate of the query.
+fn check_interval_calls(
+    above: &[&LogicalPlan],
+    aggregate: &datafusion::logical_expr::Aggregate,
+) -> Result<()> {
+    let groups = aggregate.group_expr.len();
+    let misuse = || {
+        EngineError::rejected(
+            Rule::UnsupportedShape,
+            "DP_INTERVAL_LOW and DP_INTERVAL_HIGH take one aggregate of the query directly, e.g. DP_INTERVAL_LOW(COUNT(*))",
+        )
+    };
+    for node in above {
+        for e in node.expressions() {
+            let mut ok = true;
+            e.apply(|x| {
+                if let Some((_, args)) = dp_interval::call(x) {
+                    ok &= dp_interval::target(args, &aggregate.schema, groups).is_some();
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+            if !ok {
+                return Err(misuse());
+            }
+        }
+    }
+    let mut below = false;
+    let aggregate_node = LogicalPlan::Aggregate(aggregate.clone());
+    aggregate_node
+        .apply(|n| {
+            for e in n.expressions() {
+                below |= e.exists(|x| Ok(dp_interval::call(x).is_some()))?;
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    if below { Err(misuse()) } else { Ok(()) }
 }
 
 /// A literal fraction in [0, 1].

@@ -575,14 +575,22 @@ async fn post_process(
     let batch = released.batch().clone();
     let table = MemTable::try_new(batch.schema(), vec![vec![batch]])
         .map_err(|e| EngineError::Internal(e.to_string()))?;
-    // Re-create the Aggregate node's exact output schema (names and qualifiers).
-    let exprs: Vec<Expr> = agg_schema
+    // Re-create the Aggregate node's exact output schema (names and
+    // qualifiers), followed by the interval columns.
+    let mut exprs: Vec<Expr> = agg_schema
         .iter()
         .map(|(qualifier, field)| {
             col(DfColumn::new(Some("__veil_release"), field.name()))
                 .alias_qualified(qualifier.cloned(), field.name())
         })
         .collect();
+    for j in 0..spec.aggregates.len() {
+        for high in [false, true] {
+            let name = crate::dp_interval::bound_column(j, high);
+            exprs.push(col(DfColumn::new(Some("__veil_release"), &name)).alias(name));
+        }
+    }
+    let groups = spec.group_columns.len();
     let replacement =
         LogicalPlanBuilder::scan("__veil_release", provider_as_source(Arc::new(table)), None)
             .and_then(|b| b.project(exprs))
@@ -593,16 +601,26 @@ async fn post_process(
         .plan
         .clone()
         .transform_up(|node| {
-            Ok(if matches!(node, LogicalPlan::Aggregate(_)) {
-                Transformed::yes(replacement.clone())
-            } else {
-                Transformed::no(node)
-            })
+            if matches!(node, LogicalPlan::Aggregate(_)) {
+                return Ok(Transformed::yes(replacement.clone()));
+            }
+            // DP_INTERVAL_LOW/HIGH become the release's interval columns;
+            // every node above the release sees them.
+            // A projection keeps its output names.
+            let projection = matches!(node, LogicalPlan::Projection(_));
+            node.map_expressions(|e| {
+                let name = e.schema_name().to_string();
+                let resolved = crate::dp_interval::resolve(e, &agg_schema, groups)?;
+                Ok(if resolved.transformed && projection {
+                    Transformed::yes(resolved.data.alias_if_changed(name)?)
+                } else {
+                    resolved
+                })
+            })?
+            .map_data(|n| n.recompute_schema())
         })
         .map_err(|e| EngineError::Internal(e.to_string()))?
-        .data
-        .recompute_schema()
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
+        .data;
     let physical = planning
         .create_physical_plan(&plan)
         .await

@@ -246,6 +246,7 @@ pub fn hardened_planning_builder() -> Result<SessionStateBuilder> {
     let scalar = SessionStateDefaults::default_scalar_functions()
         .into_iter()
         .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()))
+        .chain(crate::dp_interval::functions())
         .collect();
     let aggregate = SessionStateDefaults::default_aggregate_functions()
         .into_iter()
@@ -338,7 +339,17 @@ mod tests {
         assert_eq!(
             scalar,
             [
-                "abs", "ceil", "coalesce", "floor", "greatest", "least", "nullif", "round", "trunc"
+                "abs",
+                "ceil",
+                "coalesce",
+                "dp_interval_high",
+                "dp_interval_low",
+                "floor",
+                "greatest",
+                "least",
+                "nullif",
+                "round",
+                "trunc"
             ]
         );
         let aggregate = sorted(state.aggregate_functions().keys().cloned());

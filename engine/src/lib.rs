@@ -33,6 +33,7 @@ pub mod analyze;
 mod bounded_sample;
 pub mod broker;
 pub mod catalog;
+pub mod dp_interval;
 mod error;
 pub mod execute;
 pub mod gate;

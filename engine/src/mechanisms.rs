@@ -11,7 +11,7 @@ use dashu::integer::IBig;
 use dashu::rational::RBig;
 use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, SchemaRef};
 use veil_policy::DomainValue;
 use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
 
@@ -26,6 +26,7 @@ use opendp::metrics::{
 };
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
+use crate::dp_interval;
 use crate::error::{EngineError, Result};
 use crate::quantile_grid::QuantileGrid;
 use crate::rewrite::{CountKind, KeySet, ReleaseSpec, ReleasedAggregate};
@@ -84,7 +85,8 @@ pub struct Release {
 
 impl Release {
     /// One row per released key: group columns, then aggregates, typed as
-    /// the operator's Aggregate node promised.
+    /// the operator's Aggregate node promised, then each aggregate's interval
+    /// bounds ([`dp_interval::bound_column`]).
     pub fn batch(&self) -> &RecordBatch {
         &self.batch
     }
@@ -543,24 +545,39 @@ pub fn release(
         columns.push(key_column(&keys, g, schema.field(g).data_type())?);
     }
     let mut accuracy = Vec::new();
+    // Per aggregate, each cell's 95% interval (for DP_INTERVAL_LOW/HIGH).
+    let mut intervals: Vec<Vec<Option<(f64, f64)>>> = Vec::new();
+    // A noisy value's interval from a half-width known in advance.
+    let around = |values: Vec<f64>, acc: &Accuracy| -> Vec<Option<(f64, f64)>> {
+        values
+            .into_iter()
+            .map(|v| acc.half_width_95.map(|h| (v - h, v + h)))
+            .collect()
+    };
     for (j, agg) in spec.aggregates.iter().enumerate() {
         let field = schema.field(groups + j);
         let (array, acc): (ArrayRef, Accuracy) = match *agg {
-            ReleasedAggregate::Quantile(q) => (
-                Arc::new(Float64Array::from(noisy_quantiles[q].clone())),
-                planned_accuracy(spec, *agg)?,
-            ),
+            ReleasedAggregate::Quantile(q) => {
+                intervals.push(vec![None; n]);
+                (
+                    Arc::new(Float64Array::from(noisy_quantiles[q].clone())),
+                    planned_accuracy(spec, *agg)?,
+                )
+            }
             ReleasedAggregate::Count(c) => {
                 let array = Int64Array::from_iter_values(noisy_counts[c].iter().map(|v| {
                     i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
                 }));
-                (Arc::new(array), planned_accuracy(spec, *agg)?)
+                let acc = planned_accuracy(spec, *agg)?;
+                intervals.push(around(noisy_counts[c].iter().map(to_f64).collect(), &acc));
+                (Arc::new(array), acc)
             }
             ReleasedAggregate::Sum(i) => {
                 let unit = 10f64.powi(spec.sums[i].precision as i32);
-                let array =
-                    Float64Array::from_iter_values(noisy_sums[i].iter().map(|v| to_f64(v) / unit));
-                (Arc::new(array), planned_accuracy(spec, *agg)?)
+                let values: Vec<f64> = noisy_sums[i].iter().map(|v| to_f64(v) / unit).collect();
+                let acc = planned_accuracy(spec, *agg)?;
+                intervals.push(around(values.clone(), &acc));
+                (Arc::new(Float64Array::from(values)), acc)
             }
             ReleasedAggregate::Avg { sum: i, count: c } => {
                 let s = &spec.sums[i];
@@ -573,26 +590,30 @@ pub fn release(
                 let a_c = plan.half_width(0.025)?;
                 let mut widest: f64 = 0.0;
                 let mut out = Vec::with_capacity(n);
+                let mut cells = Vec::with_capacity(n);
                 for (sum, cnt) in noisy_sums[i].iter().zip(values) {
                     let (s_hat, c_hat) = (to_f64(sum) / unit, to_f64(cnt));
                     let avg = (s_hat / c_hat.max(1.0)).clamp(lo, hi);
-                    let width = if c_hat - a_c >= 1.0 {
+                    let (low, high) = if c_hat - a_c >= 1.0 {
                         let corners = [
                             (s_hat - a_s) / (c_hat - a_c),
                             (s_hat - a_s) / (c_hat + a_c),
                             (s_hat + a_s) / (c_hat - a_c),
                             (s_hat + a_s) / (c_hat + a_c),
-                        ];
-                        corners
-                            .iter()
-                            .map(|c| (c.clamp(lo, hi) - avg).abs())
-                            .fold(0.0, f64::max)
+                        ]
+                        .map(|c| c.clamp(lo, hi));
+                        (
+                            corners.iter().copied().fold(avg, f64::min),
+                            corners.iter().copied().fold(avg, f64::max),
+                        )
                     } else {
-                        hi - lo
+                        (lo, hi)
                     };
-                    widest = widest.max(width);
+                    widest = widest.max(avg - low).max(high - avg);
+                    cells.push(Some((low, high)));
                     out.push(avg);
                 }
+                intervals.push(cells);
                 (
                     Arc::new(Float64Array::from(out)),
                     Accuracy {
@@ -607,13 +628,26 @@ pub fn release(
         );
         accuracy.push(acc);
     }
-    let plain = Arc::new(datafusion::arrow::datatypes::Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ));
+    let mut fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    for (j, cells) in intervals.iter().enumerate() {
+        for high in [false, true] {
+            fields.push(Field::new(
+                dp_interval::bound_column(j, high),
+                DataType::Float64,
+                true,
+            ));
+            columns.push(Arc::new(Float64Array::from_iter(
+                cells
+                    .iter()
+                    .map(|c| c.map(|(l, h)| if high { h } else { l })),
+            )));
+        }
+    }
+    let plain = Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
     let batch =
         RecordBatch::try_new(plain, columns).map_err(|e| EngineError::Internal(e.to_string()))?;
     Ok(Release {

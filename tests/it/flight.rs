@@ -263,3 +263,50 @@ async fn the_grants_mandatory_row_filter_is_always_applied() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_columns_bracket_every_noisy_cell() {
+    let f = Fixture::start().await;
+    let r = f
+        .query(
+            "op-univ-07",
+            "SELECT district, COUNT(*) AS n, DP_INTERVAL_LOW(COUNT(*)) AS n_low, \
+             DP_INTERVAL_HIGH(COUNT(*)) AS n_high, AVG(age) AS age, \
+             DP_INTERVAL_LOW(AVG(age)), DP_INTERVAL_HIGH(AVG(age)), MEDIAN(age) AS m, \
+             DP_INTERVAL_LOW(MEDIAN(age)) AS m_low \
+             FROM pop.residents GROUP BY district HAVING DP_INTERVAL_HIGH(COUNT(*)) > 0 \
+             ORDER BY district",
+        )
+        .await
+        .expect("answered");
+    let n = column_f64(&r, "n");
+    let (low, high) = (column_f64(&r, "n_low"), column_f64(&r, "n_high"));
+    let ci: f64 = r.schema.field_with_name("n").expect("n").metadata()[meta::CI95]
+        .parse()
+        .expect("ci");
+    assert_eq!(n.len(), 16);
+    for k in 0..n.len() {
+        assert!((n[k] - low[k] - ci).abs() < 1e-9 && (high[k] - n[k] - ci).abs() < 1e-9);
+    }
+    // AVG's per-cell interval holds its value, inside the declared bounds;
+    // unaliased calls keep their SQL names.
+    let age = column_f64(&r, "age");
+    let a_low = column_f64(&r, "dp_interval_low(avg(pop.residents.age))");
+    let a_high = column_f64(&r, "dp_interval_high(avg(pop.residents.age))");
+    for k in 0..age.len() {
+        assert!(0.0 <= a_low[k] && a_low[k] <= age[k] && age[k] <= a_high[k] && a_high[k] <= 110.0);
+    }
+    // Quantiles have no interval in output units.
+    assert!(column_strings(&r, "m_low").iter().all(|v| v == "NULL"));
+    // Only around an aggregate of the query.
+    for sql in [
+        "SELECT district, DP_INTERVAL_LOW(district) FROM pop.residents GROUP BY district",
+        "SELECT COUNT(*) FROM pop.residents WHERE DP_INTERVAL_LOW(age) > 3",
+    ] {
+        assert_refused(
+            f.query("op-univ-07", sql).await,
+            tonic::Code::InvalidArgument,
+            &["DP_INTERVAL_LOW"],
+        );
+    }
+}
