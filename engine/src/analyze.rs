@@ -29,6 +29,13 @@ pub enum AggregateCall {
     Sum(String),
     /// `AVG(col)`.
     Avg(String),
+    /// `VAR_POP(col)`, or with `std`, `STDDEV_POP(col)`.
+    Var {
+        /// Column.
+        column: String,
+        /// Whether the standard deviation is asked for.
+        std: bool,
+    },
     /// A DP quantile: `MEDIAN(col)` (α = 0.5), `PERCENTILE_CONT(α) WITHIN
     /// GROUP (ORDER BY col)`, `APPROX_PERCENTILE_CONT(col, α)`, and `MIN`/`MAX`
     /// (α = 0 / 1) where the grant lists them.
@@ -438,6 +445,10 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         },
         "SUM" => AggregateCall::Sum(column(&params.args)?),
         "AVG" => AggregateCall::Avg(column(&params.args)?),
+        "VAR_POP" | "STDDEV_POP" => AggregateCall::Var {
+            column: column(&params.args)?,
+            std: name == "STDDEV_POP",
+        },
         "MEDIAN" | "MIN" | "MAX" => AggregateCall::Quantile {
             column: column(&params.args)?,
             alpha: match name.as_str() {
@@ -476,6 +487,7 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
     };
     if let AggregateCall::Sum(c)
     | AggregateCall::Avg(c)
+    | AggregateCall::Var { column: c, .. }
     | AggregateCall::Quantile { column: c, .. } = &call
     {
         let col = ctx.require(c, Use::Aggregate)?;

@@ -58,6 +58,8 @@ pub const ALLOWED_AGGREGATE_FUNCTIONS: &[&str] = &[
     "median",
     "percentile_cont",
     "approx_percentile_cont",
+    "var_pop",
+    "stddev_pop",
 ];
 
 /// Datasets' file schemas and the data directory.
@@ -365,7 +367,10 @@ mod tests {
                 "min",
                 "percentile_cont",
                 "quantile_cont",
-                "sum"
+                "stddev_pop",
+                "sum",
+                "var_pop",
+                "var_population"
             ]
         );
         assert!(state.window_functions().is_empty());

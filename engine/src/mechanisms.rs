@@ -283,6 +283,19 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                 aggregate: format!("AVG({})", s.column),
             }
         }
+        ReleasedAggregate::Var { sum, std, .. } => {
+            let s = &spec.sums[sum];
+            Accuracy {
+                mechanism: s.noise.mechanism.name(),
+                scale: s.noise.scale_f64() / 10f64.powi(s.precision as i32),
+                half_width_95: None,
+                aggregate: format!(
+                    "{}({})",
+                    if std { "STDDEV_POP" } else { "VAR_POP" },
+                    s.column
+                ),
+            }
+        }
         ReleasedAggregate::Quantile(q) => {
             let stat = &spec.quantiles[q];
             Accuracy {
@@ -557,6 +570,35 @@ pub fn release(
     for (j, agg) in spec.aggregates.iter().enumerate() {
         let field = schema.field(groups + j);
         let (array, acc): (ArrayRef, Accuracy) = match *agg {
+            ReleasedAggregate::Var {
+                sum,
+                squares,
+                count,
+                std,
+            } => {
+                // Post-processing of three noisy statistics: the mean and the
+                // mean of squares, each clamped to what the bounds allow.
+                let (s, q) = (&spec.sums[sum], &spec.sums[squares]);
+                let (lo, hi) = s.bounds;
+                let spread = ((hi - lo) / 2.0).powi(2);
+                let values: Vec<f64> = (0..n)
+                    .map(|k| {
+                        let c = to_f64(&noisy_counts[count][k]).max(1.0);
+                        let mean =
+                            (to_f64(&noisy_sums[sum][k]) / 10f64.powi(s.precision as i32) / c)
+                                .clamp(lo, hi);
+                        let mean_sq =
+                            to_f64(&noisy_sums[squares][k]) / 10f64.powi(q.precision as i32) / c;
+                        let var = (mean_sq - mean * mean).clamp(0.0, spread);
+                        if std { var.sqrt() } else { var }
+                    })
+                    .collect();
+                intervals.push(vec![None; n]);
+                (
+                    Arc::new(Float64Array::from(values)),
+                    planned_accuracy(spec, *agg)?,
+                )
+            }
             ReleasedAggregate::Quantile(q) => {
                 intervals.push(vec![None; n]);
                 (

@@ -98,11 +98,11 @@ impl RewriteStage for BoundContributions {
                 contributions.push(c.alias(unit_count_column(j)));
             }
         }
-        for (i, column) in ctx.sums.iter().enumerate() {
+        for (i, summand) in ctx.sums.iter().enumerate() {
             contributions.push(
                 BoundedSample::sum(
                     k,
-                    column.precision as i8,
+                    summand.precision() as i8,
                     col(ROW_PRIORITY),
                     col(value_column(i)),
                 )

@@ -52,8 +52,19 @@ impl RewriteStage for ClampValues {
             .iter()
             .map(|g| col(DfColumn::new(Some(ctx.table.clone()), g)))
             .collect();
-        for (i, column) in ctx.sums.iter().enumerate() {
-            exprs.push(clamped(column, ctx)?.alias(value_column(i)));
+        for (i, summand) in ctx.sums.iter().enumerate() {
+            let v = clamped(summand.column, ctx)?;
+            let v = if summand.squared {
+                // Exact: the square of a clamped value fits 38 digits (checked
+                // when the statistic was planned).
+                try_cast(
+                    v.clone() * v,
+                    DataType::Decimal128(DECIMAL_PRECISION, summand.precision() as i8),
+                )
+            } else {
+                v
+            };
+            exprs.push(v.alias(value_column(i)));
         }
         for (q, (column, grid)) in ctx.quantiles.iter().enumerate() {
             exprs.push(grid.rank_of(clamped(column, ctx)?).alias(rank_column(q)));

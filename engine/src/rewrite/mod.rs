@@ -86,12 +86,50 @@ pub(crate) fn value_column(i: usize) -> String {
     format!("__veil_v{i}")
 }
 
-/// A summed column: its bounds in fixed point and its noise.
+/// What a sum adds up: a column's clamped values, or their squares.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Summand<'a> {
+    /// The column.
+    pub column: &'a Column,
+    /// Whether its clamped values are squared (for VAR_POP/STDDEV_POP).
+    pub squared: bool,
+}
+
+impl Summand<'_> {
+    /// Decimal digits of the summed values: doubled by squaring.
+    pub fn precision(&self) -> u32 {
+        self.column.precision * if self.squared { 2 } else { 1 }
+    }
+
+    /// Bounds of one summed value, in fixed-point units of [`Self::precision`]:
+    /// a square lies between 0 (or the smaller bound's square, when the
+    /// bounds do not straddle 0) and the larger bound's square.
+    pub fn fixed_point_bounds(&self) -> Result<(i128, i128)> {
+        let (_, _, lo, hi) = fixed_point_bounds(self.column)?;
+        if !self.squared {
+            return Ok((lo, hi));
+        }
+        let square = |v: i128| {
+            v.checked_mul(v)
+                .ok_or_else(|| EngineError::Unavailable(format!(
+                    "the bounds of `{}` squared exceed the fixed-point range; the security officer must narrow them",
+                    self.column.name
+                )))
+        };
+        let (a, b) = (square(lo)?, square(hi)?);
+        let low = if lo <= 0 && hi >= 0 { 0 } else { a.min(b) };
+        Ok((low, a.max(b)))
+    }
+}
+
+/// A sum: its bounds in fixed point and its noise.
 #[derive(Debug, Clone)]
 pub struct SumStatistic {
     /// Column name.
     pub column: String,
-    /// Decimal digits kept.
+    /// Whether the column's values are squared.
+    pub squared: bool,
+    /// Decimal digits kept (doubled for squares).
     pub precision: u32,
     /// Lower bound in fixed-point units.
     pub lo_fp: i128,
@@ -161,6 +199,18 @@ pub enum ReleasedAggregate {
     },
     /// The `q`-th DP quantile.
     Quantile(usize),
+    /// Population variance (or, with `std`, standard deviation) from the
+    /// noisy sum, sum of squares and count of a column's values.
+    Var {
+        /// Index of the sum.
+        sum: usize,
+        /// Index of the sum of squares.
+        squares: usize,
+        /// Index of the count of non-null values.
+        count: usize,
+        /// Whether the square root is released (STDDEV_POP).
+        std: bool,
+    },
 }
 
 /// Which group keys a release contains.
@@ -268,7 +318,7 @@ pub(crate) struct RewriteContext<'a> {
     pub unit: &'a PrivacyUnit,
     pub table: TableReference,
     pub row_filter: Option<Expr>,
-    pub sums: Vec<&'a Column>,
+    pub sums: Vec<Summand<'a>>,
     pub counts: Vec<CountKind>,
     /// Quantile columns and their candidate grids.
     pub quantiles: Vec<(&'a Column, QuantileGrid)>,
@@ -347,7 +397,7 @@ pub fn certify(
     };
 
     // Statistics: one vector per distinct count and per summed column.
-    let mut sum_columns: Vec<&Column> = Vec::new();
+    let mut sum_columns: Vec<Summand> = Vec::new();
     let mut count_kinds: Vec<CountKind> = Vec::new();
     let mut quantile_calls: Vec<(&Column, f64)> = Vec::new();
     let mut aggregates = Vec::new();
@@ -363,12 +413,23 @@ pub fn certify(
                 ReleasedAggregate::Count(index_of(&mut count_kinds, CountKind::DistinctUnits))
             }
             AggregateCall::Sum(c) => {
-                ReleasedAggregate::Sum(sum_index(dataset, c, &mut sum_columns)?)
+                ReleasedAggregate::Sum(sum_index(dataset, c, false, &mut sum_columns)?)
             }
             AggregateCall::Avg(c) => {
-                let sum = sum_index(dataset, c, &mut sum_columns)?;
+                let sum = sum_index(dataset, c, false, &mut sum_columns)?;
                 let count = index_of(&mut count_kinds, CountKind::Summed(sum));
                 ReleasedAggregate::Avg { sum, count }
+            }
+            AggregateCall::Var { column, std } => {
+                let sum = sum_index(dataset, column, false, &mut sum_columns)?;
+                let squares = sum_index(dataset, column, true, &mut sum_columns)?;
+                let count = index_of(&mut count_kinds, CountKind::Summed(sum));
+                ReleasedAggregate::Var {
+                    sum,
+                    squares,
+                    count,
+                    std: *std,
+                }
             }
             AggregateCall::Quantile { column, alpha } => {
                 let col = dataset
@@ -436,8 +497,10 @@ pub fn certify(
         });
     }
     let mut sums = Vec::new();
-    for col in &sum_columns {
-        let (lo, hi, lo_fp, hi_fp) = fixed_point_bounds(col)?;
+    for summand in &sum_columns {
+        let col = summand.column;
+        let (lo, hi, _, _) = fixed_point_bounds(col)?;
+        let (lo_fp, hi_fp) = summand.fixed_point_bounds()?;
         let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
         // One unit's sum in one group must fit the fixed-point decimal.
         if per_row
@@ -453,7 +516,8 @@ pub fn certify(
             dashu::rational::RBig::from(per_row) * dashu::rational::RBig::from(max_rows);
         sums.push(SumStatistic {
             column: col.name.clone(),
-            precision: col.precision,
+            squared: summand.squared,
+            precision: summand.precision(),
             lo_fp,
             hi_fp,
             bounds: (lo, hi),
@@ -568,14 +632,22 @@ fn index_of<T: PartialEq>(items: &mut Vec<T>, item: T) -> usize {
 }
 
 /// The index of a summed column, adding it on first use.
-fn sum_index<'a>(dataset: &'a Dataset, name: &str, sums: &mut Vec<&'a Column>) -> Result<usize> {
-    if let Some(i) = sums.iter().position(|c| c.name == name) {
+fn sum_index<'a>(
+    dataset: &'a Dataset,
+    name: &str,
+    squared: bool,
+    sums: &mut Vec<Summand<'a>>,
+) -> Result<usize> {
+    if let Some(i) = sums
+        .iter()
+        .position(|s| s.column.name == name && s.squared == squared)
+    {
         return Ok(i);
     }
-    let col = dataset
+    let column = dataset
         .column(name)
         .ok_or_else(|| EngineError::Internal("column vanished".into()))?;
-    sums.push(col);
+    sums.push(Summand { column, squared });
     Ok(sums.len() - 1)
 }
 
