@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result, Rule};
 use crate::execute::execute_certified;
 use crate::gate::gate;
 use crate::ledger::{ChargeState, Ledger, ReserveError};
-use crate::mechanisms::{Release, release};
+use crate::mechanisms::{BoundingKeys, Release, release};
 use crate::rewrite::{CertifiedPlan, KeySet, certify};
 
 /// Schema metadata keys of an answer.
@@ -215,7 +215,10 @@ impl Engine {
         request_id: &str,
     ) -> Result<Answer> {
         let snap = self.snapshot();
-        match self.plan(&snap, operator, sql, now).await? {
+        match self
+            .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
+            .await?
+        {
             Planned::Public { plan, grant } => {
                 self.run_public(&snap, *plan, &grant, request_id).await
             }
@@ -234,14 +237,22 @@ impl Engine {
     /// aggregates, without noise and without a charge. Compiled only with the
     /// `test-hooks` feature, which release builds never enable.
     #[cfg(feature = "test-hooks")]
+    ///
+    /// `keys`: the bounding keys, fixed so that neighbouring datasets can be
+    /// compared under the same choice of rows; `None` draws fresh ones.
     pub async fn exact_bounded_aggregates_for_tests(
         &self,
         operator: &str,
         sql: &str,
         now: DateTime<FixedOffset>,
+        keys: Option<BoundingKeys>,
     ) -> Result<veil_sandbox::BoundedAggregates> {
         let snap = self.snapshot();
-        match self.plan(&snap, operator, sql, now).await? {
+        let keys = match keys {
+            Some(k) => k,
+            None => BoundingKeys::fresh()?,
+        };
+        match self.plan(&snap, operator, sql, now, keys).await? {
             Planned::Private { certified, .. } => {
                 execute_certified(&certified, &snap.catalog.execution_state()?, "test").await
             }
@@ -258,7 +269,10 @@ impl Engine {
         now: DateTime<FixedOffset>,
     ) -> Result<Estimate> {
         let snap = self.snapshot();
-        match self.plan(&snap, operator, sql, now).await? {
+        match self
+            .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
+            .await?
+        {
             Planned::Public { grant, .. } => Ok(Estimate {
                 grant: grant.id.clone(),
                 cost: 0.0,
@@ -313,6 +327,7 @@ impl Engine {
         operator: &str,
         sql: &str,
         now: DateTime<FixedOffset>,
+        keys: BoundingKeys,
     ) -> Result<Planned> {
         let gated = gate(sql)?;
         // Resolve the datasets from the AST, so the grant (and with it the
@@ -359,7 +374,7 @@ impl Engine {
                 grant,
             }),
             Analyzed::Private(q) => {
-                let certified = certify(q, &snap.policy, &grant, &snap.catalog, &planning)?;
+                let certified = certify(q, &snap.policy, &grant, &snap.catalog, &planning, keys)?;
                 Ok(Planned::Private {
                     certified: Box::new(certified),
                     planning: Box::new(planning),

@@ -39,7 +39,7 @@ async fn bounded_total(f: &Fixture, sql: &str) -> (usize, i64) {
     let now = chrono::Utc::now().fixed_offset();
     let exact = f
         .engine
-        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now)
+        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
         .expect("certified and executed");
     (
@@ -95,12 +95,12 @@ async fn the_kept_groups_change_from_query_to_query() {
     let sql = "SELECT pay_month, COUNT(*) FROM hrss.social_insurance GROUP BY pay_month";
     let a = f
         .engine
-        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now)
+        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
         .expect("a");
     let b = f
         .engine
-        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now)
+        .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
         .expect("b");
     let counts = |x: &veil_sandbox::BoundedAggregates| {

@@ -7,6 +7,7 @@ mod cli;
 mod dry_run;
 mod flight;
 mod leaks;
+mod neighbours;
 mod noise;
 mod quantiles;
 mod rejections;

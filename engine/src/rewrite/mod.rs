@@ -36,6 +36,7 @@ use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensiti
 use crate::analyze::{AggregateCall, PrivateQuery};
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
+use crate::mechanisms::BoundingKeys;
 use crate::quantile_grid::QuantileGrid;
 
 /// Name of the `j`-th count in the bounded aggregate.
@@ -328,7 +329,7 @@ pub(crate) struct RewriteContext<'a> {
     pub max_rows: u32,
     /// How many distinct group keys the query can produce.
     pub key_space: usize,
-    pub keys: crate::mechanisms::BoundingKeys,
+    pub keys: BoundingKeys,
 }
 
 /// One stage of the rewrite.
@@ -359,12 +360,17 @@ pub fn stage_names() -> Vec<&'static str> {
 }
 
 /// Rewrites a checked query into a certified plan and its release spec.
+///
+/// `bounding` keys rank rows and groups in contribution bounding: fresh for every
+/// query ([`BoundingKeys::fresh`]); fixed only by tests that compare
+/// neighbouring datasets under the same keys.
 pub fn certify(
     query: PrivateQuery,
     policy: &Policy,
     grant: &Grant,
     catalog: &Catalog,
     planning: &SessionState,
+    bounding: BoundingKeys,
 ) -> Result<CertifiedPlan> {
     let dataset = policy
         .datasets
@@ -576,7 +582,7 @@ pub fn certify(
         max_groups,
         max_rows,
         key_space: keys.known_len().unwrap_or(usize::MAX),
-        keys: crate::mechanisms::BoundingKeys::fresh()?,
+        keys: bounding,
     };
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
     let mut builder = LogicalPlanBuilder::scan(table, source, None)
