@@ -104,11 +104,11 @@ fn write(dir: &Path, rows: &[Row]) {
     w.close().expect("close");
 }
 
+/// One group's counts, fixed-point sums and rank histogram.
+type Statistics = (Vec<i64>, Vec<i128>, Vec<i64>);
+
 /// The bounded aggregates of `rows` under fixed keys, by group.
-fn bounded(
-    rows: &[Row],
-    keys: BoundingKeys,
-) -> BTreeMap<Vec<KeyValue>, (Vec<i64>, Vec<i128>, Vec<i64>)> {
+fn bounded(rows: &[Row], keys: BoundingKeys) -> BTreeMap<Vec<KeyValue>, Statistics> {
     let dir = tempfile::tempdir().expect("tmp");
     write(&dir.path().join("data"), rows);
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
