@@ -260,6 +260,37 @@ impl Engine {
         }
     }
 
+    /// Test hook: the plan after each rewrite stage and the certified plan as
+    /// the executor's optimizer leaves it, each as indented text.
+    #[cfg(feature = "test-hooks")]
+    pub async fn certified_plans_for_tests(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<(Vec<(&'static str, String)>, String)> {
+        let snap = self.snapshot();
+        match self
+            .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
+            .await?
+        {
+            Planned::Private { certified, .. } => {
+                let stages = certified
+                    .stages()
+                    .iter()
+                    .map(|(name, plan)| (*name, plan.display_indent().to_string()))
+                    .collect();
+                let optimized = snap
+                    .catalog
+                    .execution_state()?
+                    .optimize(certified.plan())
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
+                Ok((stages, optimized.display_indent().to_string()))
+            }
+            Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
+        }
+    }
+
     /// A dry run: the cost and accuracy of a query, with every check applied,
     /// but no data read and no budget spent.
     pub async fn estimate(

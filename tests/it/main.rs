@@ -9,6 +9,7 @@ mod flight;
 mod leaks;
 mod neighbours;
 mod noise;
+mod plans;
 mod quantiles;
 mod rejections;
 mod reload;

@@ -298,6 +298,7 @@ pub struct ReleaseSpec {
 pub struct CertifiedPlan {
     plan: LogicalPlan,
     spec: ReleaseSpec,
+    stages: Vec<(&'static str, LogicalPlan)>,
 }
 
 impl CertifiedPlan {
@@ -309,6 +310,12 @@ impl CertifiedPlan {
     /// How to release its output.
     pub fn spec(&self) -> &ReleaseSpec {
         &self.spec
+    }
+
+    /// The plan after each rewrite stage, by stage name (for review and
+    /// plan snapshots).
+    pub fn stages(&self) -> &[(&'static str, LogicalPlan)] {
+        &self.stages
     }
 }
 
@@ -587,8 +594,10 @@ pub fn certify(
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
     let mut builder = LogicalPlanBuilder::scan(table, source, None)
         .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let mut after = Vec::new();
     for stage in stages() {
         builder = stage.rewrite(builder, &ctx)?;
+        after.push((stage.name(), builder.clone().build().map_err(df)?));
     }
     let plan = builder
         .build()
@@ -596,6 +605,7 @@ pub fn certify(
     let group_columns = query.group_columns.clone();
     Ok(CertifiedPlan {
         plan,
+        stages: after,
         spec: ReleaseSpec {
             dataset: dataset.id.clone(),
             mechanism,
