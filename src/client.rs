@@ -259,8 +259,9 @@ fn render_table(f: &Fetched) -> String {
         if let Some(t) = md.get(meta::THRESHOLD) {
             let _ = writeln!(
                 out,
-                "  groups chosen by DP partition selection: noisy distinct units ≥ {t} (τ = {}){}",
+                "  groups chosen by DP partition selection: noisy distinct units ≥ {t} (τ = {}); about {} groups suppressed{}",
                 md.get(meta::TAU).map(String::as_str).unwrap_or("?"),
+                md.get(meta::SUPPRESSED).map(String::as_str).unwrap_or("?"),
                 if md.get(meta::TRUNCATED).is_some_and(|t| t == "true") {
                     "; more groups passed than the grant's row cap and were left out"
                 } else {

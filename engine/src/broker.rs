@@ -50,6 +50,9 @@ pub mod meta {
     /// Partition selection: the threshold applied, `max(τ, k)` with k the
     /// policy's minimum group size in distinct units.
     pub const THRESHOLD: &str = "veil.selection_threshold";
+    /// Partition selection: the noisy number of keys found in the data but
+    /// not released.
+    pub const SUPPRESSED: &str = "veil.suppressed_groups";
     /// Partition selection: `true` when selected keys beyond the grant's
     /// result-row cap were left out.
     pub const TRUNCATED: &str = "veil.truncated";
@@ -575,6 +578,9 @@ impl Engine {
                 selection.threshold().to_string(),
             );
             metadata.insert(meta::TRUNCATED.to_owned(), released.truncated().to_string());
+            if let Some(n) = released.suppressed() {
+                metadata.insert(meta::SUPPRESSED.to_owned(), n.to_string());
+            }
         }
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
         let batches = with_schema(batches, &schema)?;

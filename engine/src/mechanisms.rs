@@ -81,9 +81,15 @@ pub struct Release {
     batch: RecordBatch,
     accuracy: Vec<Accuracy>,
     truncated: bool,
+    suppressed: Option<u64>,
 }
 
 impl Release {
+    /// Under partition selection, the noisy number of keys left out.
+    pub fn suppressed(&self) -> Option<u64> {
+        self.suppressed
+    }
+
     /// One row per released key: group columns, then aggregates, typed as
     /// the operator's Aggregate node promised, then each aggregate's interval
     /// bounds ([`dp_interval::bound_column`]).
@@ -416,6 +422,8 @@ struct ReleasedKeys {
     selected_by: Option<(usize, Vec<IBig>)>,
     /// Keys dropped by the grant's result-row cap (post-processing).
     truncated: bool,
+    /// Noisy number of keys partition selection left out.
+    suppressed: Option<u64>,
 }
 
 /// Public keys in domain order, or the keys that pass partition selection
@@ -430,6 +438,7 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
                     .collect(),
                 selected_by: None,
                 truncated: false,
+                suppressed: None,
             });
         }
         KeySet::Selected(selection) => selection,
@@ -453,6 +462,11 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
         .filter_map(|(i, v)| Some((exact.groups.get(i as usize)?.key.as_slice(), v)))
         .collect();
     kept.sort();
+    // Keys found minus keys kept, from a noisy count of the keys found.
+    let observed = noisy_vector(&selection.observed, vec![IBig::from(exact.groups.len())])?;
+    let suppressed = observed
+        .first()
+        .map(|o| u64::try_from(o - IBig::from(kept.len())).unwrap_or(0));
     let truncated = kept.len() > selection.max_keys;
     kept.truncate(selection.max_keys);
     let (keys, noisy) = kept.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
@@ -460,6 +474,7 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
         keys,
         selected_by: Some((selection.count, noisy)),
         truncated,
+        suppressed,
     })
 }
 
@@ -498,6 +513,7 @@ pub fn release(
         keys,
         selected_by,
         truncated,
+        suppressed,
     } = released_keys(spec, exact)?;
     let n = keys.len();
     // Exact per-key statistics in release order; absent keys are empty
@@ -696,6 +712,7 @@ pub fn release(
         batch,
         accuracy,
         truncated,
+        suppressed,
     })
 }
 

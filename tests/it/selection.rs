@@ -102,6 +102,15 @@ async fn keys_without_a_domain_pass_partition_selection() {
         .expect("grant");
     assert_eq!(applied, tau.max(u64::from(policy.min_group_size(grant))));
     assert_eq!(md.get(meta::TRUNCATED).map(String::as_str), Some("false"));
+    // One key ("未说明") was found but not released. The count of keys found
+    // has noise of scale 6 (ε = 0.5 over three statistics, one unit in one
+    // key), so beyond 100 only with probability e^(-99/6) < 1e-7.
+    let suppressed: u64 = md
+        .get(meta::SUPPRESSED)
+        .expect("suppressed")
+        .parse()
+        .expect("n");
+    assert!(suppressed <= 100, "{suppressed}");
     // The noisy counts are close to the exact ones.
     let exact = exact_counts(&f.data().join("pop/residents.parquet"), "gender").await;
     for (key, n) in column_strings(&r, "gender").iter().zip(column_f64(&r, "n")) {

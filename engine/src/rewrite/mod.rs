@@ -257,6 +257,10 @@ pub struct Selection {
     pub delta: f64,
     /// At most this many keys are returned (the grant's result-row cap).
     pub max_keys: usize,
+    /// Noise for the number of keys found in the bounded aggregates, from
+    /// which the number of suppressed keys is reported: one unit adds or
+    /// removes at most `max_groups` keys.
+    pub observed: NoisePlan,
 }
 
 impl Selection {
@@ -486,7 +490,11 @@ pub fn certify(
     };
     let mechanism = Mechanism::for_grant(dp);
     let cost = Budget::charge(dp.per_query)?;
-    let statistics = sum_columns.len() + count_kinds.len() + quantile_calls.len();
+    // Partition selection also reports how many keys it suppressed.
+    let statistics = sum_columns.len()
+        + count_kinds.len()
+        + quantile_calls.len()
+        + usize::from(selection.is_ok());
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
     let (max_groups, max_rows) = match unit.kind {
         UnitKind::Row => (1, 1),
@@ -574,6 +582,7 @@ pub fn certify(
             min_units: policy.min_group_size(grant),
             delta,
             max_keys: grant.max_result_rows as usize,
+            observed: plan_noise(mechanism, dashu::rational::RBig::from(max_groups), &share)?,
         }),
     };
 
