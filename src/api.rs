@@ -83,6 +83,7 @@ impl Veil for VeilApi {
             exceeds_budget: e.cost > e.remaining + 1e-12 && !e.unit.is_empty(),
             rows: e.rows.map(|r| r as u64),
             selection_threshold: e.threshold,
+            warnings: e.warnings,
             aggregates: e
                 .aggregates
                 .into_iter()

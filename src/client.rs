@@ -393,6 +393,9 @@ pub fn render_estimate(e: &veil_proto::v1::CostEstimate) -> String {
             ""
         }
     );
+    for w in &e.warnings {
+        let _ = writeln!(out, "  warning: {w}");
+    }
     if let Some(t) = e.selection_threshold {
         let _ = writeln!(
             out,

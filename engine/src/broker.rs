@@ -93,6 +93,8 @@ pub struct Estimate {
     pub rows: Option<usize>,
     /// Partition selection's threshold `max(τ, k)`, if keys are selected.
     pub threshold: Option<u64>,
+    /// What the operator should know before spending.
+    pub warnings: Vec<String>,
     /// Accuracy of each aggregate column; `None` where it depends on noisy
     /// values (AVG).
     pub aggregates: Vec<(String, crate::mechanisms::Accuracy)>,
@@ -314,6 +316,7 @@ impl Engine {
                 remaining: 0.0,
                 rows: None,
                 threshold: None,
+                warnings: vec![],
                 aggregates: vec![],
             }),
             Planned::Private {
@@ -349,6 +352,7 @@ impl Engine {
                         KeySet::Selected(selection) => Some(selection.threshold()),
                         KeySet::Public(_) => None,
                     },
+                    warnings: selection_warnings(spec, snap.catalog.declared_rows(&spec.dataset)),
                     aggregates,
                 })
             }
@@ -589,6 +593,28 @@ impl Engine {
             batches,
             request_id: request_id.to_owned(),
         })
+    }
+}
+
+/// Warns when partition selection can release few or no groups: a unit
+/// counts once in at most `max_groups` keys and there are at most as many
+/// units as rows, so at most `rows · max_groups / threshold` keys can pass.
+fn selection_warnings(spec: &crate::rewrite::ReleaseSpec, rows: Option<u64>) -> Vec<String> {
+    let (KeySet::Selected(selection), Some(rows)) = (&spec.keys, rows) else {
+        return vec![];
+    };
+    let threshold = selection.threshold().max(1);
+    let passable = rows.saturating_mul(u64::from(spec.max_groups)) / threshold;
+    match passable {
+        0 => vec![format!(
+            "no group can be released: `{}` declares {rows} rows, fewer than the {threshold} distinct units a group needs; the query would spend its budget on an empty answer",
+            spec.dataset
+        )],
+        1..=3 => vec![format!(
+            "at most {passable} group(s) can be released: `{}` declares {rows} rows and a group needs {threshold} distinct units",
+            spec.dataset
+        )],
+        _ => vec![],
     }
 }
 

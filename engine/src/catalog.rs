@@ -68,6 +68,7 @@ pub struct Catalog {
     data_dir: PathBuf,
     schemas: BTreeMap<String, SchemaRef>,
     units: BTreeMap<String, String>,
+    rows: BTreeMap<String, u64>,
 }
 
 impl Catalog {
@@ -80,6 +81,7 @@ impl Catalog {
             ))
         })?;
         let mut schemas = BTreeMap::new();
+        let mut rows = BTreeMap::new();
         for ds in policy.datasets.values() {
             if ds.format != veil_policy::SourceFormat::Parquet {
                 return Err(EngineError::Unavailable(format!(
@@ -103,6 +105,10 @@ impl Catalog {
                 ))
             })?;
             let schema = builder.schema().clone();
+            rows.insert(
+                ds.id.clone(),
+                u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0),
+            );
             for col in &ds.columns {
                 if schema.field_with_name(&col.name).is_err() {
                     return Err(EngineError::Unavailable(format!(
@@ -124,7 +130,14 @@ impl Catalog {
             data_dir,
             schemas,
             units,
+            rows,
         })
+    }
+
+    /// A dataset's row count as its Parquet footer declares it: catalog
+    /// metadata, like the schema, used only for dry-run warnings.
+    pub fn declared_rows(&self, dataset: &str) -> Option<u64> {
+        self.rows.get(dataset).copied()
     }
 
     /// The data directory.

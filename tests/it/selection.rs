@@ -132,3 +132,40 @@ async fn partition_selection_needs_a_delta() {
     drop(e);
     assert_eq!(f.charges(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_warns_when_no_group_can_pass() {
+    // A minimum group size larger than the dataset: nothing can be released.
+    let policy = selection_policy().replacen(
+        "  [grant.limits]\n  agg_functions = [\"COUNT\", \"SUM\", \"AVG\", \"VAR_POP\"",
+        "  [grant.limits]\n  min_group_size = 1000000\n  agg_functions = [\"COUNT\", \"SUM\", \"AVG\", \"VAR_POP\"",
+        1,
+    );
+    assert!(
+        policy.contains("min_group_size = 1000000"),
+        "the example policy changed"
+    );
+    let f = Fixture::with_policy(&policy, |_| {}).await;
+    let now = chrono::Utc::now().fixed_offset();
+    let e = f
+        .engine
+        .estimate("op-univ-07", SQL, now)
+        .await
+        .expect("dry run");
+    assert_eq!(e.threshold, Some(1_000_000));
+    assert!(
+        e.warnings
+            .iter()
+            .any(|w| w.contains("no group can be released")),
+        "{:?}",
+        e.warnings
+    );
+    // A reasonable threshold raises no warning.
+    let f = Fixture::with_policy(&selection_policy(), |_| {}).await;
+    let e = f
+        .engine
+        .estimate("op-univ-07", SQL, now)
+        .await
+        .expect("dry run");
+    assert!(e.warnings.is_empty(), "{:?}", e.warnings);
+}

@@ -281,6 +281,8 @@ pub struct ReleaseSpec {
     pub group_columns: Vec<String>,
     /// Which keys are released.
     pub keys: KeySet,
+    /// Groups a unit contributes to, at most.
+    pub max_groups: u32,
     /// Counted statistics.
     pub counts: Vec<CountStatistic>,
     /// Summed columns.
@@ -620,6 +622,7 @@ pub fn certify(
             mechanism,
             group_columns,
             keys,
+            max_groups,
             counts,
             sums,
             quantiles,
