@@ -47,6 +47,30 @@ pub enum AggregateCall {
     },
 }
 
+/// One GROUP BY key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupKey {
+    /// A granted column.
+    Column(String),
+    /// `FLOOR(col / width) * width` on a column whose policy allows buckets
+    /// of a width dividing `width`: the key is `width · ⌊col / width⌋`.
+    Bucket {
+        /// Column.
+        column: String,
+        /// Bucket width.
+        width: i64,
+    },
+}
+
+impl GroupKey {
+    /// The column the key is computed from.
+    pub fn column(&self) -> &str {
+        match self {
+            GroupKey::Column(c) | GroupKey::Bucket { column: c, .. } => c,
+        }
+    }
+}
+
 /// The DP shape of an aggregate query over one private dataset.
 #[derive(Debug, Clone)]
 pub struct PrivateQuery {
@@ -54,8 +78,8 @@ pub struct PrivateQuery {
     pub dataset: String,
     /// Operator predicates (below the aggregate), to be AND-ed.
     pub predicates: Vec<Expr>,
-    /// GROUP BY columns, in order.
-    pub group_columns: Vec<String>,
+    /// GROUP BY keys, in order.
+    pub group_keys: Vec<GroupKey>,
     /// Aggregates, in the Aggregate node's order.
     pub aggregates: Vec<AggregateCall>,
     /// Output schema of the Aggregate node (group columns, then aggregates).
@@ -288,20 +312,9 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
         }
     };
     check_interval_calls(&above, aggregate)?;
-    let mut group_columns = Vec::new();
+    let mut group_keys = Vec::new();
     for g in &aggregate.group_expr {
-        match strip_aliases(g) {
-            Expr::Column(c) => {
-                ctx.require(&c.name, Use::GroupBy)?;
-                group_columns.push(c.name.clone());
-            }
-            _ => {
-                return Err(EngineError::rejected(
-                    Rule::UnsupportedShape,
-                    "GROUP BY accepts plain columns only (no expressions or grouping sets yet)",
-                ));
-            }
-        }
+        group_keys.push(group_key(&strip_aliases(g), ctx)?);
     }
     let mut aggregates = Vec::new();
     for a in &aggregate.aggr_expr {
@@ -324,7 +337,7 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
     Ok(Analyzed::Private(PrivateQuery {
         dataset: ctx.dataset.id.clone(),
         predicates,
-        group_columns,
+        group_keys,
         aggregates,
         aggregate_schema: aggregate.schema.clone(),
         plan: plan.clone(),
@@ -543,6 +556,84 @@ fn check_interval_calls(
         })
         .map_err(|e| EngineError::Internal(e.to_string()))?;
     if below { Err(misuse()) } else { Ok(()) }
+}
+
+/// A GROUP BY expression: a granted column, or `FLOOR(col / w) * w` where the
+/// column's policy allows buckets whose width divides `w`.
+fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
+    let unsupported = || {
+        EngineError::rejected(
+            Rule::UnsupportedShape,
+            "GROUP BY accepts granted columns and buckets written FLOOR(col / w) * w",
+        )
+    };
+    if let Expr::Column(c) = e {
+        ctx.require(&c.name, Use::GroupBy)?;
+        return Ok(GroupKey::Column(c.name.clone()));
+    }
+    let Expr::BinaryExpr(BinaryExpr {
+        left,
+        op: Operator::Multiply,
+        right,
+    }) = e
+    else {
+        return Err(unsupported());
+    };
+    let Expr::ScalarFunction(f) = left.as_ref() else {
+        return Err(unsupported());
+    };
+    let [
+        Expr::BinaryExpr(BinaryExpr {
+            left: inner,
+            op: Operator::Divide,
+            right: divisor,
+        }),
+    ] = f.args.as_slice()
+    else {
+        return Err(unsupported());
+    };
+    let (Expr::Column(c), Some(w), Some(w2)) = (
+        inner.as_ref(),
+        integer_literal(divisor),
+        integer_literal(right),
+    ) else {
+        return Err(unsupported());
+    };
+    if f.func.name() != "floor" || w != w2 || w <= 0 {
+        return Err(unsupported());
+    }
+    let col = ctx.require(&c.name, Use::GroupBy)?;
+    match col.bucket {
+        Some(b) if b.width.fract() == 0.0 && w % (b.width as i64).max(1) == 0 => {
+            Ok(GroupKey::Bucket {
+                column: c.name.clone(),
+                width: w,
+            })
+        }
+        Some(b) => Err(EngineError::rejected(
+            Rule::ColumnUseNotGranted,
+            format!(
+                "`{}.{}` may be grouped in buckets of a multiple of {} only; use FLOOR({} / {}) * {}",
+                ctx.dataset.id, c.name, b.width, c.name, b.width, b.width
+            ),
+        )),
+        None => Err(EngineError::rejected(
+            Rule::ColumnUseNotGranted,
+            format!(
+                "`{}.{}` has no bucket width in the policy, so it cannot be grouped in buckets; ask the security officer to declare one",
+                ctx.dataset.id, c.name
+            ),
+        )),
+    }
+}
+
+/// A positive integer literal.
+fn integer_literal(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else { return None };
+    match v.cast_to(&DataType::Float64).ok()? {
+        ScalarValue::Float64(Some(x)) if x.fract() == 0.0 && x.abs() < 1e15 => Some(x as i64),
+        _ => None,
+    }
 }
 
 /// A literal fraction in [0, 1].

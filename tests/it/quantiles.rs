@@ -162,3 +162,42 @@ async fn variance_and_standard_deviation_track_the_exact_ones() {
         "one release, two views"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_of_a_bucketed_column_are_public_keys() {
+    let f = Fixture::start().await;
+    let r = f
+        .query(
+            "op-univ-07",
+            "SELECT FLOOR(age / 10) * 10 AS band, COUNT(*) AS n FROM pop.residents \
+             GROUP BY FLOOR(age / 10) * 10 ORDER BY band",
+        )
+        .await
+        .expect("answered");
+    // Every ten-year band of [0, 110] is released, empty or not.
+    let bands = column_f64(&r, "band");
+    assert_eq!(
+        bands,
+        (0..=11).map(|k| f64::from(k * 10)).collect::<Vec<_>>()
+    );
+    let ages = ages(&f);
+    let ci: f64 = r.schema.field_with_name("n").expect("n").metadata()[meta::CI95]
+        .parse()
+        .expect("ci");
+    for (band, n) in bands.iter().zip(column_f64(&r, "n")) {
+        let exact = ages
+            .iter()
+            .filter(|a| i64::from(**a / 10 * 10) == *band as i64)
+            .count() as f64;
+        // Within 4 half-widths of the 95% interval: beyond it with
+        // probability far below 1e-9 per cell.
+        assert!((n - exact).abs() <= 4.0 * ci, "band {band}: {n} vs {exact}");
+    }
+    // Buckets narrower than the policy's five years, or not of this form, are refused.
+    for sql in [
+        "SELECT FLOOR(age / 2) * 2, COUNT(*) FROM pop.residents GROUP BY FLOOR(age / 2) * 2",
+        "SELECT age % 5, COUNT(*) FROM pop.residents GROUP BY age % 5",
+    ] {
+        assert!(f.query("op-univ-07", sql).await.is_err(), "{sql}");
+    }
+}

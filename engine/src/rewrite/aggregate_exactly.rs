@@ -9,8 +9,8 @@ use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 
 use super::{
-    CountKind, RewriteContext, RewriteStage, count_column, df, histogram_column, sum_column,
-    unit_count_column, unit_ranks_column, unit_sum_column,
+    CountKind, RewriteContext, RewriteStage, count_column, df, histogram_column, key_column,
+    sum_column, unit_count_column, unit_ranks_column, unit_sum_column,
 };
 use crate::error::Result;
 
@@ -27,7 +27,9 @@ impl RewriteStage for AggregateExactly {
         input: LogicalPlanBuilder,
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
-        let groups: Vec<Expr> = ctx.query.group_columns.iter().map(col).collect();
+        let groups: Vec<Expr> = (0..ctx.query.group_keys.len())
+            .map(|g| col(key_column(g)))
+            .collect();
         let mut aggregates: Vec<Expr> = ctx
             .counts
             .iter()

@@ -19,8 +19,8 @@ use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, l
 use veil_policy::UnitKind;
 
 use super::{
-    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, rank_column,
-    unit_count_column, unit_ranks_column, unit_sum_column, value_column,
+    CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, key_column,
+    rank_column, unit_count_column, unit_ranks_column, unit_sum_column, value_column,
 };
 use crate::bounded_sample::BoundedSample;
 use crate::error::Result;
@@ -65,7 +65,9 @@ impl RewriteStage for BoundContributions {
         input: LogicalPlanBuilder,
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
-        let groups: Vec<Expr> = ctx.query.group_columns.iter().map(col).collect();
+        let groups: Vec<Expr> = (0..ctx.query.group_keys.len())
+            .map(|g| col(key_column(g)))
+            .collect();
         let counts = ctx.counts.iter().enumerate();
         if ctx.unit.kind == UnitKind::Row {
             let mut per_row = groups;

@@ -6,16 +6,41 @@
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Column as DfColumn;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit, try_cast, when};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, col, lit, try_cast, when};
 use datafusion::scalar::ScalarValue;
 
 use veil_policy::Column;
 
-use super::{RewriteContext, RewriteStage, df, fixed_point_bounds, rank_column, value_column};
+use super::{
+    RewriteContext, RewriteStage, df, fixed_point_bounds, key_column, rank_column, value_column,
+};
+use crate::analyze::GroupKey;
 use crate::error::Result;
 
 /// See the module documentation.
 pub struct ClampValues;
+
+/// A group key's value: the column, or its bucket `w · ⌊x / w⌋` (exact
+/// integer arithmetic for integer columns, also below zero).
+fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Expr {
+    let x = col(DfColumn::new(Some(ctx.table.clone()), key.column()));
+    let GroupKey::Bucket { width, .. } = key else {
+        return x;
+    };
+    let integer = ctx
+        .file_schema
+        .field_with_name(key.column())
+        .is_ok_and(|f| f.data_type().is_integer());
+    let w = lit(*width);
+    if integer {
+        let x = cast(x, DataType::Int64);
+        let remainder = ((x.clone() % w.clone()) + w.clone()) % w;
+        x - remainder
+    } else {
+        let x = cast(x, DataType::Float64);
+        datafusion::functions::math::expr_fn::floor(x / lit(*width as f64)) * lit(*width as f64)
+    }
+}
 
 /// A column's values as fixed-point decimals clamped to its bounds; NULL
 /// where they do not convert.
@@ -46,12 +71,10 @@ impl RewriteStage for ClampValues {
         input: LogicalPlanBuilder,
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
-        let mut exprs: Vec<Expr> = ctx
-            .query
-            .group_columns
-            .iter()
-            .map(|g| col(DfColumn::new(Some(ctx.table.clone()), g)))
-            .collect();
+        let mut exprs: Vec<Expr> = Vec::new();
+        for (g, key) in ctx.query.group_keys.iter().enumerate() {
+            exprs.push(key_expr(key, ctx).alias(key_column(g)));
+        }
         for (i, summand) in ctx.sums.iter().enumerate() {
             let v = clamped(summand.column, ctx)?;
             let v = if summand.squared {

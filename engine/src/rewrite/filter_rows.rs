@@ -9,8 +9,9 @@ use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
 use veil_policy::DomainValue;
 
-use super::{RewriteContext, RewriteStage, df};
-use crate::error::Result;
+use super::{RewriteContext, RewriteStage, df, key_domain};
+use crate::analyze::GroupKey;
+use crate::error::{EngineError, Result};
 
 /// See the module documentation.
 pub struct FilterRows;
@@ -32,9 +33,19 @@ impl RewriteStage for FilterRows {
         if let Some(f) = &ctx.row_filter {
             predicates.push(f.clone());
         }
-        for g in &ctx.query.group_columns {
-            let key = col(DfColumn::new(Some(ctx.table.clone()), g));
-            let Some(domain) = ctx.dataset.column(g).and_then(|c| c.domain_values()) else {
+        for g in &ctx.query.group_keys {
+            let key = col(DfColumn::new(Some(ctx.table.clone()), g.column()));
+            if let GroupKey::Bucket { .. } = g {
+                // Buckets of values within the bounds are the public keys.
+                let (lo, hi) = ctx
+                    .dataset
+                    .column(g.column())
+                    .and_then(|c| c.bounds)
+                    .ok_or_else(|| EngineError::Internal("bucket without bounds".into()))?;
+                predicates.push(key.clone().gt_eq(lit(lo)).and(key.lt_eq(lit(hi))));
+                continue;
+            }
+            let Some(domain) = key_domain(g, ctx.dataset) else {
                 // Partition selection: NULL is not a releasable key.
                 predicates.push(key.is_not_null());
                 continue;

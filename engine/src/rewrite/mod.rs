@@ -33,7 +33,7 @@ pub(crate) use clamp_values::DECIMAL_PRECISION;
 pub use filter_rows::FilterRows;
 
 use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
-use crate::analyze::{AggregateCall, PrivateQuery};
+use crate::analyze::{AggregateCall, GroupKey, PrivateQuery};
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
 use crate::mechanisms::BoundingKeys;
@@ -47,6 +47,11 @@ pub fn count_column(j: usize) -> String {
 /// Name of the raw column counted by the `j`-th count (`COUNT(col)`).
 pub(crate) fn counted_column(j: usize) -> String {
     format!("__veil_c{j}")
+}
+
+/// Name of the `g`-th group key column.
+pub(crate) fn key_column(g: usize) -> String {
+    format!("__veil_key{g}")
 }
 
 /// Name of the privacy-unit column carried to the aggregate.
@@ -331,6 +336,8 @@ pub(crate) struct RewriteContext<'a> {
     pub dataset: &'a Dataset,
     pub unit: &'a PrivacyUnit,
     pub table: TableReference,
+    /// The dataset file's schema.
+    pub file_schema: datafusion::arrow::datatypes::SchemaRef,
     pub row_filter: Option<Expr>,
     pub sums: Vec<Summand<'a>>,
     pub counts: Vec<CountKind>,
@@ -593,6 +600,7 @@ pub fn certify(
         dataset,
         unit,
         table: table.clone(),
+        file_schema: file_schema.clone(),
         row_filter,
         sums: sum_columns.clone(),
         counts: count_kinds.clone(),
@@ -613,7 +621,11 @@ pub fn certify(
     let plan = builder
         .build()
         .map_err(|e| EngineError::Internal(e.to_string()))?;
-    let group_columns = query.group_columns.clone();
+    let group_columns = query
+        .group_keys
+        .iter()
+        .map(|k| k.column().to_owned())
+        .collect();
     Ok(CertifiedPlan {
         plan,
         stages: after,
@@ -689,10 +701,10 @@ fn selection_delta(
     file_schema: &datafusion::arrow::datatypes::Schema,
 ) -> Result<f64> {
     let private: Vec<&str> = query
-        .group_columns
+        .group_keys
         .iter()
-        .filter(|g| dataset.column(g).and_then(|c| c.domain_values()).is_none())
-        .map(String::as_str)
+        .filter(|k| key_domain(k, dataset).is_none())
+        .map(GroupKey::column)
         .collect();
     let names = private
         .iter()
@@ -734,12 +746,34 @@ fn selection_delta(
     Ok(delta)
 }
 
-/// All public keys: the product of the group columns' domains, in order;
-/// `None` when a group column has no public domain.
+/// A key's public domain: a column's declared values, or every bucket
+/// `width · ⌊x / width⌋` of `x` within the column's bounds.
+pub(crate) fn key_domain(key: &GroupKey, dataset: &Dataset) -> Option<Vec<DomainValue>> {
+    let column = dataset.column(key.column())?;
+    match key {
+        GroupKey::Column(_) => column.domain_values().map(<[DomainValue]>::to_vec),
+        GroupKey::Bucket { width, .. } => {
+            let (lo, hi) = column.bounds?;
+            let first = (lo / *width as f64).floor() as i64;
+            let last = (hi / *width as f64).floor() as i64;
+            if last - first > 1_000_000 {
+                return None;
+            }
+            Some(
+                (first..=last)
+                    .map(|k| DomainValue::Int(k * width))
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// All public keys: the product of the group keys' domains, in order;
+/// `None` when a group key has no public domain.
 fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Option<Vec<Vec<DomainValue>>>> {
     let mut keys: Vec<Vec<DomainValue>> = vec![vec![]];
-    for g in &query.group_columns {
-        let Some(domain) = dataset.column(g).and_then(|c| c.domain_values()) else {
+    for g in &query.group_keys {
+        let Some(domain) = key_domain(g, dataset) else {
             return Ok(None);
         };
         if keys.len().saturating_mul(domain.len()) > 1_000_000 {
