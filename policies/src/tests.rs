@@ -539,7 +539,7 @@ fn explain_says_what_an_operator_may_do() {
         "G-2026-031",
         "public_welfare",
         "pop.residents",
-        "group by: district, gender",
+        "group by: age, district, gender",
         "10 ε in total",
         "free, on condition",
         "in force",
