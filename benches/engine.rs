@@ -11,6 +11,7 @@
 //!
 //! ```sh
 //! cargo bench --bench engine              # VEIL_BENCH_ROWS=1m to skip 10M
+//! cargo bench --bench engine -- plan_and_rewrite   # the slt corpus, planning only
 //! ```
 
 #![allow(clippy::disallowed_methods)] // the baseline is a default DataFusion session
@@ -134,5 +135,69 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Every query of the sqllogictest corpus that veil accepts, with the
+/// operator it runs as (a `SET veil.operator` statement switches it).
+fn slt_corpus() -> Vec<(String, String)> {
+    use sqllogictest::{DefaultColumnType, QueryExpect, Record};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/slt")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let mut operator = "op-univ-07".to_owned();
+        for record in sqllogictest::parse_file::<DefaultColumnType>(&file).expect("slt") {
+            match record {
+                Record::Statement { sql, .. } => {
+                    if let Some(op) = sql.trim().strip_prefix("SET veil.operator = ") {
+                        operator = op.trim_matches(|c| c == '\'' || c == ';').to_owned();
+                    }
+                }
+                Record::Query {
+                    sql,
+                    expected: QueryExpect::Results { .. },
+                    ..
+                } => out.push((operator.clone(), sql)),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Planning and rewrite latency (a dry run: gate, plan, policy checks,
+/// certify, accounting; no data) over the slt corpus, per query.
+fn plan_corpus(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    veil::generate::generate(&data, 0.02, veil::generate::DEFAULT_SEED).expect("generate");
+    let engine = veil::open_engine(
+        &policy_with_budget(dir.path()),
+        &data,
+        &dir.path().join("state"),
+    )
+    .expect("engine");
+    let corpus = slt_corpus();
+    assert!(corpus.len() >= 10, "the slt corpus is missing");
+    let mut group = c.benchmark_group("plan_and_rewrite");
+    group.sample_size(20);
+    group.bench_function(format!("slt_corpus_{}_queries", corpus.len()), |b| {
+        b.to_async(&rt).iter(|| async {
+            let now = chrono::Utc::now().fixed_offset();
+            for (operator, sql) in &corpus {
+                engine.estimate(operator, sql, now).await.expect("plans");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, plan_corpus);
 criterion_main!(benches);

@@ -14,4 +14,5 @@ mod quantiles;
 mod rejections;
 mod reload;
 mod selection;
+mod slt;
 mod support;

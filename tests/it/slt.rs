@@ -1,0 +1,132 @@
+//! The sqllogictest corpus (`tests/slt/*.slt`): every accepted query shape and
+//! every rejection rule, run through the engine.
+//!
+//! Conventions of the corpus:
+//! - `statement ok` of `SET veil.operator = '<id>'` picks the operator for
+//!   the following records (default `op-univ-07`); nothing else is a
+//!   statement.
+//! - Group keys and public (exact) results print as values; every noisy cell,
+//!   and everything computed from one, prints as `~`.
+//! - Refusals print as `[RULE_CODE] message`, so `statement error` and
+//!   `query error` match the rule code.
+//!
+//! Each file runs on a fresh engine over the generated example data with the
+//! example policy, budgets raised so a file never runs out.
+
+use std::sync::Arc;
+
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType, Runner};
+use veil_engine::broker::Engine;
+use veil_engine::meta;
+
+use crate::support::*;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+struct Veil {
+    engine: Arc<Engine>,
+    operator: String,
+}
+
+#[async_trait::async_trait]
+impl AsyncDB for Veil {
+    type Error = Refused;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, Refused> {
+        if let Some(op) = sql.trim().strip_prefix("SET veil.operator = ") {
+            self.operator = op
+                .trim_matches(|c| c == '\'' || c == ';' || c == ' ')
+                .to_owned();
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        let answer = self
+            .engine
+            .run(&self.operator, sql, chrono::Utc::now().fixed_offset())
+            .await
+            .map_err(|e| Refused(e.to_string()))?;
+        let private = answer.schema.metadata().contains_key(meta::UNIT);
+        let exact: Vec<bool> = answer
+            .schema
+            .fields()
+            .iter()
+            .map(|f| !private || f.metadata().contains_key(meta::KEYS))
+            .collect();
+        let mut rows = Vec::new();
+        for batch in &answer.batches {
+            let options = FormatOptions::default().with_null("NULL");
+            let formatters = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Refused(e.to_string()))?;
+            for r in 0..batch.num_rows() {
+                rows.push(
+                    formatters
+                        .iter()
+                        .zip(&exact)
+                        .map(|(f, exact)| {
+                            if *exact {
+                                f.value(r).to_string()
+                            } else {
+                                "~".to_owned()
+                            }
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(DBOutput::Rows {
+            types: vec![DefaultColumnType::Any; answer.schema.fields().len()],
+            rows,
+        })
+    }
+
+    async fn shutdown(&mut self) {}
+}
+
+/// The example policy with every grant's budget raised.
+fn corpus_policy() -> String {
+    let mut out = String::new();
+    for line in example_policy().lines() {
+        if line.trim_start().starts_with("budget = ") {
+            out.push_str("  budget = 100000.0");
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slt_corpus_passes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("tests/slt")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "the corpus is missing: {files:?}");
+    for file in files {
+        let f = Fixture::with_policy(&corpus_policy(), |_| {}).await;
+        let engine = f.engine.clone();
+        let mut runner = Runner::new(move || {
+            let engine = engine.clone();
+            async move {
+                Ok(Veil {
+                    engine,
+                    operator: "op-univ-07".to_owned(),
+                })
+            }
+        });
+        if let Err(e) = runner.run_file_async(&file).await {
+            panic!("{}:\n{}", file.display(), e.display(true));
+        }
+    }
+}
