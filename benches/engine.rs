@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+#[path = "../tests/slt/corpus.rs"]
+mod corpus;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
 const QUERY: &str = "SELECT district, COUNT(*) AS n, SUM(wage_base) AS total, AVG(wage_base) AS mean \
@@ -91,10 +94,11 @@ fn bench(c: &mut Criterion) {
         .expect("register");
         let plain_sql = QUERY.replace("hrss.social_insurance", "social_insurance");
 
-        group.bench_with_input(
-            BenchmarkId::new("plain_datafusion", label),
-            &plain_sql,
-            |b, sql| {
+        for (name, sql) in [
+            ("plain_datafusion", plain_sql.as_str()),
+            ("plain_datafusion_per_unit", PER_UNIT_QUERY),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, label), &sql, |b, sql| {
                 b.to_async(&rt).iter(|| async {
                     ctx.sql(sql)
                         .await
@@ -103,22 +107,8 @@ fn bench(c: &mut Criterion) {
                         .await
                         .expect("collect")
                 })
-            },
-        );
-        group.bench_with_input(
-            BenchmarkId::new("plain_datafusion_per_unit", label),
-            &PER_UNIT_QUERY,
-            |b, sql| {
-                b.to_async(&rt).iter(|| async {
-                    ctx.sql(sql)
-                        .await
-                        .expect("sql")
-                        .collect()
-                        .await
-                        .expect("collect")
-                })
-            },
-        );
+            });
+        }
         let e = Arc::clone(&engine);
         group.bench_with_input(
             BenchmarkId::new("veil_certified", label),
@@ -139,21 +129,15 @@ fn bench(c: &mut Criterion) {
 /// operator it runs as (a `SET veil.operator` statement switches it).
 fn slt_corpus() -> Vec<(String, String)> {
     use sqllogictest::{DefaultColumnType, QueryExpect, Record};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("tests/slt")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
-        .collect();
-    files.sort();
+    let files = corpus::files();
     let mut out = Vec::new();
     for file in files {
         let mut operator = "op-univ-07".to_owned();
         for record in sqllogictest::parse_file::<DefaultColumnType>(&file).expect("slt") {
             match record {
                 Record::Statement { sql, .. } => {
-                    if let Some(op) = sql.trim().strip_prefix("SET veil.operator = ") {
-                        operator = op.trim_matches(|c| c == '\'' || c == ';').to_owned();
+                    if let Some(op) = corpus::operator_switch(&sql) {
+                        operator = op;
                     }
                 }
                 Record::Query {

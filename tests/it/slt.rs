@@ -22,6 +22,9 @@ use veil_engine::meta;
 
 use crate::support::*;
 
+#[path = "../slt/corpus.rs"]
+mod corpus;
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Refused(String);
@@ -37,10 +40,8 @@ impl AsyncDB for Veil {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, Refused> {
-        if let Some(op) = sql.trim().strip_prefix("SET veil.operator = ") {
-            self.operator = op
-                .trim_matches(|c| c == '\'' || c == ';' || c == ' ')
-                .to_owned();
+        if let Some(op) = corpus::operator_switch(sql) {
+            self.operator = op;
             return Ok(DBOutput::StatementComplete(0));
         }
         let answer = self
@@ -105,13 +106,7 @@ fn corpus_policy() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slt_corpus_passes() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("tests/slt")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
-        .collect();
-    files.sort();
+    let files = corpus::files();
     assert!(files.len() >= 4, "the corpus is missing: {files:?}");
     for file in files {
         let f = Fixture::with_policy(&corpus_policy(), |_| {}).await;
