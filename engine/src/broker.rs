@@ -238,20 +238,20 @@ impl Engine {
         }
     }
 
-    /// Test hook: the certified plan of a private query, and its exact bounded
+    /// Test hook: the certified plan of a private query and its exact bounded
     /// aggregates, without noise and without a charge. Compiled only with the
     /// `test-hooks` feature, which release builds never enable.
-    #[cfg(feature = "test-hooks")]
     ///
     /// `keys`: the bounding keys, fixed so that neighbouring datasets can be
     /// compared under the same choice of rows; `None` draws fresh ones.
+    #[cfg(feature = "test-hooks")]
     pub async fn exact_bounded_aggregates_for_tests(
         &self,
         operator: &str,
         sql: &str,
         now: DateTime<FixedOffset>,
         keys: Option<BoundingKeys>,
-    ) -> Result<veil_sandbox::BoundedAggregates> {
+    ) -> Result<(CertifiedPlan, veil_sandbox::BoundedAggregates)> {
         let snap = self.snapshot();
         let keys = match keys {
             Some(k) => k,
@@ -259,7 +259,9 @@ impl Engine {
         };
         match self.plan(&snap, operator, sql, now, keys).await? {
             Planned::Private { certified, .. } => {
-                execute_certified(&certified, &snap.catalog.execution_state()?, "test").await
+                let exact =
+                    execute_certified(&certified, &snap.catalog.execution_state()?, "test").await?;
+                Ok((*certified, exact))
             }
             Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
         }

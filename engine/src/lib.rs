@@ -30,6 +30,8 @@
 
 pub mod accounting;
 pub mod analyze;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod audit;
 mod bounded_sample;
 pub mod broker;
 pub mod catalog;

@@ -821,41 +821,9 @@ mod tests {
     /// privacy loss from below on a fresh half with Clopper–Pearson intervals.
     mod audit {
         use super::*;
+        use crate::audit::{ALPHA, cp_lower, loss_lower_bound};
 
-        /// Total false-alarm rate of one audit (two one-sided bounds at α/2).
-        const ALPHA: f64 = 1e-6;
         const N: usize = 60_000;
-
-        /// x with `regularized_incomplete_beta(a, b, x) = target`, by bisection.
-        fn beta_quantile(a: f64, b: f64, target: f64) -> f64 {
-            let (mut lo, mut hi) = (0.0f64, 1.0f64);
-            for _ in 0..200 {
-                let mid = 0.5 * (lo + hi);
-                if statrs::function::beta::beta_reg(a, b, mid) < target {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            0.5 * (lo + hi)
-        }
-
-        /// One-sided Clopper–Pearson bounds at level `a` each.
-        fn cp_lower(k: usize, n: usize, a: f64) -> f64 {
-            if k == 0 {
-                0.0
-            } else {
-                beta_quantile(k as f64, (n - k + 1) as f64, a)
-            }
-        }
-
-        fn cp_upper(k: usize, n: usize, a: f64) -> f64 {
-            if k == n {
-                1.0
-            } else {
-                beta_quantile((k + 1) as f64, (n - k) as f64, 1.0 - a)
-            }
-        }
 
         /// ε lower bound for `plan` distinguishing inputs 0 and `shift`.
         fn epsilon_lower_bound(plan: &NoisePlan, shift: i64, delta: f64) -> f64 {
@@ -867,42 +835,6 @@ mod tests {
                     .collect()
             };
             loss_lower_bound(&sample(0), &sample(shift), delta, -20..=60)
-        }
-
-        /// ε lower bound from `N` outputs on each of two neighbouring inputs:
-        /// the event {X ≥ t} is chosen on one half and measured on the other.
-        fn loss_lower_bound(
-            d0: &[i64],
-            d1: &[i64],
-            delta: f64,
-            thresholds: std::ops::RangeInclusive<i64>,
-        ) -> f64 {
-            let (train0, test0) = d0.split_at(N / 2);
-            let (train1, test1) = d1.split_at(N / 2);
-            // The event {X >= t} whose training data give the best lower
-            // bound: enough mass on both sides to be estimated tightly.
-            let n = N / 2;
-            let at_least = |xs: &[i64], t: i64| xs.iter().filter(|x| **x >= t).count();
-            let t = thresholds
-                .max_by(|a, b| {
-                    let score = |t: i64| {
-                        let hi = cp_upper(at_least(train0, t), n, ALPHA / 2.0);
-                        let lo = cp_lower(at_least(train1, t), n, ALPHA / 2.0);
-                        ((lo - delta).max(f64::MIN_POSITIVE) / hi).ln()
-                    };
-                    score(*a).total_cmp(&score(*b))
-                })
-                .expect("a threshold");
-            let p0_high = cp_upper(at_least(test0, t), n, ALPHA / 2.0);
-            let p1_low = cp_lower(at_least(test1, t), n, ALPHA / 2.0);
-            ((p1_low - delta).max(f64::MIN_POSITIVE) / p0_high).ln()
-        }
-
-        #[test]
-        fn clopper_pearson_matches_known_values() {
-            // n = 100, k = 50, 97.5% one-sided: [0.3983, 0.6017].
-            assert!((cp_lower(50, 100, 0.025) - 0.3983).abs() < 1e-3);
-            assert!((cp_upper(50, 100, 0.025) - 0.6017).abs() < 1e-3);
         }
 
         #[test]

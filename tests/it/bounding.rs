@@ -41,7 +41,8 @@ async fn bounded_total(f: &Fixture, sql: &str) -> (usize, i64) {
         .engine
         .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
-        .expect("certified and executed");
+        .expect("certified and executed")
+        .1;
     (
         exact.groups.len(),
         exact.groups.iter().map(|g| g.counts[0]).sum(),
@@ -97,12 +98,14 @@ async fn the_kept_groups_change_from_query_to_query() {
         .engine
         .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
-        .expect("a");
+        .expect("a")
+        .1;
     let b = f
         .engine
         .exact_bounded_aggregates_for_tests("op-ndrc", sql, now, None)
         .await
-        .expect("b");
+        .expect("b")
+        .1;
     let counts = |x: &veil_sandbox::BoundedAggregates| {
         let mut v: Vec<_> = x
             .groups

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use proptest::prelude::*;
-use veil_engine::mechanisms::BoundingKeys;
+use veil_engine::mechanisms::{BoundingKeys, release};
+use veil_engine::rewrite::CertifiedPlan;
 use veil_sandbox::{BoundedAggregates, KeyValue};
 
 const MAX_GROUPS: i64 = 2;
@@ -50,6 +51,10 @@ privacy_unit = { column = "unit", kind = "natural_person", max_groups = 2, max_r
   allow = ["aggregate"]
   bounds = [-5, 10]
   precision = 1
+  [[dataset.column]]
+  name = "tag"
+  level = "general_2"
+  allow = ["group_by"]
 
 [[operator]]
 id = "op"
@@ -66,13 +71,14 @@ valid_from = 2026-01-01T00:00:00+08:00
 valid_until = 2030-12-31T23:59:59+08:00
   [[grant.scope]]
   dataset = "t.events"
-  columns = { grp = ["group_by"], v = ["aggregate"] }
+  columns = { grp = ["group_by"], v = ["aggregate"], tag = ["group_by"] }
   [grant.limits]
   agg_functions = ["COUNT", "SUM", "AVG", "MEDIAN"]
   [grant.dp]
   accounting = "epsilon"
   budget = 100.0
   per_query_max = 1.0
+  delta = 0.001
   [grant.pricing]
   model = "free"
 "#;
@@ -87,6 +93,7 @@ fn write(dir: &Path, rows: &[Row]) {
         Field::new("unit", DataType::Int64, false),
         Field::new("grp", DataType::Utf8, false),
         Field::new("v", DataType::Float64, true),
+        Field::new("tag", DataType::Utf8, false),
     ]));
     let batch = RecordBatch::try_new(
         schema.clone(),
@@ -94,6 +101,10 @@ fn write(dir: &Path, rows: &[Row]) {
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+            // Every unit's own tag: a key only that unit holds.
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| format!("u{}", r.0)),
+            )),
         ],
     )
     .expect("batch");
@@ -107,8 +118,12 @@ fn write(dir: &Path, rows: &[Row]) {
 /// One group's counts, fixed-point sums and rank histogram.
 type Statistics = (Vec<i64>, Vec<i128>, Vec<i64>);
 
-/// The bounded aggregates of `rows` under fixed keys, by group.
-fn bounded(rows: &[Row], keys: BoundingKeys) -> BTreeMap<Vec<KeyValue>, Statistics> {
+/// The certified plan of `sql` over `rows`, and its exact bounded aggregates.
+fn certified(
+    rows: &[Row],
+    sql: &str,
+    keys: Option<BoundingKeys>,
+) -> (CertifiedPlan, BoundedAggregates) {
     let dir = tempfile::tempdir().expect("tmp");
     write(&dir.path().join("data"), rows);
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
@@ -122,15 +137,20 @@ fn bounded(rows: &[Row], keys: BoundingKeys) -> BTreeMap<Vec<KeyValue>, Statisti
         .enable_all()
         .build()
         .expect("runtime");
-    let out: BoundedAggregates = rt
-        .block_on(engine.exact_bounded_aggregates_for_tests(
-            "op",
-            SQL,
-            chrono::Utc::now().fixed_offset(),
-            Some(keys),
-        ))
-        .expect("bounded");
-    out.groups
+    rt.block_on(engine.exact_bounded_aggregates_for_tests(
+        "op",
+        sql,
+        chrono::Utc::now().fixed_offset(),
+        keys,
+    ))
+    .expect("bounded")
+}
+
+/// The bounded aggregates of `rows` under fixed keys, by group.
+fn bounded(rows: &[Row], keys: BoundingKeys) -> BTreeMap<Vec<KeyValue>, Statistics> {
+    certified(rows, SQL, Some(keys))
+        .1
+        .groups
         .into_iter()
         .map(|g| (g.key, (g.counts, g.sums, g.histograms.concat())))
         .collect()
@@ -180,4 +200,143 @@ proptest! {
         }
         prop_assert!(changed <= MAX_GROUPS, "{changed} groups moved");
     }
+}
+
+/// Twelve ordinary units, and the victim (unit 0): three rows in group `a`
+/// at the top of the bounds.
+fn audit_rows(with_victim: bool) -> Vec<Row> {
+    let mut rows: Vec<Row> = (1..=12)
+        .flat_map(|u| {
+            let g = ["a", "b", "c", "d"][u as usize % 4];
+            [(u, g, Some(f64::from(u as i32 % 7))), (u, "a", Some(2.5))]
+        })
+        .collect();
+    if with_victim {
+        rows.extend([(0, "a", Some(10.0)); 3]);
+    }
+    rows
+}
+
+/// `n` releases of one cell (the row whose first column prints as `key`, or
+/// the only row), as integers (`scale` × the value); `None` when the row is
+/// not released.
+fn releases(
+    rows: &[Row],
+    sql: &str,
+    key: Option<&str>,
+    column: usize,
+    scale: f64,
+    n: usize,
+) -> Vec<Option<i64>> {
+    // Bounding keys do not matter here: every unit keeps all its rows.
+    let (plan, exact) = certified(rows, sql, None);
+    let spec = plan.spec();
+    let schema = Arc::new(spec.query.aggregate_schema.as_arrow().clone());
+    (0..n)
+        .map(|_| {
+            let released = release(spec, &exact, schema.clone()).expect("release");
+            let batch = released.batch();
+            let row = match key {
+                None => Some(0),
+                Some(k) => {
+                    let keys = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)
+                        .expect("text");
+                    let keys = keys
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .expect("strings");
+                    (0..batch.num_rows()).find(|r| keys.value(*r) == k)
+                }
+            };
+            row.map(|r| {
+                let v = datafusion::arrow::compute::cast(batch.column(column), &DataType::Float64)
+                    .expect("f64");
+                let v = v
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .expect("f64")
+                    .value(r);
+                (v * scale).round() as i64
+            })
+        })
+        .collect()
+}
+
+/// End-to-end audits (THREATS.md recipe, α = 1e-6 each): whole queries on
+/// neighbouring datasets, the privacy loss bounded from below on one cell.
+/// The grant charges ε = 1 (and δ = 0.001) per query.
+#[test]
+fn five_queries_keep_their_epsilon_end_to_end() {
+    const N: usize = 20_000;
+    let claimed = 1.0;
+    for (name, sql, key, column, scale) in [
+        (
+            "count with public keys",
+            "SELECT grp, COUNT(*) FROM t.events GROUP BY grp",
+            Some("a"),
+            1,
+            1.0,
+        ),
+        (
+            "sum",
+            "SELECT grp, SUM(v) FROM t.events GROUP BY grp",
+            Some("a"),
+            1,
+            10.0,
+        ),
+        (
+            "average",
+            "SELECT grp, AVG(v) FROM t.events GROUP BY grp",
+            Some("a"),
+            1,
+            100.0,
+        ),
+        ("quantile", "SELECT MEDIAN(v) FROM t.events", None, 0, 10.0),
+    ] {
+        let sample = |with: bool| -> Vec<i64> {
+            releases(&audit_rows(with), sql, key, column, scale, N)
+                .into_iter()
+                .map(|v| v.expect("a public key is always released"))
+                .collect()
+        };
+        let (d0, d1) = (sample(false), sample(true));
+        let mut both = d0.clone();
+        both.extend(&d1);
+        let thresholds = veil_engine::audit::spread_thresholds(&both, 60);
+        let lb = veil_engine::audit::loss_lower_bound(&d0, &d1, 0.0, thresholds.clone()).max(
+            veil_engine::audit::loss_lower_bound(&d1, &d0, 0.0, thresholds),
+        );
+        eprintln!("end-to-end audit, {name}: claimed ε = {claimed}, lower bound {lb:.4}");
+        assert!(
+            lb <= claimed,
+            "{name}: ε lower bound {lb} exceeds {claimed}"
+        );
+        if name == "count with public keys" {
+            assert!(lb > 0.1, "the audit sees the victim: {lb}");
+        }
+    }
+    // Partition selection: the victim's own key exists only with the victim,
+    // so the neighbour never releases it and the victim's side may release it
+    // at most δ of the time (the event carries all the loss).
+    let sql = "SELECT tag, COUNT(*) FROM t.events GROUP BY tag";
+    let released = |with: bool| -> Vec<i64> {
+        releases(&audit_rows(with), sql, Some("u0"), 1, 1.0, N)
+            .into_iter()
+            .map(|v| i64::from(v.is_some()))
+            .collect()
+    };
+    let (d0, d1) = (released(false), released(true));
+    assert!(
+        d0.iter().all(|r| *r == 0),
+        "a key nobody holds was released"
+    );
+    let hits = d1.iter().sum::<i64>() as usize;
+    let low = veil_engine::audit::cp_lower(hits, N, veil_engine::audit::ALPHA);
+    eprintln!(
+        "end-to-end audit, partition selection: {hits}/{N} releases of a one-unit key, lower bound {low:.5} vs δ = 0.001"
+    );
+    assert!(
+        low <= 0.001,
+        "a one-unit key is released too often: {hits}/{N}"
+    );
 }
