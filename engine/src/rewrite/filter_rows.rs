@@ -1,12 +1,15 @@
-//! `FilterRows`: the operator's predicates, the grant's mandatory row filter,
+//! `FilterRows`: the operator's predicates (in total form: no value can make
+//! them fail), the grant's mandatory row filter,
 //! and every group key restricted to its public domain (rows outside it could
 //! otherwise create keys that are not public); keys left to partition
 //! selection only lose NULL, which is never released.
 
 use datafusion::common::Column as DfColumn;
 use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::functions::core::expr_fn::nullif;
+use datafusion::logical_expr::expr::{Cast, TryCast};
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlanBuilder, Operator, col, lit};
 use veil_policy::DomainValue;
 
 use super::{RewriteContext, RewriteStage, df, key_domain};
@@ -28,10 +31,10 @@ impl RewriteStage for FilterRows {
     ) -> Result<LogicalPlanBuilder> {
         let mut predicates = Vec::new();
         for p in &ctx.query.predicates {
-            predicates.push(requalify(p.clone(), ctx)?);
+            predicates.push(total(requalify(p.clone(), ctx)?)?);
         }
         if let Some(f) = &ctx.row_filter {
-            predicates.push(f.clone());
+            predicates.push(total(f.clone())?);
         }
         for g in &ctx.query.group_keys {
             let key = col(DfColumn::new(Some(ctx.table.clone()), g.column()));
@@ -64,6 +67,32 @@ impl RewriteStage for FilterRows {
             None => Ok(input),
         }
     }
+}
+
+/// The total form of a predicate: no row can make it fail, since whether a
+/// query fails must not depend on the data. Division and remainder by zero
+/// give NULL (`x / NULLIF(y, 0)`), casts become `TRY_CAST` (NULL when a value
+/// does not convert).
+fn total(e: Expr) -> Result<Expr> {
+    e.transform(|e| {
+        Ok(match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: op @ (Operator::Divide | Operator::Modulo),
+                right,
+            }) => Transformed::yes(Expr::BinaryExpr(BinaryExpr {
+                left,
+                op,
+                right: Box::new(nullif(*right, lit(0))),
+            })),
+            Expr::Cast(Cast { expr, field }) => {
+                Transformed::yes(Expr::TryCast(TryCast::new(expr, field.data_type().clone())))
+            }
+            other => Transformed::no(other),
+        })
+    })
+    .map(|t| t.data)
+    .map_err(df)
 }
 
 /// Points the operator's column references (which may use a table alias) at

@@ -1,0 +1,67 @@
+//! Attack family: make the query fail, or not, depending on one person's
+//! value. Arithmetic on private values is total (division by zero and
+//! unconvertible casts give NULL), so neighbouring datasets answer alike.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, Int32Array};
+use datafusion::arrow::datatypes::Int32Type;
+
+use crate::support::*;
+
+/// Residents' ages with no one aged 40, plus (or not) one person aged 40.
+fn ages_edit(with_forty: bool) -> impl FnOnce(&std::path::Path) {
+    move |data: &std::path::Path| {
+        rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
+            let ages: Int32Array = b
+                .column_by_name("age")
+                .expect("age")
+                .as_primitive::<Int32Type>()
+                .iter()
+                .enumerate()
+                .map(|(i, a)| match a {
+                    _ if with_forty && i == 0 => Some(40),
+                    Some(40) => Some(41),
+                    other => other,
+                })
+                .collect();
+            replace_column(b, "age", Arc::new(ages))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_would_break_arithmetic_cannot_be_detected() {
+    let without = Fixture::with_policy(&example_policy(), ages_edit(false)).await;
+    let with = Fixture::with_policy(&example_policy(), ages_edit(true)).await;
+    for sql in [
+        // Division and remainder by zero for the person aged 40 only.
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE age / (age - 40) > 0",
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE age % (age - 40) = 0",
+        // A cast that overflows for ages above 32 (and one that never does).
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE CAST(age * 1000 AS SMALLINT) > 0",
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE CAST((age - 40) * 1000 AS SMALLINT) = 0",
+        // Integer overflow wraps in DataFusion: it never fails a query.
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE (age - 39) * 9223372036854775807 > 0",
+    ] {
+        let a = without.query("op-univ-07", sql).await;
+        let b = with.query("op-univ-07", sql).await;
+        match (&a, &b) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.schema.fields(), b.schema.fields(), "{sql}");
+                let keys = |s: &datafusion::arrow::datatypes::Schema| {
+                    let mut k: Vec<String> = s.metadata().keys().cloned().collect();
+                    k.sort();
+                    k
+                };
+                assert_eq!(keys(&a.schema), keys(&b.schema), "{sql}");
+                assert_eq!(column_f64(a, "n").len(), column_f64(b, "n").len(), "{sql}");
+            }
+            _ => panic!(
+                "{sql}: answers differ between neighbours: {:?} / {:?}",
+                a.as_ref().err(),
+                b.as_ref().err()
+            ),
+        }
+    }
+}
