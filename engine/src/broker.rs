@@ -62,6 +62,8 @@ pub mod meta {
     pub const SCALE: &str = "veil.scale";
     /// Field: half-width of the 95% interval.
     pub const CI95: &str = "veil.ci95_half_width";
+    /// Field: noisy count of the column's values clamped to its bounds.
+    pub const CLAMPED: &str = "veil.clamped_values";
     /// Field: aggregate computed.
     pub const AGGREGATE: &str = "veil.aggregate";
 }
@@ -726,6 +728,9 @@ async fn post_process(
                     md.insert(meta::SCALE.to_owned(), format!("{}", acc.scale));
                     if let Some(h) = acc.half_width_95 {
                         md.insert(meta::CI95.to_owned(), format!("{h}"));
+                    }
+                    if let Some(n) = acc.clamped_values {
+                        md.insert(meta::CLAMPED.to_owned(), n.to_string());
                     }
                     md.insert(meta::AGGREGATE.to_owned(), acc.aggregate.clone());
                 }

@@ -71,6 +71,9 @@ pub struct Accuracy {
     pub half_width_95: Option<f64>,
     /// What was computed, e.g. `AVG(wage_base)`.
     pub aggregate: String,
+    /// For aggregates of a bounded column: a noisy count of its values that
+    /// lay outside the bounds and were clamped (known only after release).
+    pub clamped_values: Option<u64>,
 }
 
 /// Noisy aggregates over every public key, with their accuracy.
@@ -267,7 +270,9 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                     CountKind::NonNull(col) => format!("COUNT({col})"),
                     CountKind::Summed(i) => format!("COUNT({})", spec.sums[*i].column),
                     CountKind::DistinctUnits => "COUNT(DISTINCT unit)".to_owned(),
+                    CountKind::Clamped(col) => format!("clamped values of {col}"),
                 },
+                clamped_values: None,
             }
         }
         ReleasedAggregate::Sum(i) => {
@@ -278,6 +283,7 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                 scale: s.noise.scale_f64() / unit,
                 half_width_95: Some(s.noise.half_width(0.05)? / unit),
                 aggregate: format!("SUM({})", s.column),
+                clamped_values: None,
             }
         }
         ReleasedAggregate::Avg { sum, .. } => {
@@ -287,6 +293,7 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                 scale: s.noise.scale_f64() / 10f64.powi(s.precision as i32),
                 half_width_95: None,
                 aggregate: format!("AVG({})", s.column),
+                clamped_values: None,
             }
         }
         ReleasedAggregate::Var { sum, std, .. } => {
@@ -300,6 +307,7 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                     if std { "STDDEV_POP" } else { "VAR_POP" },
                     s.column
                 ),
+                clamped_values: None,
             }
         }
         ReleasedAggregate::Quantile(q) => {
@@ -309,6 +317,7 @@ pub fn planned_accuracy(spec: &ReleaseSpec, agg: ReleasedAggregate) -> Result<Ac
                 scale: stat.scale,
                 half_width_95: None,
                 aggregate: format!("QUANTILE({}, {})", stat.column, stat.alpha),
+                clamped_values: None,
             }
         }
     })
@@ -531,7 +540,22 @@ pub fn release(
             .collect()
     };
     let mut noisy_counts = Vec::new();
+    let mut clamped: HashMap<&str, u64> = HashMap::new();
     for (j, c) in spec.counts.iter().enumerate() {
+        if let CountKind::Clamped(column) = &c.kind {
+            // One total over every group found, noisy, floored at zero.
+            let total: i128 = exact
+                .groups
+                .iter()
+                .filter_map(|g| g.counts.get(j))
+                .map(|n| i128::from(*n))
+                .sum();
+            let noisy = noisy_vector(&c.noise, vec![IBig::from(total)])?;
+            let value = noisy.first().map_or(0, |v| u64::try_from(v).unwrap_or(0));
+            clamped.insert(column.as_str(), value);
+            noisy_counts.push(Vec::new());
+            continue;
+        }
         noisy_counts.push(match &selected_by {
             // The selecting count is already noisy: released as drawn.
             Some((s, noisy)) if *s == j => noisy.clone(),
@@ -684,7 +708,17 @@ pub fn release(
         columns.push(
             cast(&array, field.data_type()).map_err(|e| EngineError::Internal(e.to_string()))?,
         );
-        accuracy.push(acc);
+        let bounded = match *agg {
+            ReleasedAggregate::Count(_) => None,
+            ReleasedAggregate::Sum(i)
+            | ReleasedAggregate::Avg { sum: i, .. }
+            | ReleasedAggregate::Var { sum: i, .. } => Some(spec.sums[i].column.as_str()),
+            ReleasedAggregate::Quantile(q) => Some(spec.quantiles[q].column.as_str()),
+        };
+        accuracy.push(Accuracy {
+            clamped_values: bounded.and_then(|c| clamped.get(c).copied()),
+            ..acc
+        });
     }
     let mut fields: Vec<Field> = schema
         .fields()

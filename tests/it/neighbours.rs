@@ -176,7 +176,7 @@ proptest! {
         let with = bounded(&rows, keys);
         let without: Vec<Row> = rows.iter().copied().filter(|r| r.0 != victim).collect();
         let without = bounded(&without, keys);
-        let empty = (vec![0; 4], vec![0; 1], vec![]);
+        let empty = (vec![0; 5], vec![0; 1], vec![]);
         let keys: std::collections::BTreeSet<_> = with.keys().chain(without.keys()).cloned().collect();
         let mut changed = 0;
         for key in keys {
@@ -185,8 +185,9 @@ proptest! {
             if (c1, s1, h1) != (c0, s0, h0) {
                 changed += 1;
             }
-            // COUNT(*), COUNT(v), COUNT(DISTINCT unit), AVG's count.
-            for (j, bound) in [MAX_ROWS, MAX_ROWS, 1, MAX_ROWS].into_iter().enumerate() {
+            // COUNT(*), COUNT(v), COUNT(DISTINCT unit), AVG's count, and
+            // the values of v clamped to its bounds.
+            for (j, bound) in [MAX_ROWS, MAX_ROWS, 1, MAX_ROWS, MAX_ROWS].into_iter().enumerate() {
                 let d = c1.get(j).copied().unwrap_or(0) - c0.get(j).copied().unwrap_or(0);
                 prop_assert!((0..=bound).contains(&d), "count {j} of {key:?} moved by {d}");
             }

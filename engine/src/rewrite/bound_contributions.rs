@@ -37,7 +37,7 @@ const GROUP_RANK: &str = "__veil_group_rank";
 fn counted(kind: &CountKind, j: usize) -> Option<Expr> {
     match kind {
         CountKind::Rows => Some(lit(1i64)),
-        CountKind::NonNull(_) => Some(col(counted_column(j))),
+        CountKind::NonNull(_) | CountKind::Clamped(_) => Some(col(counted_column(j))),
         CountKind::Summed(i) => Some(col(value_column(*i))),
         // Each (unit, group) row is one unit: counted by the final aggregate.
         CountKind::DistinctUnits => None,

@@ -42,9 +42,9 @@ fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Expr {
     }
 }
 
-/// A column's values as fixed-point decimals clamped to its bounds; NULL
-/// where they do not convert.
-fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
+/// A column's values as fixed-point decimals, its bounds in the same type,
+/// and whether a value lies below or above them.
+fn fixed_point(column: &Column, ctx: &RewriteContext<'_>) -> Result<(Expr, Expr, Expr)> {
     let (_, _, lo_fp, hi_fp) = fixed_point_bounds(column)?;
     let p = column.precision as i8;
     let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
@@ -52,9 +52,25 @@ fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
         col(DfColumn::new(Some(ctx.table.clone()), &column.name)),
         DataType::Decimal128(DECIMAL_PRECISION, p),
     );
-    when(v.clone().lt(decimal(lo_fp)), decimal(lo_fp))
-        .when(v.clone().gt(decimal(hi_fp)), decimal(hi_fp))
+    Ok((v, decimal(lo_fp), decimal(hi_fp)))
+}
+
+/// A column's values as fixed-point decimals clamped to its bounds; NULL
+/// where they do not convert.
+fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let (v, lo, hi) = fixed_point(column, ctx)?;
+    when(v.clone().lt(lo.clone()), lo)
+        .when(v.clone().gt(hi.clone()), hi)
         .otherwise(v)
+        .map_err(df)
+}
+
+/// 1 where a value lies outside the column's bounds (and is clamped), NULL
+/// otherwise: counted like a column's non-NULL values.
+fn outside_bounds(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let (v, lo, hi) = fixed_point(column, ctx)?;
+    when(v.clone().lt(lo).or(v.gt(hi)), lit(1i64))
+        .end()
         .map_err(df)
 }
 
@@ -93,11 +109,18 @@ impl RewriteStage for ClampValues {
             exprs.push(grid.rank_of(clamped(column, ctx)?).alias(rank_column(q)));
         }
         for (j, kind) in ctx.counts.iter().enumerate() {
-            if let super::CountKind::NonNull(name) = kind {
-                exprs.push(
+            match kind {
+                super::CountKind::NonNull(name) => exprs.push(
                     col(DfColumn::new(Some(ctx.table.clone()), name))
                         .alias(super::counted_column(j)),
-                );
+                ),
+                super::CountKind::Clamped(name) => {
+                    let column = ctx.dataset.column(name).ok_or_else(|| {
+                        crate::error::EngineError::Internal("column vanished".into())
+                    })?;
+                    exprs.push(outside_bounds(column, ctx)?.alias(super::counted_column(j)));
+                }
+                _ => {}
             }
         }
         exprs.push(

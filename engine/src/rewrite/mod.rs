@@ -178,6 +178,10 @@ pub enum CountKind {
     Summed(usize),
     /// Distinct privacy units (`COUNT(DISTINCT unit)`).
     DistinctUnits,
+    /// Values of a column outside its declared bounds, which clamping moved:
+    /// released as one noisy total, so operators see how much the bounds
+    /// bend their SUM, AVG, variance or quantile.
+    Clamped(String),
 }
 
 /// A counted statistic and its noise.
@@ -475,6 +479,15 @@ pub fn certify(
             }
         });
     }
+    // Every bounded column reports how many of its values were clamped.
+    let bounded_columns: Vec<String> = sum_columns
+        .iter()
+        .map(|s| s.column.name.clone())
+        .chain(quantile_calls.iter().map(|(c, _)| c.name.clone()))
+        .collect();
+    for column in bounded_columns {
+        index_of(&mut count_kinds, CountKind::Clamped(column));
+    }
     // Keys without a public domain are released by DP partition selection,
     // which needs δ > 0 and selects on the distinct-unit count.
     let selection = match key_product(&query, dataset)? {
@@ -517,13 +530,19 @@ pub fn certify(
             CountKind::DistinctUnits => dashu::rational::RBig::from(1u8),
             _ => dashu::rational::RBig::from(max_rows),
         };
+        // A clamped-values count is released as one total over all groups:
+        // a unit moves it by up to max_groups · max_rows.
+        let sensitivity = match kind {
+            CountKind::Clamped(_) => vector_sensitivity(
+                mechanism,
+                1,
+                &(per_group * dashu::rational::RBig::from(max_groups)),
+            )?,
+            _ => vector_sensitivity(mechanism, max_groups, &per_group)?,
+        };
         counts.push(CountStatistic {
             kind: kind.clone(),
-            noise: plan_noise(
-                mechanism,
-                vector_sensitivity(mechanism, max_groups, &per_group)?,
-                &share,
-            )?,
+            noise: plan_noise(mechanism, sensitivity, &share)?,
         });
     }
     let mut sums = Vec::new();
