@@ -43,7 +43,7 @@ impl Mechanism {
     pub fn for_grant(dp: &DpSettings) -> Mechanism {
         match dp.accounting {
             Accounting::Epsilon { .. } => Mechanism::DiscreteLaplace,
-            Accounting::Rho => Mechanism::DiscreteGaussian,
+            Accounting::Rho { .. } => Mechanism::DiscreteGaussian,
         }
     }
 }

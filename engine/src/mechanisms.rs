@@ -20,9 +20,9 @@ use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
 use opendp::measurements::{
     MakeNoise, MakeNoiseThreshold, TopKMeasure, ZExpFamily, make_private_quantile,
 };
-use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{
-    AbsoluteDistance, L1Distance, L01InfDistance, L2Distance, SymmetricDistance,
+    AbsoluteDistance, L1Distance, L01InfDistance, L2Distance, L02InfDistance, SymmetricDistance,
 };
 
 use crate::accounting::{Mechanism, NoisePlan, opendp_err};
@@ -174,43 +174,72 @@ impl NoiseMeasurement {
     }
 }
 
-/// DP partition selection: discrete Laplace noise on each observed key's
-/// distinct-unit count, keeping the keys whose noisy count reaches a
-/// threshold (opendp's noise-threshold measurement).
-pub struct SelectionMeasurement(
-    Measurement<KeyCounts, KeyDistance, Approximate<MaxDivergence>, HashMap<u64, IBig>>,
-);
+/// DP partition selection: discrete Laplace (ε grants) or discrete Gaussian
+/// (ρ grants) noise on each observed key's distinct-unit count, keeping the
+/// keys whose noisy count reaches a threshold (opendp's noise-threshold
+/// measurement, approximate DP or approximate zCDP).
+pub struct SelectionMeasurement {
+    map: SelectionMapFn,
+    invoke: ReleaseFn<HashMap<u64, IBig>, HashMap<u64, IBig>>,
+}
 
 /// Exact distinct-unit counts by key index.
 type KeyCounts = MapDomain<AtomDomain<u64>, AtomDomain<IBig>>;
-/// How far neighbouring datasets' key counts are: (keys touched, L1, L∞).
-type KeyDistance = L01InfDistance<AbsoluteDistance<RBig>>;
+/// The selection's privacy map: (keys touched, L1 or L2, L∞) to (ε or ρ, δ).
+type SelectionMapFn = Box<dyn Fn(&(u32, RBig, RBig)) -> opendp::error::Fallible<(f64, f64)>>;
 
 impl SelectionMeasurement {
-    /// Noise at `scale`, keeping noisy counts `≥ threshold`.
-    pub fn new(scale: &RBig, threshold: u64) -> Result<SelectionMeasurement> {
-        let space = (
-            KeyCounts::new(AtomDomain::default(), AtomDomain::default()),
-            KeyDistance::default(),
-        );
-        Ok(SelectionMeasurement(
-            ZExpFamily::<1> {
-                scale: scale.clone(),
-            }
-            .make_noise_threshold(space, IBig::from(threshold))
-            .map_err(opendp_err)?,
-        ))
+    /// `mechanism`'s noise at `scale`, keeping noisy counts `≥ threshold`.
+    pub fn new(mechanism: Mechanism, scale: &RBig, threshold: u64) -> Result<SelectionMeasurement> {
+        let domain = KeyCounts::new(AtomDomain::default(), AtomDomain::default());
+        let threshold = IBig::from(threshold);
+        Ok(match mechanism {
+            Mechanism::DiscreteLaplace => Self::wrap(
+                ZExpFamily::<1> {
+                    scale: scale.clone(),
+                }
+                .make_noise_threshold(
+                    (domain, L01InfDistance::<AbsoluteDistance<RBig>>::default()),
+                    threshold,
+                )
+                .map_err(opendp_err)?,
+            ),
+            Mechanism::DiscreteGaussian => Self::wrap(
+                ZExpFamily::<2> {
+                    scale: scale.clone(),
+                }
+                .make_noise_threshold(
+                    (domain, L02InfDistance::<AbsoluteDistance<RBig>>::default()),
+                    threshold,
+                )
+                .map_err(opendp_err)?,
+            ),
+        })
     }
 
-    /// (ε, δ) when one unit touches at most `max_groups` keys, once each.
+    fn wrap<MI, MO>(m: Measurement<KeyCounts, MI, MO, HashMap<u64, IBig>>) -> SelectionMeasurement
+    where
+        MI: 'static + Metric<Distance = (u32, RBig, RBig)>,
+        MO: 'static + Measure<Distance = (f64, f64)>,
+    {
+        let m = std::rc::Rc::new(m);
+        let m2 = m.clone();
+        SelectionMeasurement {
+            map: Box::new(move |d| m.map(d)),
+            invoke: Box::new(move |x| m2.invoke(x)),
+        }
+    }
+
+    /// (ε or ρ, δ) when one unit touches at most `max_groups` keys, once
+    /// each. (opendp caps the L1 or L2 norm by what the other two allow.)
     pub fn spend(&self, max_groups: u32) -> Result<(f64, f64)> {
         let g = RBig::from(max_groups);
-        self.0.map(&(max_groups, g, RBig::ONE)).map_err(opendp_err)
+        (self.map)(&(max_groups, g, RBig::ONE)).map_err(opendp_err)
     }
 
     /// The kept keys (by index) and their noisy counts.
     pub fn select(&self, exact: &HashMap<u64, IBig>) -> Result<HashMap<u64, IBig>> {
-        self.0.invoke(exact).map_err(opendp_err)
+        (self.invoke)(exact).map_err(opendp_err)
     }
 }
 
@@ -225,14 +254,27 @@ impl SelectionMeasurement {
 /// `T − 1` is the true δ at `T`. The empirical audit in this module's tests
 /// measures the gap (at ε = 1, δ = 0.01 opendp's own τ = 5 releases a lonely
 /// key 1.3% of the time) and checks the corrected threshold.
-pub fn selection_threshold(scale: &RBig, max_groups: u32, delta: f64) -> Result<u64> {
-    opendp_threshold(scale, max_groups, delta).map(|t| t + 1)
+pub fn selection_threshold(
+    mechanism: Mechanism,
+    scale: &RBig,
+    max_groups: u32,
+    delta: f64,
+) -> Result<u64> {
+    opendp_threshold(mechanism, scale, max_groups, delta).map(|t| t + 1)
 }
 
 /// The smallest threshold opendp's privacy map accepts for `delta`.
-fn opendp_threshold(scale: &RBig, max_groups: u32, delta: f64) -> Result<u64> {
-    let delta_at =
-        |t: u64| -> Result<f64> { Ok(SelectionMeasurement::new(scale, t)?.spend(max_groups)?.1) };
+fn opendp_threshold(
+    mechanism: Mechanism,
+    scale: &RBig,
+    max_groups: u32,
+    delta: f64,
+) -> Result<u64> {
+    let delta_at = |t: u64| -> Result<f64> {
+        Ok(SelectionMeasurement::new(mechanism, scale, t)?
+            .spend(max_groups)?
+            .1)
+    };
     let mut high = 1u64;
     while delta_at(high)? > delta {
         high = high
@@ -462,6 +504,7 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
         })
         .collect();
     let measurement = SelectionMeasurement::new(
+        spec.mechanism,
         &spec.counts[selection.count].noise.scale,
         selection.threshold(),
     )?;
@@ -764,7 +807,7 @@ mod tests {
     //! a test's false-alarm rate is at most 1e-6.
 
     use super::*;
-    use crate::accounting::{Budget, plan_noise};
+    use crate::accounting::{Budget, plan_noise, vector_sensitivity};
 
     const Z: f64 = 5.026_2;
     const N: usize = 20_000;
@@ -829,14 +872,14 @@ mod tests {
     fn tau_is_the_smallest_threshold_within_delta() {
         let scale = RBig::from(2u8);
         let delta_at = |t: u64| {
-            SelectionMeasurement::new(&scale, t)
+            SelectionMeasurement::new(Mechanism::DiscreteLaplace, &scale, t)
                 .expect("m")
                 .spend(3)
                 .expect("map")
         };
         let mut previous = 0;
         for delta in [1e-3, 1e-6, 1e-9] {
-            let tau = selection_threshold(&scale, 3, delta).expect("τ");
+            let tau = selection_threshold(Mechanism::DiscreteLaplace, &scale, 3, delta).expect("τ");
             // One above opendp's own choice (see `selection_threshold`).
             let (eps, at) = delta_at(tau - 1);
             assert!(
@@ -898,9 +941,14 @@ mod tests {
         /// The share of `keys` single-unit keys that partition selection at
         /// `threshold` releases: on the neighbour without that unit the key
         /// is never released, so this share must stay within δ.
-        fn single_unit_release_rate(scale: &RBig, threshold: u64, keys: u64) -> (usize, usize) {
+        fn single_unit_release_rate(
+            mechanism: Mechanism,
+            scale: &RBig,
+            threshold: u64,
+            keys: u64,
+        ) -> (usize, usize) {
             let lonely: HashMap<u64, IBig> = (0..keys).map(|k| (k, IBig::ONE)).collect();
-            let kept = SelectionMeasurement::new(scale, threshold)
+            let kept = SelectionMeasurement::new(mechanism, scale, threshold)
                 .expect("measurement")
                 .select(&lonely)
                 .expect("selection");
@@ -910,24 +958,33 @@ mod tests {
         #[test]
         fn partition_selection_releases_a_lonely_key_at_most_delta_often() {
             let delta = 1e-2;
-            for (epsilon, max_groups) in [(1.0, 1u32), (0.5, 3)] {
-                let share = Budget::charge(epsilon).expect("ok").as_rational();
-                let plan = plan_noise(Mechanism::DiscreteLaplace, RBig::from(max_groups), &share)
-                    .expect("plan");
-                let tau = selection_threshold(&plan.scale, max_groups, delta).expect("τ");
-                let (released, n) = single_unit_release_rate(&plan.scale, tau, 200_000);
+            for (mechanism, budget, max_groups) in [
+                (Mechanism::DiscreteLaplace, 1.0, 1u32),
+                (Mechanism::DiscreteLaplace, 0.5, 3),
+                (Mechanism::DiscreteGaussian, 0.5, 1),
+                (Mechanism::DiscreteGaussian, 0.1, 3),
+            ] {
+                let share = Budget::charge(budget).expect("ok").as_rational();
+                let sensitivity =
+                    vector_sensitivity(mechanism, max_groups, &RBig::ONE).expect("sensitivity");
+                let plan = plan_noise(mechanism, sensitivity, &share).expect("plan");
+                let tau =
+                    selection_threshold(mechanism, &plan.scale, max_groups, delta).expect("τ");
+                let (released, n) = single_unit_release_rate(mechanism, &plan.scale, tau, 200_000);
                 // A unit in max_groups lonely keys: δ covers all of them at once.
                 let per_key_bound = 1.0 - (1.0 - delta).powf(1.0 / f64::from(max_groups));
                 let low = cp_lower(released, n, ALPHA / 2.0);
                 eprintln!(
-                    "partition selection audit: ε = {epsilon}, max_groups = {max_groups}, τ = {tau}: {released}/{n} lonely keys released, lower bound {low:.5} vs per-key δ {per_key_bound:.5}"
+                    "partition selection audit: {} {budget}, max_groups = {max_groups}, τ = {tau}: {released}/{n} lonely keys released, lower bound {low:.5} vs per-key δ {per_key_bound:.5}",
+                    mechanism.unit()
                 );
                 assert!(
                     low <= per_key_bound,
                     "lonely keys leak: {low} > {per_key_bound}"
                 );
                 // Negative control: two below τ, the same audit sees δ exceeded.
-                let (leaked, n) = single_unit_release_rate(&plan.scale, tau - 2, 200_000);
+                let (leaked, n) =
+                    single_unit_release_rate(mechanism, &plan.scale, tau - 2, 200_000);
                 assert!(
                     cp_lower(leaked, n, ALPHA / 2.0) > per_key_bound,
                     "the audit has power: {leaked}/{n}"

@@ -36,7 +36,11 @@ fn budget(dp: &DpSettings) -> String {
             (format!("ε (δ = {delta})"), "discrete Laplace")
         }
         Accounting::Epsilon { .. } => ("ε".to_owned(), "discrete Laplace"),
-        Accounting::Rho => ("ρ (zero-concentrated DP)".to_owned(), "discrete Gaussian"),
+        Accounting::Rho { delta } if delta > 0.0 => (
+            format!("ρ (zero-concentrated DP, δ = {delta})"),
+            "discrete Gaussian",
+        ),
+        Accounting::Rho { .. } => ("ρ (zero-concentrated DP)".to_owned(), "discrete Gaussian"),
     };
     let window = match &dp.window {
         Some(w) => format!(", refreshed every {w}"),

@@ -603,7 +603,20 @@ pub enum Accounting {
         delta: f64,
     },
     /// Zero-concentrated DP; noise is discrete Gaussian.
-    Rho,
+    Rho {
+        /// δ of the grant (0: no approximate-zCDP releases such as
+        /// partition selection).
+        delta: f64,
+    },
+}
+
+impl Accounting {
+    /// The grant's δ (0 when it has none).
+    pub fn delta(&self) -> f64 {
+        match *self {
+            Accounting::Epsilon { delta } | Accounting::Rho { delta } => delta,
+        }
+    }
 }
 
 /// DP settings of a grant.

@@ -815,7 +815,9 @@ fn resolve_grant(
             "epsilon" => Some(Accounting::Epsilon {
                 delta: dp.delta.unwrap_or(0.0),
             }),
-            "rho" => Some(Accounting::Rho),
+            "rho" => Some(Accounting::Rho {
+                delta: dp.delta.unwrap_or(0.0),
+            }),
             other => {
                 let d = c.err(
                     dat.at("accounting"),

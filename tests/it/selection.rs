@@ -169,3 +169,46 @@ async fn a_dry_run_warns_when_no_group_can_pass() {
         .expect("dry run");
     assert!(e.warnings.is_empty(), "{:?}", e.warnings);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zcdp_grants_with_a_delta_select_partitions_too() {
+    // op-credit-01's ρ grant gains δ; pay_month loses its public domain.
+    let policy = example_policy()
+        .replacen(
+            "  accounting = \"rho\"                             # zCDP: discrete Gaussian noise\n",
+            "  accounting = \"rho\"\n  delta = 1e-7\n",
+            1,
+        )
+        .replacen("  name = \"pay_month\"\n  level = \"general_2\"\n  allow = [\"group_by\", \"filter_literal\"]\n  domain = [", "  name = \"pay_month\"\n  level = \"general_2\"\n  allow = [\"group_by\", \"filter_literal\"]\n  old_domain = [", 1);
+    let policy = {
+        // Drop the (renamed) domain list, which spans several lines.
+        let start = policy.find("  old_domain = [").expect("renamed domain");
+        let end = start + policy[start..].find(']').expect("end of list") + 1;
+        format!("{}{}", &policy[..start], &policy[end..])
+    };
+    assert!(
+        policy.contains("delta = 1e-7"),
+        "the example policy changed"
+    );
+    let f = Fixture::with_policy(&policy, |_| {}).await;
+    let r = f
+        .query(
+            "op-credit-01",
+            "SELECT pay_month, COUNT(*) AS n FROM hrss.social_insurance GROUP BY pay_month",
+        )
+        .await
+        .expect("answered");
+    let md = r.schema.metadata();
+    assert_eq!(
+        md.get(meta::KEYS).map(String::as_str),
+        Some("partition_selection")
+    );
+    assert_eq!(md.get(meta::UNIT).map(String::as_str), Some("rho"));
+    // Every month of 2024–2025 has thousands of people: all pass, in order.
+    let months = column_strings(&r, "n").len();
+    assert_eq!(months, 24, "{:?}", column_strings(&r, "pay_month"));
+    let keys = column_strings(&r, "pay_month");
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+}

@@ -603,6 +603,7 @@ pub fn certify(
         Ok((count, delta)) => KeySet::Selected(Selection {
             count,
             tau: crate::mechanisms::selection_threshold(
+                mechanism,
                 &counts[count].noise.scale,
                 max_groups,
                 delta,
@@ -730,13 +731,13 @@ fn selection_delta(
         .map(|g| format!("`{}.{g}`", dataset.id))
         .collect::<Vec<_>>()
         .join(", ");
-    let delta = match dp.accounting {
-        veil_policy::Accounting::Epsilon { delta } if delta > 0.0 => delta,
+    let delta = match dp.accounting.delta() {
+        delta if delta > 0.0 => delta,
         _ => {
             return Err(EngineError::rejected(
                 Rule::GroupKeyWithoutDomain,
                 format!(
-                    "{names} has no public domain listed in the policy, so its keys can only be released by DP partition selection, which needs a grant with (ε, δ) accounting and δ > 0; grant `{}` has none. Group by a column whose domain the policy lists, or ask the data owner for such a grant",
+                    "{names} has no public domain listed in the policy, so its keys can only be released by DP partition selection, which needs a grant with δ > 0 (`delta` in its `[grant.dp]`); grant `{}` has none. Group by a column whose domain the policy lists, or ask the data owner for such a grant",
                     grant.id
                 ),
             ));
