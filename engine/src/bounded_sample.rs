@@ -1,24 +1,30 @@
-//! `veil_bounded_sample`: an aggregate over at most `k` rows per group, the
-//! ones with the smallest keyed priorities.
+//! `veil_bounded_sample`: statistics over at most `k` rows per group, the ones
+//! with the smallest keyed priorities.
 //!
 //! Contribution bounding groups the rows by (unit, group key) and needs, per
-//! pair, a count or a sum over at most `max_rows` rows chosen uniformly at
-//! random. Ranking every row with a window function sorts the whole input;
-//! this aggregate keeps a buffer of the `k` smallest (priority, value) pairs
-//! per group instead, so the stage is one hash aggregation. Ties are broken by
-//! value, so the kept multiset depends neither on the order rows arrive in nor
-//! on how the input is partitioned. Like [`crate::keyed_hash`], it is never
-//! registered in a session: the rewrite inserts it directly.
+//! pair, counts, sums and kept values over at most `max_rows` rows chosen
+//! uniformly at random. Ranking every row with a window function sorts the
+//! whole input; this aggregate keeps a buffer of the `k` smallest entries
+//! (priority, then one value per input column) per group instead, so the stage
+//! is one hash aggregation, and one sample serves every statistic of the
+//! query. Ties are broken by the values, so the kept multiset depends neither
+//! on the order rows arrive in nor on how the input is partitioned. Like
+//! [`crate::keyed_hash`], it is never registered in a session: the rewrite
+//! inserts it directly.
+//!
+//! The result is a struct with one field per requested [`Output`], named by
+//! [`BoundedSample::field`].
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Int64Array, Int64Builder, ListArray,
-    ListBuilder, UInt64Array,
+    ListBuilder, StructArray, UInt64Array,
 };
-use datafusion::arrow::buffer::OffsetBuffer;
+use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{
-    DataType, Decimal128Type, Field, FieldRef, Int64Type, UInt64Type,
+    DataType, Decimal128Type, Field, FieldRef, Fields, Int64Type, UInt64Type,
 };
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -29,71 +35,95 @@ use datafusion::logical_expr::{
 
 use crate::rewrite::DECIMAL_PRECISION;
 
-/// What the aggregate returns over the kept rows.
+/// One statistic of the sample, over one of its value columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Output {
+pub enum Output {
     /// The number of kept rows whose value is not NULL (`Int64`).
-    Count,
-    /// The exact sum of the kept non-NULL values (`Decimal128(38, scale)`).
-    Sum {
-        /// Decimal scale of the values.
-        scale: i8,
-    },
-    /// The kept non-NULL values themselves (`Int64` in, `List<Int64>` out).
-    Kept,
+    Count(usize),
+    /// The exact sum of the kept non-NULL values (a `Decimal128(38, s)`
+    /// column; the sum has its type).
+    Sum(usize),
+    /// The kept non-NULL values themselves (an `Int64` column; a
+    /// `List<Int64>`).
+    Kept(usize),
 }
 
 /// The aggregate function; see the module documentation.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct BoundedSample {
     k: usize,
-    output: Output,
+    outputs: Vec<Output>,
     signature: Signature,
 }
 
 impl BoundedSample {
-    /// Counts the non-NULL `value`s among the `k` rows of smallest `priority`.
-    pub fn count(k: u32, priority: Expr, value: Expr) -> Expr {
-        Self::call(k, Output::Count, priority, value)
-    }
-
-    /// Sums the non-NULL `value`s (`Decimal128(38, scale)`) among the `k` rows
-    /// of smallest `priority`.
-    pub fn sum(k: u32, scale: i8, priority: Expr, value: Expr) -> Expr {
-        Self::call(k, Output::Sum { scale }, priority, value)
-    }
-
-    /// The non-NULL `value`s (`Int64`) among the `k` rows of smallest
-    /// `priority`, as a list.
-    pub fn kept(k: u32, priority: Expr, value: Expr) -> Expr {
-        Self::call(k, Output::Kept, priority, value)
-    }
-
-    fn call(k: u32, output: Output, priority: Expr, value: Expr) -> Expr {
+    /// `veil_bounded_sample(priority, values…)` keeping `k` rows per group
+    /// and computing `outputs` over them.
+    pub fn call(k: u32, priority: Expr, values: Vec<Expr>, outputs: Vec<Output>) -> Expr {
         let udaf = AggregateUDF::new_from_impl(BoundedSample {
             k: k as usize,
-            output,
-            signature: Signature::any(2, Volatility::Immutable),
+            outputs,
+            signature: Signature::variadic_any(Volatility::Immutable),
         });
-        Arc::new(udaf).call(vec![priority, value])
+        let mut args = vec![priority];
+        args.extend(values);
+        Arc::new(udaf).call(args)
     }
 
-    fn value_type(&self) -> DataType {
-        match self.output {
-            Output::Count | Output::Kept => DataType::Decimal128(DECIMAL_PRECISION, 0),
-            Output::Sum { scale } => DataType::Decimal128(DECIMAL_PRECISION, scale),
-        }
+    /// The struct field holding the `n`-th output.
+    pub fn field(n: usize) -> String {
+        format!("o{n}")
     }
 
-    fn accumulate(&self) -> Groups {
+    fn accumulate(&self, width: usize) -> Groups {
         Groups {
             k: self.k,
-            output: self.output,
-            value_type: self.value_type(),
+            width,
+            outputs: self.outputs.clone(),
+            result_fields: Fields::empty(),
             groups: Vec::new(),
             entries: 0,
         }
     }
+
+    fn result_fields(&self, arg_types: &[DataType]) -> Result<Fields> {
+        let values = arg_types.get(1..).unwrap_or_default();
+        self.outputs
+            .iter()
+            .enumerate()
+            .map(|(n, o)| {
+                let t = match *o {
+                    Output::Count(_) => DataType::Int64,
+                    Output::Sum(i) => match values.get(i) {
+                        Some(t @ DataType::Decimal128(..)) => t.clone(),
+                        other => return internal_err!("veil_bounded_sample sums {other:?}"),
+                    },
+                    Output::Kept(_) => kept_type(),
+                };
+                Ok(Field::new(Self::field(n), t, true))
+            })
+            .collect()
+    }
+
+    fn groups_for(&self, args: &AccumulatorArgs) -> Result<Groups> {
+        let types: Vec<DataType> = args
+            .exprs
+            .iter()
+            .map(|e| e.data_type(args.schema))
+            .collect::<Result<_>>()?;
+        let mut g = self.accumulate(types.len().saturating_sub(1));
+        g.result_fields = self.result_fields(&types)?;
+        Ok(g)
+    }
+}
+
+fn kept_type() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true)))
+}
+
+/// The storage type of every value in the state lists.
+fn raw_type() -> DataType {
+    DataType::Decimal128(DECIMAL_PRECISION, 0)
 }
 
 impl AggregateUDFImpl for BoundedSample {
@@ -106,20 +136,14 @@ impl AggregateUDFImpl for BoundedSample {
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
-        match (self.output, arg_types) {
-            (Output::Count, [DataType::UInt64, _]) => Ok(DataType::Int64),
-            (Output::Sum { scale }, [DataType::UInt64, DataType::Decimal128(_, s)])
-                if *s == scale =>
-            {
-                Ok(self.value_type())
-            }
-            (Output::Kept, [DataType::UInt64, DataType::Int64]) => Ok(kept_type()),
-            _ => internal_err!("veil_bounded_sample over {arg_types:?}"),
+        if arg_types.first() != Some(&DataType::UInt64) {
+            return internal_err!("veil_bounded_sample needs a UInt64 priority");
         }
+        Ok(DataType::Struct(self.result_fields(arg_types)?))
     }
 
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        let mut one = self.accumulate();
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        let mut one = self.groups_for(&args)?;
         one.groups.push(Kept::default());
         Ok(Box::new(Single(one)))
     }
@@ -134,7 +158,7 @@ impl AggregateUDFImpl for BoundedSample {
         };
         Ok(vec![
             list("priorities", DataType::UInt64),
-            list("values", self.value_type()),
+            list("values", raw_type()),
         ])
     }
 
@@ -144,173 +168,229 @@ impl AggregateUDFImpl for BoundedSample {
 
     fn create_groups_accumulator(
         &self,
-        _args: AccumulatorArgs,
+        args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(self.accumulate()))
+        Ok(Box::new(self.groups_for(&args)?))
     }
 }
 
-fn kept_type() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true)))
+/// The kept entries of one group, the `k` smallest seen: priorities, and
+/// `width` values per entry, row after row.
+#[derive(Debug, Default, Clone)]
+struct Kept {
+    priorities: Vec<u64>,
+    values: Vec<Option<i128>>,
 }
 
-/// The kept (priority, value) pairs of one group: the `k` smallest seen.
-#[derive(Debug, Default, Clone)]
-struct Kept(Vec<(u64, Option<i128>)>);
-
 impl Kept {
-    /// Offers a pair; returns whether the buffer grew.
-    fn offer(&mut self, k: usize, pair: (u64, Option<i128>)) -> bool {
-        if self.0.len() < k {
-            if self.0.capacity() == 0 {
+    fn len(&self) -> usize {
+        self.priorities.len()
+    }
+
+    fn entry(&self, i: usize, width: usize) -> (u64, &[Option<i128>]) {
+        (self.priorities[i], &self.values[i * width..(i + 1) * width])
+    }
+
+    /// Offers an entry; returns whether the buffer grew.
+    fn offer(&mut self, k: usize, width: usize, priority: u64, values: &[Option<i128>]) -> bool {
+        if self.len() < k {
+            if self.priorities.capacity() == 0 {
                 // One allocation per group, not one per doubling.
-                self.0.reserve_exact(k.min(16));
+                self.priorities.reserve_exact(k.min(16));
+                self.values.reserve_exact(k.min(16) * width);
             }
-            self.0.push(pair);
+            self.priorities.push(priority);
+            self.values.extend_from_slice(values);
             return true;
         }
-        if let Some((i, largest)) = self.0.iter().enumerate().max_by_key(|(_, e)| **e)
-            && pair < *largest
-        {
-            self.0[i] = pair;
+        let mut largest = 0;
+        for i in 1..self.len() {
+            if self.entry(i, width).cmp(&self.entry(largest, width)) == Ordering::Greater {
+                largest = i;
+            }
+        }
+        if (priority, values) < self.entry(largest, width) {
+            self.priorities[largest] = priority;
+            self.values[largest * width..(largest + 1) * width].copy_from_slice(values);
         }
         false
+    }
+}
+
+/// How one value column is read: its values, or only whether they are NULL.
+enum Reader<'a> {
+    Decimal(&'a Decimal128Array),
+    Int(&'a Int64Array),
+    Validity(Option<NullBuffer>),
+}
+
+impl Reader<'_> {
+    fn read(&self, row: usize) -> Option<i128> {
+        match self {
+            Reader::Decimal(a) => (!a.is_null(row)).then(|| a.value(row)),
+            Reader::Int(a) => (!a.is_null(row)).then(|| i128::from(a.value(row))),
+            Reader::Validity(nulls) => {
+                (!nulls.as_ref().is_some_and(|n| n.is_null(row))).then_some(0)
+            }
+        }
     }
 }
 
 /// Per-group state of the aggregate.
 struct Groups {
     k: usize,
-    output: Output,
-    value_type: DataType,
+    width: usize,
+    outputs: Vec<Output>,
+    result_fields: Fields,
     groups: Vec<Kept>,
     entries: usize,
 }
 
 impl Groups {
-    fn offer(&mut self, group: usize, pair: (u64, Option<i128>)) {
-        if self.groups[group].offer(self.k, pair) {
-            self.entries += 1;
-        }
-    }
-
-    /// The (priority, value) pair of each input row; `None` for rows to skip.
-    fn pairs<'a>(
-        &self,
-        values: &'a [ArrayRef],
-        filter: Option<&'a BooleanArray>,
-    ) -> Result<impl Iterator<Item = Option<(u64, Option<i128>)>> + 'a> {
-        let [priority, value] = values else {
-            return internal_err!("veil_bounded_sample takes two arguments");
+    /// Offers every included input row to the group `group_of(row)`.
+    fn offer_rows(
+        &mut self,
+        values: &[ArrayRef],
+        filter: Option<&BooleanArray>,
+        mut group_of: impl FnMut(usize) -> usize,
+    ) -> Result<()> {
+        let Some((priority, columns)) = values.split_first() else {
+            return internal_err!("veil_bounded_sample takes a priority");
         };
         let priority = priority.as_primitive::<UInt64Type>();
-        let sums = match self.output {
-            Output::Sum { .. } => Some(value.as_primitive::<Decimal128Type>()),
-            Output::Count | Output::Kept => None,
-        };
-        let ints = match self.output {
-            Output::Kept => Some(value.as_primitive::<Int64Type>()),
-            Output::Count | Output::Sum { .. } => None,
-        };
-        let nulls = value.logical_nulls();
-        Ok((0..priority.len()).map(move |row| {
+        let readers: Vec<Reader<'_>> = columns
+            .iter()
+            .map(|c| match c.data_type() {
+                DataType::Decimal128(..) => Reader::Decimal(c.as_primitive::<Decimal128Type>()),
+                DataType::Int64 => Reader::Int(c.as_primitive::<Int64Type>()),
+                _ => Reader::Validity(c.logical_nulls()),
+            })
+            .collect();
+        let mut row_values = vec![None; self.width];
+        for row in 0..priority.len() {
             let included = filter.is_none_or(|f| f.is_valid(row) && f.value(row));
             if !included || priority.is_null(row) {
-                return None;
+                continue;
             }
-            let v = if nulls.as_ref().is_some_and(|n| n.is_null(row)) {
-                None
-            } else if let Some(ints) = ints {
-                Some(i128::from(ints.value(row)))
-            } else {
-                Some(sums.map_or(0, |s| s.value(row)))
-            };
-            Some((priority.value(row), v))
-        }))
+            for (slot, reader) in row_values.iter_mut().zip(&readers) {
+                *slot = reader.read(row);
+            }
+            let group = group_of(row);
+            if self.groups[group].offer(self.k, self.width, priority.value(row), &row_values) {
+                self.entries += 1;
+            }
+        }
+        Ok(())
     }
 
-    /// Offers every pair of each state row (lists of priorities and values).
+    /// Offers every entry of each state row (lists of priorities and values).
     fn merge(&mut self, states: &[ArrayRef], group_of: impl Fn(usize) -> usize) -> Result<()> {
         let [priorities, values] = states else {
             return internal_err!("veil_bounded_sample state has two columns");
         };
         let (priorities, values) = (priorities.as_list::<i32>(), values.as_list::<i32>());
-        let (ps, vs) = (
-            priorities.values().as_primitive::<UInt64Type>().clone(),
-            values.values().as_primitive::<Decimal128Type>().clone(),
-        );
+        let ps = priorities.values().as_primitive::<UInt64Type>().clone();
+        let vs = values.values().as_primitive::<Decimal128Type>().clone();
+        let w = self.width;
+        let mut entry = vec![None; w];
         for row in 0..priorities.len() {
-            let range = priorities.value_offsets()[row] as usize
-                ..priorities.value_offsets()[row + 1] as usize;
+            let offsets = priorities.value_offsets();
             let start = values.value_offsets()[row] as usize;
-            for (n, i) in range.enumerate() {
-                let v = (!vs.is_null(start + n)).then(|| vs.value(start + n));
-                self.offer(group_of(row), (ps.value(i), v));
+            for (n, i) in (offsets[row] as usize..offsets[row + 1] as usize).enumerate() {
+                for (c, slot) in entry.iter_mut().enumerate() {
+                    let at = start + n * w + c;
+                    *slot = (!vs.is_null(at)).then(|| vs.value(at));
+                }
+                if self.groups[group_of(row)].offer(self.k, w, ps.value(i), &entry) {
+                    self.entries += 1;
+                }
             }
         }
         Ok(())
     }
 
     fn result(&self, groups: &[Kept]) -> Result<ArrayRef> {
-        Ok(match self.output {
-            Output::Count => Arc::new(Int64Array::from_iter_values(
-                groups
-                    .iter()
-                    .map(|g| g.0.iter().filter(|(_, v)| v.is_some()).count() as i64),
-            )),
-            Output::Sum { .. } => {
-                let mut sums = Vec::with_capacity(groups.len());
-                for g in groups {
-                    let mut sum: Option<i128> = None;
-                    for v in g.0.iter().filter_map(|(_, v)| *v) {
-                        // The rewrite checks that k values at the bounds fit.
-                        sum = Some(sum.unwrap_or(0).checked_add(v).ok_or_else(|| {
-                            datafusion::error::DataFusionError::Internal(
-                                "bounded sample sum overflow".into(),
-                            )
-                        })?);
+        let w = self.width;
+        let column = |g: &Kept, c: usize| -> Vec<i128> {
+            (0..g.len()).filter_map(|i| g.values[i * w + c]).collect()
+        };
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.outputs.len());
+        for (n, output) in self.outputs.iter().enumerate() {
+            arrays.push(match *output {
+                Output::Count(c) => Arc::new(Int64Array::from_iter_values(
+                    groups.iter().map(|g| column(g, c).len() as i64),
+                )),
+                Output::Sum(c) => {
+                    let mut sums = Vec::with_capacity(groups.len());
+                    for g in groups {
+                        let kept = column(g, c);
+                        let mut sum: Option<i128> = None;
+                        for v in kept {
+                            // The rewrite checks that k values at the bounds fit.
+                            sum = Some(sum.unwrap_or(0).checked_add(v).ok_or_else(|| {
+                                datafusion::error::DataFusionError::Internal(
+                                    "bounded sample sum overflow".into(),
+                                )
+                            })?);
+                        }
+                        sums.push(sum);
                     }
-                    sums.push(sum);
+                    Arc::new(
+                        Decimal128Array::from(sums)
+                            .with_data_type(self.result_fields[n].data_type().clone()),
+                    )
                 }
-                Arc::new(Decimal128Array::from(sums).with_data_type(self.value_type.clone()))
-            }
-            Output::Kept => {
-                let mut lists = ListBuilder::new(Int64Builder::new());
-                for g in groups {
-                    for v in g.0.iter().filter_map(|(_, v)| *v) {
-                        // Values came in as Int64.
-                        lists.values().append_value(v as i64);
+                Output::Kept(c) => {
+                    let mut lists = ListBuilder::new(Int64Builder::new());
+                    for g in groups {
+                        for v in column(g, c) {
+                            // Values came in as Int64.
+                            lists.values().append_value(v as i64);
+                        }
+                        lists.append(true);
                     }
-                    lists.append(true);
+                    Arc::new(lists.finish())
                 }
-                Arc::new(lists.finish())
-            }
-        })
+            });
+        }
+        Ok(Arc::new(StructArray::try_new(
+            self.result_fields.clone(),
+            arrays,
+            None,
+        )?))
     }
 
     fn state_of(&self, groups: &[Kept]) -> Vec<ArrayRef> {
-        let offsets = OffsetBuffer::from_lengths(groups.iter().map(|g| g.0.len()));
-        let pairs = groups.iter().flat_map(|g| g.0.iter());
-        let priorities = UInt64Array::from_iter_values(pairs.clone().map(|(p, _)| *p));
-        let values = Decimal128Array::from_iter(pairs.map(|(_, v)| *v))
-            .with_data_type(self.value_type.clone());
-        let list = |item: DataType, values: ArrayRef| -> ArrayRef {
+        let list = |item: DataType, lengths: Vec<usize>, values: ArrayRef| -> ArrayRef {
             Arc::new(ListArray::new(
                 Arc::new(Field::new_list_field(item, true)),
-                offsets.clone(),
+                OffsetBuffer::from_lengths(lengths),
                 values,
                 None,
             ))
         };
+        let priorities =
+            UInt64Array::from_iter_values(groups.iter().flat_map(|g| g.priorities.iter().copied()));
+        let values =
+            Decimal128Array::from_iter(groups.iter().flat_map(|g| g.values.iter().copied()))
+                .with_data_type(raw_type());
         vec![
-            list(DataType::UInt64, Arc::new(priorities)),
-            list(self.value_type.clone(), Arc::new(values)),
+            list(
+                DataType::UInt64,
+                groups.iter().map(Kept::len).collect(),
+                Arc::new(priorities),
+            ),
+            list(
+                raw_type(),
+                groups.iter().map(|g| g.values.len()).collect(),
+                Arc::new(values),
+            ),
         ]
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Vec<Kept> {
         let taken = emit_to.take_needed(&mut self.groups);
-        self.entries -= taken.iter().map(|g| g.0.len()).sum::<usize>();
+        self.entries -= taken.iter().map(Kept::len).sum::<usize>();
         taken
     }
 }
@@ -324,13 +404,7 @@ impl GroupsAccumulator for Groups {
         total_num_groups: usize,
     ) -> Result<()> {
         self.groups.resize_with(total_num_groups, Kept::default);
-        let pairs: Vec<_> = self.pairs(values, opt_filter)?.collect();
-        for (pair, &group) in pairs.into_iter().zip(group_indices) {
-            if let Some(pair) = pair {
-                self.offer(group, pair);
-            }
-        }
-        Ok(())
+        self.offer_rows(values, opt_filter, |row| group_indices[row])
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
@@ -358,15 +432,23 @@ impl GroupsAccumulator for Groups {
         values: &[ArrayRef],
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
-        let rows: Vec<Kept> = self
-            .pairs(values, opt_filter)?
-            .map(|pair| Kept(pair.into_iter().collect()))
-            .collect();
-        Ok(self.state_of(&rows))
+        // Each row is its own group of one entry (or none, when filtered).
+        let rows = values.first().map_or(0, |a| a.len());
+        let mut each = Groups {
+            k: 1,
+            width: self.width,
+            outputs: vec![],
+            result_fields: Fields::empty(),
+            groups: vec![Kept::default(); rows],
+            entries: 0,
+        };
+        each.offer_rows(values, opt_filter, |row| row)?;
+        Ok(each.state_of(&each.groups))
     }
 
     fn size(&self) -> usize {
-        self.groups.capacity() * size_of::<Kept>() + self.entries * size_of::<(u64, Option<i128>)>()
+        self.groups.capacity() * size_of::<Kept>()
+            + self.entries * (size_of::<u64>() + self.width * size_of::<Option<i128>>())
     }
 }
 
@@ -381,11 +463,7 @@ impl std::fmt::Debug for Single {
 
 impl Accumulator for Single {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let pairs: Vec<_> = self.0.pairs(values, None)?.flatten().collect();
-        for pair in pairs {
-            self.0.offer(0, pair);
-        }
-        Ok(())
+        self.0.offer_rows(values, None, |_| 0)
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -417,110 +495,122 @@ mod tests {
 
     const SCALE: i8 = 2;
 
-    fn sample(output: Output, k: usize) -> Groups {
-        BoundedSample {
+    /// A sampler over two columns: a decimal (counted and summed) and an
+    /// integer (kept).
+    fn sample(k: usize) -> Groups {
+        let udaf = BoundedSample {
             k,
-            output,
-            signature: Signature::any(2, Volatility::Immutable),
-        }
-        .accumulate()
+            outputs: vec![Output::Count(0), Output::Sum(0), Output::Kept(1)],
+            signature: Signature::variadic_any(Volatility::Immutable),
+        };
+        let mut g = udaf.accumulate(2);
+        g.result_fields = udaf
+            .result_fields(&[
+                DataType::UInt64,
+                DataType::Decimal128(DECIMAL_PRECISION, SCALE),
+                DataType::Int64,
+            ])
+            .expect("fields");
+        g
     }
 
-    fn inputs(rows: &[(u64, Option<i128>)]) -> Vec<ArrayRef> {
-        typed_inputs(rows, Output::Sum { scale: SCALE })
-    }
+    type Row = (u64, Option<i128>, Option<i64>);
 
-    fn typed_inputs(rows: &[(u64, Option<i128>)], output: Output) -> Vec<ArrayRef> {
-        let values: ArrayRef = match output {
-            Output::Kept => Arc::new(Int64Array::from_iter(
-                rows.iter().map(|r| r.1.map(|v| v as i64)),
-            )),
-            _ => Arc::new(
+    fn inputs(rows: &[Row]) -> Vec<ArrayRef> {
+        vec![
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(
                 Decimal128Array::from_iter(rows.iter().map(|r| r.1))
                     .with_data_type(DataType::Decimal128(DECIMAL_PRECISION, SCALE)),
             ),
-        };
-        vec![
-            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.0))),
-            values,
+            Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.2))),
         ]
     }
 
-    /// Reference: sort by (priority, value), keep k, then count or sum.
-    fn reference(rows: &[(u64, Option<i128>)], k: usize) -> (i64, Option<i128>, Vec<i128>) {
+    /// Reference: sort the entries, keep `k`, then count, sum and list.
+    fn reference(rows: &[Row], k: usize) -> (i64, Option<i128>, Vec<i64>) {
         let mut sorted = rows.to_vec();
         sorted.sort();
         sorted.truncate(k);
-        let mut kept: Vec<i128> = sorted.iter().filter_map(|r| r.1).collect();
-        let sum = (!kept.is_empty()).then(|| kept.iter().sum());
-        kept.sort();
-        (kept.len() as i64, sum, kept)
+        let decimals: Vec<i128> = sorted.iter().filter_map(|r| r.1).collect();
+        let sum = (!decimals.is_empty()).then(|| decimals.iter().sum());
+        let mut ints: Vec<i64> = sorted.iter().filter_map(|r| r.2).collect();
+        ints.sort();
+        (decimals.len() as i64, sum, ints)
     }
 
-    fn rows() -> impl Strategy<Value = Vec<(u8, u64, Option<i128>)>> {
+    fn rows() -> impl Strategy<Value = Vec<(u8, Row)>> {
         // Few distinct priorities, so ties between rows are common.
-        prop::collection::vec((0u8..3, 0u64..8, prop::option::of(-1000i128..1000)), 0..60)
+        prop::collection::vec(
+            (
+                0u8..3,
+                (
+                    0u64..8,
+                    prop::option::of(-1000i128..1000),
+                    prop::option::of(0i64..5),
+                ),
+            ),
+            0..60,
+        )
     }
 
     proptest! {
         /// Split across two partial accumulators (as partitions would be),
-        /// merged through the state lists, the result equals the reference on
-        /// every group, whatever the order and split of the rows.
+        /// merged through the state lists, every output equals the reference
+        /// on every group, whatever the order and split of the rows.
         #[test]
         fn partial_merge_equals_sorting_reference(rows in rows(), k in 1usize..6, split in 0usize..60) {
             let split = split.min(rows.len());
-            for output in [Output::Count, Output::Sum { scale: SCALE }, Output::Kept] {
-                let mut finals = sample(output, k);
-                for part in [&rows[..split], &rows[split..]] {
-                    let mut partial = sample(output, k);
-                    let pairs: Vec<_> = part.iter().map(|r| (r.1, r.2)).collect();
-                    let groups: Vec<usize> = part.iter().map(|r| usize::from(r.0)).collect();
-                    partial.update_batch(&typed_inputs(&pairs, output), &groups, None, 3).expect("update");
-                    let state = partial.state(EmitTo::All).expect("state");
-                    finals.merge_batch(&state, &[0, 1, 2], 3).expect("merge");
-                }
-                let out = finals.evaluate(EmitTo::All).expect("evaluate");
-                for g in 0..3u8 {
-                    let mine: Vec<_> = rows.iter().filter(|r| r.0 == g).map(|r| (r.1, r.2)).collect();
-                    let (count, sum, kept) = reference(&mine, k);
-                    match output {
-                        Output::Count => prop_assert_eq!(out.as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(usize::from(g)), count),
-                        Output::Sum { .. } => {
-                            let s = out.as_primitive::<Decimal128Type>();
-                            let got = (!s.is_null(usize::from(g))).then(|| s.value(usize::from(g)));
-                            prop_assert_eq!(got, sum);
-                        }
-                        Output::Kept => {
-                            let list = out.as_list::<i32>().value(usize::from(g));
-                            let mut got: Vec<i128> = list.as_primitive::<Int64Type>().values().iter().map(|v| i128::from(*v)).collect();
-                            got.sort();
-                            prop_assert_eq!(got, kept);
-                        }
-                    }
-                }
+            let mut finals = sample(k);
+            for part in [&rows[..split], &rows[split..]] {
+                let mut partial = sample(k);
+                let entries: Vec<Row> = part.iter().map(|r| r.1).collect();
+                let groups: Vec<usize> = part.iter().map(|r| usize::from(r.0)).collect();
+                partial.update_batch(&inputs(&entries), &groups, None, 3).expect("update");
+                let state = partial.state(EmitTo::All).expect("state");
+                finals.merge_batch(&state, &[0, 1, 2], 3).expect("merge");
+            }
+            let out = finals.evaluate(EmitTo::All).expect("evaluate");
+            let out = out.as_struct();
+            for g in 0..3u8 {
+                let mine: Vec<Row> = rows.iter().filter(|r| r.0 == g).map(|r| r.1).collect();
+                let (count, sum, kept) = reference(&mine, k);
+                let g = usize::from(g);
+                prop_assert_eq!(out.column(0).as_primitive::<Int64Type>().value(g), count);
+                let s = out.column(1).as_primitive::<Decimal128Type>();
+                prop_assert_eq!((!s.is_null(g)).then(|| s.value(g)), sum);
+                let list = out.column(2).as_list::<i32>().value(g);
+                let mut got: Vec<i64> = list.as_primitive::<Int64Type>().values().to_vec();
+                got.sort();
+                prop_assert_eq!(got, kept);
             }
         }
     }
 
     #[test]
     fn convert_to_state_keeps_each_row_and_drops_filtered_ones() {
-        let acc = sample(Output::Count, 2);
+        let acc = sample(2);
         let filter = BooleanArray::from(vec![true, false, true]);
         let state = acc
             .convert_to_state(
-                &inputs(&[(1, Some(5)), (2, None), (3, None)]),
+                &inputs(&[(1, Some(5), None), (2, None, Some(1)), (3, None, None)]),
                 Some(&filter),
             )
             .expect("state");
-        let lists = state[0].as_list::<i32>();
-        assert_eq!(lists.value_offsets(), &[0, 1, 1, 2]);
+        assert_eq!(state[0].as_list::<i32>().value_offsets(), &[0, 1, 1, 2]);
+        assert_eq!(state[1].as_list::<i32>().value_offsets(), &[0, 2, 2, 4]);
     }
 
     #[test]
     fn emit_first_keeps_the_remaining_groups() {
-        let mut acc = sample(Output::Count, 1);
-        acc.update_batch(&inputs(&[(1, Some(1)), (2, Some(2))]), &[0, 1], None, 2)
-            .expect("update");
+        let mut acc = sample(1);
+        acc.update_batch(
+            &inputs(&[(1, Some(1), None), (2, Some(2), None)]),
+            &[0, 1],
+            None,
+            2,
+        )
+        .expect("update");
         let first = acc.evaluate(EmitTo::First(1)).expect("first");
         assert_eq!(first.len(), 1);
         let rest = acc.evaluate(EmitTo::All).expect("rest");

@@ -13,6 +13,7 @@
 //! When every row is its own unit, each row is already one (unit, group)
 //! contribution and only the per-row statistics are projected.
 
+use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit, when};
@@ -22,14 +23,16 @@ use super::{
     CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, key_column,
     rank_column, unit_count_column, unit_ranks_column, unit_sum_column, value_column,
 };
-use crate::bounded_sample::BoundedSample;
-use crate::error::Result;
+use crate::bounded_sample::{BoundedSample, Output};
+use crate::error::{EngineError, Result};
 use crate::keyed_hash::KeyedHash;
 
 /// See the module documentation.
 pub struct BoundContributions;
 
 const ROW_PRIORITY: &str = "__veil_row_priority";
+const ROWS: &str = "__veil_rows";
+const SAMPLE: &str = "__veil_sample";
 const GROUP_PRIORITY: &str = "__veil_group_priority";
 const GROUP_RANK: &str = "__veil_group_rank";
 
@@ -44,14 +47,26 @@ fn counted(kind: &CountKind, j: usize) -> Option<Expr> {
     }
 }
 
-/// One unit's bounded contribution to the `j`-th count in a group.
-///
-/// Any `max_rows` of a unit's rows hold `min(rows, max_rows)` rows, so a row
-/// count needs no sample: a plain count, capped after aggregation.
-fn bounded_count(kind: &CountKind, j: usize, k: u32) -> Option<Expr> {
-    match kind {
-        CountKind::Rows => Some(count(lit(1i64))),
-        other => counted(other, j).map(|c| BoundedSample::count(k, col(ROW_PRIORITY), c)),
+/// The sample's value columns and outputs, built up statistic by statistic.
+#[derive(Default)]
+struct SamplePlan {
+    values: Vec<Expr>,
+    outputs: Vec<Output>,
+}
+
+impl SamplePlan {
+    /// Requests `output` over `value` (one column per distinct value); returns
+    /// the expression reading it from the sample's struct.
+    fn request(&mut self, value: Expr, output: fn(usize) -> Output) -> Expr {
+        let c = match self.values.iter().position(|v| *v == value) {
+            Some(c) => c,
+            None => {
+                self.values.push(value);
+                self.values.len() - 1
+            }
+        };
+        self.outputs.push(output(c));
+        get_field(col(SAMPLE), BoundedSample::field(self.outputs.len() - 1))
     }
 }
 
@@ -93,49 +108,55 @@ impl RewriteStage for BoundContributions {
         let identity = with_priority.clone();
         with_priority.push(KeyedHash::call(ctx.keys.rows, identity).alias(ROW_PRIORITY));
 
+        // One sample of max_rows rows per (unit, group) serves every
+        // statistic; a row count needs none: any max_rows of a unit's rows
+        // hold min(rows, max_rows) rows, a plain count capped afterwards.
         let k = ctx.max_rows;
+        let mut sample = SamplePlan::default();
         let mut contributions = Vec::new();
-        for (j, kind) in counts.clone() {
-            if let Some(c) = bounded_count(kind, j, k) {
-                contributions.push(c.alias(unit_count_column(j)));
-            }
+        if ctx.counts.contains(&CountKind::Rows) {
+            contributions.push(count(lit(1i64)).alias(ROWS));
         }
-        for (i, summand) in ctx.sums.iter().enumerate() {
-            contributions.push(
-                BoundedSample::sum(
-                    k,
-                    summand.precision() as i8,
-                    col(ROW_PRIORITY),
-                    col(value_column(i)),
-                )
-                .alias(unit_sum_column(i)),
+        let mut per_pair_exprs = unit_and_groups.clone();
+        for (j, kind) in counts {
+            let contribution = match kind {
+                CountKind::DistinctUnits => continue,
+                CountKind::Rows => when(col(ROWS).gt(lit(i64::from(k))), lit(i64::from(k)))
+                    .otherwise(col(ROWS))
+                    .map_err(df)?,
+                other => {
+                    let value = counted(other, j)
+                        .ok_or_else(|| EngineError::Internal("uncounted count".into()))?;
+                    sample.request(value, Output::Count)
+                }
+            };
+            per_pair_exprs.push(contribution.alias(unit_count_column(j)));
+        }
+        for i in 0..ctx.sums.len() {
+            per_pair_exprs.push(
+                sample
+                    .request(col(value_column(i)), Output::Sum)
+                    .alias(unit_sum_column(i)),
             );
         }
         for q in 0..ctx.quantiles.len() {
-            contributions.push(
-                BoundedSample::kept(k, col(ROW_PRIORITY), col(rank_column(q)))
+            per_pair_exprs.push(
+                sample
+                    .request(col(rank_column(q)), Output::Kept)
                     .alias(unit_ranks_column(q)),
             );
         }
-        let aggregated = input
+        if !sample.outputs.is_empty() {
+            contributions.push(
+                BoundedSample::call(k, col(ROW_PRIORITY), sample.values, sample.outputs)
+                    .alias(SAMPLE),
+            );
+        }
+        let per_pair = input
             .project(with_priority)
             .and_then(|b| b.aggregate(unit_and_groups.clone(), contributions))
+            .and_then(|b| b.project(per_pair_exprs))
             .map_err(df)?;
-        let mut capped = unit_and_groups.clone();
-        for (j, kind) in counts {
-            let n = col(unit_count_column(j));
-            capped.push(match kind {
-                CountKind::DistinctUnits => continue,
-                CountKind::Rows => when(n.clone().gt(lit(i64::from(k))), lit(i64::from(k)))
-                    .otherwise(n)
-                    .map_err(df)?
-                    .alias(unit_count_column(j)),
-                _ => n,
-            });
-        }
-        capped.extend((0..ctx.sums.len()).map(|i| col(unit_sum_column(i))));
-        capped.extend((0..ctx.quantiles.len()).map(|q| col(unit_ranks_column(q))));
-        let per_pair = aggregated.project(capped).map_err(df)?;
         if ctx.key_space <= ctx.max_groups as usize {
             return Ok(per_pair);
         }
