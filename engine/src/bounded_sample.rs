@@ -174,46 +174,55 @@ impl AggregateUDFImpl for BoundedSample {
     }
 }
 
-/// The kept entries of one group, the `k` smallest seen: priorities, and
-/// `width` values per entry, row after row.
+/// NULL in an entry: below every Decimal128(38) value and every `i64`, so
+/// entries order as `None < Some` would.
+const NULL: i128 = i128::MIN;
+
+/// The kept entries of one group, the `k` smallest seen, in one buffer: per
+/// entry its priority, then one value per input column ([`NULL`] for NULL).
+/// Entries compare as slices: by priority, ties by the values.
 #[derive(Debug, Default, Clone)]
-struct Kept {
-    priorities: Vec<u64>,
-    values: Vec<Option<i128>>,
-}
+struct Kept(Vec<i128>);
 
 impl Kept {
-    fn len(&self) -> usize {
-        self.priorities.len()
+    fn len(&self, stride: usize) -> usize {
+        self.0.len() / stride
     }
 
-    fn entry(&self, i: usize, width: usize) -> (u64, &[Option<i128>]) {
-        (self.priorities[i], &self.values[i * width..(i + 1) * width])
+    fn entry(&self, i: usize, stride: usize) -> &[i128] {
+        &self.0[i * stride..(i + 1) * stride]
     }
 
-    /// Offers an entry; returns whether the buffer grew.
-    fn offer(&mut self, k: usize, width: usize, priority: u64, values: &[Option<i128>]) -> bool {
-        if self.len() < k {
-            if self.priorities.capacity() == 0 {
+    /// Offers an entry (`stride` = 1 + columns); returns whether the buffer
+    /// grew.
+    fn offer(&mut self, k: usize, stride: usize, entry: &[i128]) -> bool {
+        let n = self.len(stride);
+        if n < k {
+            if self.0.capacity() == 0 {
                 // One allocation per group, not one per doubling.
-                self.priorities.reserve_exact(k.min(16));
-                self.values.reserve_exact(k.min(16) * width);
+                self.0.reserve_exact(k.min(16) * stride);
             }
-            self.priorities.push(priority);
-            self.values.extend_from_slice(values);
+            self.0.extend_from_slice(entry);
             return true;
         }
         let mut largest = 0;
-        for i in 1..self.len() {
-            if self.entry(i, width).cmp(&self.entry(largest, width)) == Ordering::Greater {
+        for i in 1..n {
+            if self.entry(i, stride).cmp(self.entry(largest, stride)) == Ordering::Greater {
                 largest = i;
             }
         }
-        if (priority, values) < self.entry(largest, width) {
-            self.priorities[largest] = priority;
-            self.values[largest * width..(largest + 1) * width].copy_from_slice(values);
+        if entry < self.entry(largest, stride) {
+            self.0[largest * stride..(largest + 1) * stride].copy_from_slice(entry);
         }
         false
+    }
+
+    /// The non-NULL values of column `c` among the kept entries.
+    fn column(&self, c: usize, stride: usize) -> impl Iterator<Item = i128> + '_ {
+        self.0
+            .chunks_exact(stride)
+            .map(move |e| e[1 + c])
+            .filter(|v| *v != NULL)
     }
 }
 
@@ -225,13 +234,12 @@ enum Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn read(&self, row: usize) -> Option<i128> {
+    fn read(&self, row: usize) -> i128 {
         match self {
-            Reader::Decimal(a) => (!a.is_null(row)).then(|| a.value(row)),
-            Reader::Int(a) => (!a.is_null(row)).then(|| i128::from(a.value(row))),
-            Reader::Validity(nulls) => {
-                (!nulls.as_ref().is_some_and(|n| n.is_null(row))).then_some(0)
-            }
+            Reader::Decimal(a) if a.is_valid(row) => a.value(row),
+            Reader::Int(a) if a.is_valid(row) => i128::from(a.value(row)),
+            Reader::Validity(nulls) if !nulls.as_ref().is_some_and(|n| n.is_null(row)) => 0,
+            _ => NULL,
         }
     }
 }
@@ -266,17 +274,19 @@ impl Groups {
                 _ => Reader::Validity(c.logical_nulls()),
             })
             .collect();
-        let mut row_values = vec![None; self.width];
+        let stride = self.width + 1;
+        let mut entry = vec![NULL; stride];
         for row in 0..priority.len() {
             let included = filter.is_none_or(|f| f.is_valid(row) && f.value(row));
             if !included || priority.is_null(row) {
                 continue;
             }
-            for (slot, reader) in row_values.iter_mut().zip(&readers) {
+            entry[0] = i128::from(priority.value(row));
+            for (slot, reader) in entry[1..].iter_mut().zip(&readers) {
                 *slot = reader.read(row);
             }
             let group = group_of(row);
-            if self.groups[group].offer(self.k, self.width, priority.value(row), &row_values) {
+            if self.groups[group].offer(self.k, stride, &entry) {
                 self.entries += 1;
             }
         }
@@ -292,16 +302,17 @@ impl Groups {
         let ps = priorities.values().as_primitive::<UInt64Type>().clone();
         let vs = values.values().as_primitive::<Decimal128Type>().clone();
         let w = self.width;
-        let mut entry = vec![None; w];
+        let mut entry = vec![NULL; w + 1];
         for row in 0..priorities.len() {
             let offsets = priorities.value_offsets();
             let start = values.value_offsets()[row] as usize;
             for (n, i) in (offsets[row] as usize..offsets[row + 1] as usize).enumerate() {
-                for (c, slot) in entry.iter_mut().enumerate() {
+                entry[0] = i128::from(ps.value(i));
+                for (c, slot) in entry[1..].iter_mut().enumerate() {
                     let at = start + n * w + c;
-                    *slot = (!vs.is_null(at)).then(|| vs.value(at));
+                    *slot = if vs.is_null(at) { NULL } else { vs.value(at) };
                 }
-                if self.groups[group_of(row)].offer(self.k, w, ps.value(i), &entry) {
+                if self.groups[group_of(row)].offer(self.k, w + 1, &entry) {
                     self.entries += 1;
                 }
             }
@@ -310,22 +321,18 @@ impl Groups {
     }
 
     fn result(&self, groups: &[Kept]) -> Result<ArrayRef> {
-        let w = self.width;
-        let column = |g: &Kept, c: usize| -> Vec<i128> {
-            (0..g.len()).filter_map(|i| g.values[i * w + c]).collect()
-        };
+        let stride = self.width + 1;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.outputs.len());
         for (n, output) in self.outputs.iter().enumerate() {
             arrays.push(match *output {
                 Output::Count(c) => Arc::new(Int64Array::from_iter_values(
-                    groups.iter().map(|g| column(g, c).len() as i64),
+                    groups.iter().map(|g| g.column(c, stride).count() as i64),
                 )),
                 Output::Sum(c) => {
                     let mut sums = Vec::with_capacity(groups.len());
                     for g in groups {
-                        let kept = column(g, c);
                         let mut sum: Option<i128> = None;
-                        for v in kept {
+                        for v in g.column(c, stride) {
                             // The rewrite checks that k values at the bounds fit.
                             sum = Some(sum.unwrap_or(0).checked_add(v).ok_or_else(|| {
                                 datafusion::error::DataFusionError::Internal(
@@ -343,7 +350,7 @@ impl Groups {
                 Output::Kept(c) => {
                     let mut lists = ListBuilder::new(Int64Builder::new());
                     for g in groups {
-                        for v in column(g, c) {
+                        for v in g.column(c, stride) {
                             // Values came in as Int64.
                             lists.values().append_value(v as i64);
                         }
@@ -369,20 +376,23 @@ impl Groups {
                 None,
             ))
         };
-        let priorities =
-            UInt64Array::from_iter_values(groups.iter().flat_map(|g| g.priorities.iter().copied()));
-        let values =
-            Decimal128Array::from_iter(groups.iter().flat_map(|g| g.values.iter().copied()))
-                .with_data_type(raw_type());
+        let stride = self.width + 1;
+        let entries = || groups.iter().flat_map(|g| g.0.chunks_exact(stride));
+        // Priorities came in as u64.
+        let priorities = UInt64Array::from_iter_values(entries().map(|e| e[0] as u64));
+        let values = Decimal128Array::from_iter(
+            entries().flat_map(|e| e[1..].iter().map(|v| (*v != NULL).then_some(*v))),
+        )
+        .with_data_type(raw_type());
         vec![
             list(
                 DataType::UInt64,
-                groups.iter().map(Kept::len).collect(),
+                groups.iter().map(|g| g.len(stride)).collect(),
                 Arc::new(priorities),
             ),
             list(
                 raw_type(),
-                groups.iter().map(|g| g.values.len()).collect(),
+                groups.iter().map(|g| g.len(stride) * self.width).collect(),
                 Arc::new(values),
             ),
         ]
@@ -390,7 +400,8 @@ impl Groups {
 
     fn take(&mut self, emit_to: EmitTo) -> Vec<Kept> {
         let taken = emit_to.take_needed(&mut self.groups);
-        self.entries -= taken.iter().map(Kept::len).sum::<usize>();
+        let stride = self.width + 1;
+        self.entries -= taken.iter().map(|g| g.len(stride)).sum::<usize>();
         taken
     }
 }
@@ -448,7 +459,7 @@ impl GroupsAccumulator for Groups {
 
     fn size(&self) -> usize {
         self.groups.capacity() * size_of::<Kept>()
-            + self.entries * (size_of::<u64>() + self.width * size_of::<Option<i128>>())
+            + self.entries * (self.width + 1) * size_of::<i128>()
     }
 }
 
