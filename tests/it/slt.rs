@@ -11,7 +11,9 @@
 //!   `query error` match the rule code.
 //!
 //! Each file runs on a fresh engine over the generated example data with the
-//! example policy, budgets raised so a file never runs out.
+//! example policy, budgets raised so a file never runs out and op-univ-07's
+//! answers capped at 100 rows. Every column of every private answer must be
+//! labelled as a group key, a noisy aggregate or post-processing of them.
 
 use std::sync::Arc;
 
@@ -50,6 +52,16 @@ impl AsyncDB for Veil {
             .await
             .map_err(|e| Refused(e.to_string()))?;
         let private = answer.schema.metadata().contains_key(meta::UNIT);
+        // Every column of a private answer says where it comes from: a group
+        // key, a noisy aggregate (its mechanism), or post-processing of them.
+        for f in answer.schema.fields() {
+            let md = f.metadata();
+            assert!(
+                !private || md.contains_key(meta::KEYS) || md.contains_key(meta::MECHANISM),
+                "unlabelled column `{}` in {sql}",
+                f.name()
+            );
+        }
         let exact: Vec<bool> = answer
             .schema
             .fields()
@@ -90,7 +102,8 @@ impl AsyncDB for Veil {
     async fn shutdown(&mut self) {}
 }
 
-/// The example policy with every grant's budget raised.
+/// The example policy with every grant's budget raised, and op-univ-07's
+/// answers capped at 100 rows.
 fn corpus_policy() -> String {
     let mut out = String::new();
     for line in example_policy().lines() {
@@ -101,7 +114,13 @@ fn corpus_policy() -> String {
         }
         out.push('\n');
     }
-    out
+    let capped = out.replacen(
+        "  [grant.limits]\n  agg_functions = [\"COUNT\", \"SUM\", \"AVG\", \"VAR_POP\"",
+        "  [grant.limits]\n  max_result_rows = 100\n  agg_functions = [\"COUNT\", \"SUM\", \"AVG\", \"VAR_POP\"",
+        1,
+    );
+    assert_ne!(capped, out, "the example policy changed");
+    capped
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
