@@ -269,6 +269,22 @@ fn render_table(f: &Fetched) -> String {
                 }
             );
         }
+        let clamped: Vec<String> = schema
+            .fields()
+            .iter()
+            .filter_map(|f| {
+                let n = f.metadata().get(meta::CLAMPED)?;
+                let what = f.metadata().get(meta::AGGREGATE).unwrap_or(f.name());
+                Some(format!("{what} ≈ {n}"))
+            })
+            .collect();
+        if !clamped.is_empty() {
+            let _ = writeln!(
+                out,
+                "  values outside the declared bounds, clamped (noisy): {}",
+                clamped.join(", ")
+            );
+        }
         let _ = writeln!(out, "  ± is the half-width of a 95% interval of the noise");
     } else {
         let _ = writeln!(
