@@ -6,6 +6,7 @@ mod bounding;
 mod budget;
 mod cli;
 mod dry_run;
+mod equivalence;
 mod flight;
 mod leaks;
 mod neighbours;

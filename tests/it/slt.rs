@@ -102,9 +102,30 @@ impl AsyncDB for Veil {
     async fn shutdown(&mut self) {}
 }
 
+/// Every statement and query of the corpus (refused ones included), with
+/// the operator it runs as.
+pub(crate) fn corpus_sql() -> Vec<(String, String)> {
+    use sqllogictest::Record;
+    let mut out = Vec::new();
+    for file in corpus::files() {
+        let mut operator = "op-univ-07".to_owned();
+        for record in sqllogictest::parse_file::<DefaultColumnType>(&file).expect("slt") {
+            let sql = match record {
+                Record::Statement { sql, .. } | Record::Query { sql, .. } => sql,
+                _ => continue,
+            };
+            match corpus::operator_switch(&sql) {
+                Some(op) => operator = op,
+                None => out.push((operator.clone(), sql)),
+            }
+        }
+    }
+    out
+}
+
 /// The example policy with every grant's budget raised, and op-univ-07's
 /// answers capped at 100 rows.
-fn corpus_policy() -> String {
+pub(crate) fn corpus_policy() -> String {
     let mut out = String::new();
     for line in example_policy().lines() {
         if line.trim_start().starts_with("budget = ") {
