@@ -164,3 +164,56 @@ async fn neighbouring_datasets_differ_only_in_noisy_numbers() {
         assert_eq!(a, b, "{operator}: {sql}");
     }
 }
+
+/// Sets the first rows' wage bases to non-finite or huge values, or removes
+/// those rows.
+fn poison_wages(remove: bool) -> impl FnOnce(&std::path::Path) {
+    move |data: &std::path::Path| {
+        rewrite_parquet(&data.join("hrss/social_insurance.parquet"), |b| {
+            let poison = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e308, -1e308];
+            if remove {
+                let keep: BooleanArray =
+                    (0..b.num_rows()).map(|r| Some(r >= poison.len())).collect();
+                return datafusion::arrow::compute::filter_record_batch(&b, &keep).expect("filter");
+            }
+            let wages = datafusion::arrow::compute::cast(
+                b.column_by_name("wage_base").expect("wage_base"),
+                &datafusion::arrow::datatypes::DataType::Float64,
+            )
+            .expect("f64");
+            let wages: datafusion::arrow::array::Float64Array = wages
+                .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                .iter()
+                .enumerate()
+                .map(|(r, w)| poison.get(r).copied().or(w))
+                .collect();
+            let wages = datafusion::arrow::compute::cast(
+                &wages,
+                b.column_by_name("wage_base")
+                    .expect("wage_base")
+                    .data_type(),
+            )
+            .expect("back");
+            replace_column(b, "wage_base", wages)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_and_infinite_values_cannot_be_told_from_missing_rows() {
+    // Attack family A: NaN and ±inf injected into a summed column must not
+    // make a query fail or show (they convert to NULL and are left out).
+    let poisoned = Fixture::with_policy(&corpus_policy(), poison_wages(false)).await;
+    let removed = Fixture::with_policy(&corpus_policy(), poison_wages(true)).await;
+    let now = chrono::Utc::now().fixed_offset();
+    for sql in [
+        "SELECT district, SUM(wage_base), AVG(wage_base) FROM hrss.social_insurance GROUP BY district",
+        "SELECT SUM(wage_base) AS s, AVG(wage_base) AS a FROM hrss.social_insurance",
+        "SELECT pay_month, COUNT(*), SUM(wage_base) FROM hrss.social_insurance GROUP BY pay_month",
+    ] {
+        let a = observe(poisoned.engine.run("op-credit-01", sql, now).await);
+        let b = observe(removed.engine.run("op-credit-01", sql, now).await);
+        assert!(matches!(a, Observed::Answered { .. }), "{sql}: {a:?}");
+        assert_eq!(a, b, "{sql}");
+    }
+}
