@@ -292,7 +292,7 @@ impl Engine {
                 let optimized = snap
                     .catalog
                     .execution_state()?
-                    .optimize(certified.plan())
+                    .optimize(certified.executable())
                     .map_err(|e| EngineError::Internal(e.to_string()))?;
                 Ok((stages, optimized.display_indent().to_string()))
             }

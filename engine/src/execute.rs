@@ -43,14 +43,17 @@ async fn execute_inner(
     let failed = || EngineError::ExecutionFailed {
         request: request.to_owned(),
     };
-    let physical = state.create_physical_plan(plan.plan()).await.map_err(|e| {
-        tracing::warn!(
-            request,
-            error_kind = error_kind(&e),
-            "planning the certified plan failed"
-        );
-        failed()
-    })?;
+    let physical = state
+        .create_physical_plan(plan.executable())
+        .await
+        .map_err(|e| {
+            tracing::warn!(
+                request,
+                error_kind = error_kind(&e),
+                "planning the certified plan failed"
+            );
+            failed()
+        })?;
     let batches = collect(physical, state.task_ctx()).await.map_err(|e| {
         tracing::warn!(
             request,

@@ -14,11 +14,14 @@
 //!    `max_groups` groups per unit; rows and groups chosen by a per-query
 //!    keyed hash.
 //! 4. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
+//! 5. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
+//!    the broker's noise takes over.
 
 mod aggregate_exactly;
 mod bound_contributions;
 mod clamp_values;
 mod filter_rows;
+mod mark_release;
 
 use datafusion::common::TableReference;
 use datafusion::datasource::provider_as_source;
@@ -31,6 +34,7 @@ pub use bound_contributions::BoundContributions;
 pub use clamp_values::ClampValues;
 pub(crate) use clamp_values::DECIMAL_PRECISION;
 pub use filter_rows::FilterRows;
+pub use mark_release::{MarkRelease, ReleaseNode};
 
 use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
 use crate::analyze::{AggregateCall, GroupKey, PrivateQuery};
@@ -317,9 +321,21 @@ pub struct CertifiedPlan {
 }
 
 impl CertifiedPlan {
-    /// The bounded aggregation to execute.
+    /// The whole certified plan, its [`ReleaseNode`] on top.
     pub fn plan(&self) -> &LogicalPlan {
         &self.plan
+    }
+
+    /// What executors run: the bounded aggregation below the release node.
+    pub fn executable(&self) -> &LogicalPlan {
+        match &self.plan {
+            LogicalPlan::Extension(e) => e
+                .node
+                .as_any()
+                .downcast_ref::<ReleaseNode>()
+                .map_or(&self.plan, ReleaseNode::input),
+            other => other,
+        }
     }
 
     /// How to release its output.
@@ -353,6 +369,8 @@ pub(crate) struct RewriteContext<'a> {
     pub max_rows: u32,
     /// How many distinct group keys the query can produce.
     pub key_space: usize,
+    /// What the release node says is released.
+    pub release_summary: String,
     pub keys: BoundingKeys,
 }
 
@@ -369,12 +387,13 @@ pub(crate) trait RewriteStage {
 }
 
 /// The stages, in order.
-fn stages() -> [&'static dyn RewriteStage; 4] {
+fn stages() -> [&'static dyn RewriteStage; 5] {
     [
         &FilterRows,
         &ClampValues,
         &BoundContributions,
         &AggregateExactly,
+        &MarkRelease,
     ]
 }
 
@@ -628,6 +647,28 @@ pub fn certify(
         max_groups,
         max_rows,
         key_space: keys.known_len().unwrap_or(usize::MAX),
+        release_summary: format!(
+            "{} over {} keys: {}",
+            mechanism.name(),
+            keys.kind(),
+            counts
+                .iter()
+                .map(|c| format!("{:?}", c.kind))
+                .chain(sums.iter().map(|s| {
+                    format!(
+                        "Sum{}({})",
+                        if s.squared { "OfSquares" } else { "" },
+                        s.column
+                    )
+                }))
+                .chain(
+                    quantiles
+                        .iter()
+                        .map(|q| format!("Quantile({}, {})", q.column, q.alpha))
+                )
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         keys: bounding,
     };
     let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
