@@ -982,9 +982,17 @@ mod tests {
                     low <= per_key_bound,
                     "lonely keys leak: {low} > {per_key_bound}"
                 );
-                // Negative control: two below τ, the same audit sees δ exceeded.
-                let (leaked, n) =
-                    single_unit_release_rate(mechanism, &plan.scale, tau - 2, 200_000);
+                // Negative control: three noise scales below τ the release
+                // rate is many times δ (e³ for Laplace), and the same audit
+                // sees it. (Two steps below τ would be within the audit's
+                // resolution at large scales, and flaky.)
+                let shift = (3.0 * plan.scale_f64()).ceil() as u64;
+                let (leaked, n) = single_unit_release_rate(
+                    mechanism,
+                    &plan.scale,
+                    tau.saturating_sub(shift).max(1),
+                    200_000,
+                );
                 assert!(
                     cp_lower(leaked, n, ALPHA / 2.0) > per_key_bound,
                     "the audit has power: {leaked}/{n}"
