@@ -312,14 +312,7 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
         }
     };
     check_interval_calls(&above, aggregate)?;
-    let mut group_keys = Vec::new();
-    for g in &aggregate.group_expr {
-        group_keys.push(group_key(&strip_aliases(g), ctx)?);
-    }
-    let mut aggregates = Vec::new();
-    for a in &aggregate.aggr_expr {
-        aggregates.push(aggregate_call(a, ctx)?);
-    }
+    // The shape below the aggregate first: it decides what columns mean.
     let mut predicates = Vec::new();
     let mut below = aggregate.input.as_ref();
     loop {
@@ -330,9 +323,29 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
                 below = f.input.as_ref();
             }
             LogicalPlan::SubqueryAlias(s) => below = s.input.as_ref(),
+            // A CTE or FROM-subquery that selects columns of the private
+            // table as they are (e.g. `WITH t AS (SELECT district, age FROM …
+            // WHERE …)`): the outer query's columns are the table's.
+            LogicalPlan::Projection(p) if p.expr.iter().all(keeps_column) => {
+                below = p.input.as_ref();
+            }
+            LogicalPlan::Projection(_) => {
+                return Err(EngineError::rejected(
+                    Rule::UnsupportedShape,
+                    "a CTE or subquery over private data may only select columns as they are (no expressions or renaming yet); compute in the outer query",
+                ));
+            }
             LogicalPlan::TableScan(_) => break,
             other => return Err(unsupported_node(other)),
         }
+    }
+    let mut group_keys = Vec::new();
+    for g in &aggregate.group_expr {
+        group_keys.push(group_key(&strip_aliases(g), ctx)?);
+    }
+    let mut aggregates = Vec::new();
+    for a in &aggregate.aggr_expr {
+        aggregates.push(aggregate_call(a, ctx)?);
     }
     Ok(Analyzed::Private(PrivateQuery {
         dataset: ctx.dataset.id.clone(),
@@ -624,6 +637,15 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
                 ctx.dataset.id, c.name
             ),
         )),
+    }
+}
+
+/// A projected column under its own name.
+fn keeps_column(e: &Expr) -> bool {
+    match e {
+        Expr::Column(_) => true,
+        Expr::Alias(a) => matches!(a.expr.as_ref(), Expr::Column(c) if c.name == a.name),
+        _ => false,
     }
 }
 
