@@ -183,6 +183,9 @@ pub struct SelectionMeasurement {
     invoke: ReleaseFn<HashMap<u64, IBig>, HashMap<u64, IBig>>,
 }
 
+/// The key of the row that folds the groups partition selection left out.
+pub const OTHER: &str = "__other__";
+
 /// Exact distinct-unit counts by key index.
 type KeyCounts = MapDomain<AtomDomain<u64>, AtomDomain<IBig>>;
 /// The selection's privacy map: (keys touched, L1 or L2, L∞) to (ε or ρ, δ).
@@ -475,6 +478,9 @@ struct ReleasedKeys {
     truncated: bool,
     /// Noisy number of keys partition selection left out.
     suppressed: Option<u64>,
+    /// With an `__other__` row: the groups (indices into the bounded
+    /// aggregates) it folds together.
+    other: Option<Vec<usize>>,
 }
 
 /// Public keys in domain order, or the keys that pass partition selection
@@ -490,6 +496,7 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
                 selected_by: None,
                 truncated: false,
                 suppressed: None,
+                other: None,
             });
         }
         KeySet::Selected(selection) => selection,
@@ -508,10 +515,13 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
         &spec.counts[selection.count].noise.scale,
         selection.threshold(),
     )?;
-    let mut kept: Vec<(&[KeyValue], IBig)> = measurement
+    let mut kept: Vec<(&[KeyValue], IBig, usize)> = measurement
         .select(&units)?
         .into_iter()
-        .filter_map(|(i, v)| Some((exact.groups.get(i as usize)?.key.as_slice(), v)))
+        .filter_map(|(i, v)| {
+            let i = i as usize;
+            Some((exact.groups.get(i)?.key.as_slice(), v, i))
+        })
         .collect();
     kept.sort();
     // Keys found minus keys kept, from a noisy count of the keys found.
@@ -521,13 +531,32 @@ fn released_keys(spec: &ReleaseSpec, exact: &BoundedAggregates) -> Result<Releas
         .map(|o| u64::try_from(o - IBig::from(kept.len())).unwrap_or(0));
     let truncated = kept.len() > selection.max_keys;
     kept.truncate(selection.max_keys);
-    let (keys, noisy) = kept.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
+    // Everything found and not released, for the optional __other__ row.
+    let other = selection.other_row.then(|| {
+        let released: std::collections::HashSet<usize> = kept.iter().map(|k| k.2).collect();
+        (0..exact.groups.len())
+            .filter(|i| !released.contains(i))
+            .collect()
+    });
+    let (keys, noisy) = kept.into_iter().map(|(k, v, _)| (k.to_vec(), v)).unzip();
     Ok(ReleasedKeys {
         keys,
         selected_by: Some((selection.count, noisy)),
         truncated,
         suppressed,
+        other,
     })
+}
+
+/// `array` with row `row` set to NULL, if `apply`.
+fn null_at(array: ArrayRef, row: usize, apply: bool) -> Result<ArrayRef> {
+    if !apply {
+        return Ok(array);
+    }
+    let mask: datafusion::arrow::array::BooleanArray =
+        (0..array.len()).map(|r| Some(r == row)).collect();
+    datafusion::arrow::compute::nullif(&array, &mask)
+        .map_err(|e| EngineError::Internal(e.to_string()))
 }
 
 /// One key column as `target`: integers or text, as the keys hold them.
@@ -562,26 +591,47 @@ pub fn release(
     let by_key: HashMap<&[KeyValue], &GroupAggregate> =
         exact.groups.iter().map(|g| (g.key.as_slice(), g)).collect();
     let ReleasedKeys {
-        keys,
+        mut keys,
         selected_by,
         truncated,
         suppressed,
+        other,
     } = released_keys(spec, exact)?;
-    let n = keys.len();
-    // Exact per-key statistics in release order; absent keys are empty
-    // groups (zero).
     // `Ok(j)` picks the j-th count, `Err(i)` the i-th sum.
-    let exact_vector = |stat: std::result::Result<usize, usize>| -> Vec<IBig> {
-        keys.iter()
-            .map(|k| {
-                let value = by_key.get(k.as_slice()).and_then(|g| match stat {
-                    Ok(j) => g.counts.get(j).map(|v| i128::from(*v)),
-                    Err(i) => g.sums.get(i).copied(),
-                });
-                IBig::from(value.unwrap_or(0))
-            })
-            .collect()
+    let value_of = |g: &GroupAggregate, stat: std::result::Result<usize, usize>| match stat {
+        Ok(j) => g.counts.get(j).map_or(0, |v| i128::from(*v)),
+        Err(i) => g.sums.get(i).copied().unwrap_or(0),
     };
+    // Exact per-key statistics in release order; absent keys are empty
+    // groups (zero). The __other__ row, last, totals the groups it folds: a
+    // unit's contributions spread over at most max_groups cells either way,
+    // so the vector's L1 sensitivity (ε grants only) is unchanged.
+    let released = keys.len();
+    if other.is_some() {
+        keys.push(vec![
+            KeyValue::Text(OTHER.to_owned());
+            spec.group_columns.len()
+        ]);
+    }
+    let exact_vector = |stat: std::result::Result<usize, usize>| -> Vec<IBig> {
+        let mut v: Vec<IBig> = keys[..released]
+            .iter()
+            .map(|k| IBig::from(by_key.get(k.as_slice()).map_or(0, |g| value_of(g, stat))))
+            .collect();
+        if let Some(folded) = &other {
+            let total: i128 = folded
+                .iter()
+                .filter_map(|i| exact.groups.get(*i))
+                .map(|g| value_of(g, stat))
+                .sum();
+            v.push(IBig::from(total));
+        }
+        v
+    };
+    let n = keys.len();
+    // Cells with no release: the __other__ row of the selecting count (its
+    // noise already selected the keys) and of quantiles.
+    let unreleased = |row: usize| other.is_some() && row == released;
     let mut noisy_counts = Vec::new();
     let mut clamped: HashMap<&str, u64> = HashMap::new();
     for (j, c) in spec.counts.iter().enumerate() {
@@ -601,7 +651,11 @@ pub fn release(
         }
         noisy_counts.push(match &selected_by {
             // The selecting count is already noisy: released as drawn.
-            Some((s, noisy)) if *s == j => noisy.clone(),
+            Some((s, noisy)) if *s == j => {
+                let mut v = noisy.clone();
+                v.resize(n, IBig::ZERO);
+                v
+            }
             _ => noisy_vector(&c.noise, exact_vector(Ok(j)))?,
         });
     }
@@ -614,7 +668,11 @@ pub fn release(
         let m = QuantileMeasurement::new(stat.mechanism, &stat.grid, stat.alpha, stat.scale)?;
         let unit = 10f64.powi(stat.precision as i32);
         let mut values = Vec::with_capacity(n);
-        for k in &keys {
+        for (row, k) in keys.iter().enumerate() {
+            if unreleased(row) {
+                values.push(f64::NAN);
+                continue;
+            }
             // A dataset with the kept values' order relations to every
             // candidate: each rank repeated as often as it was counted.
             let ranks: Vec<i64> = by_key
@@ -748,6 +806,18 @@ pub fn release(
                 )
             }
         };
+        // No value where nothing was released for the __other__ row.
+        let selecting = selected_by.as_ref().map(|(s, _)| *s);
+        let withheld = unreleased(released)
+            && match *agg {
+                ReleasedAggregate::Quantile(_) => true,
+                ReleasedAggregate::Count(c) => Some(c) == selecting,
+                _ => false,
+            };
+        let array = null_at(array, released, withheld)?;
+        if let Some(cells) = intervals.last_mut().filter(|_| withheld) {
+            cells[released] = None;
+        }
         columns.push(
             cast(&array, field.data_type()).map_err(|e| EngineError::Internal(e.to_string()))?,
         );

@@ -632,6 +632,8 @@ pub struct DpSettings {
     pub window: Option<String>,
     /// Groups a unit may contribute to, if the grant tightens the dataset's.
     pub max_groups: Option<u32>,
+    /// Fold groups suppressed by partition selection into an `__other__` row.
+    pub other_row: bool,
 }
 
 /// Pricing of a grant.

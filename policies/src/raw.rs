@@ -356,6 +356,11 @@ pub struct RawDp {
     /// Groups a unit may contribute to, tightening the dataset's max_groups.
     #[serde(default)]
     pub max_groups: Option<u32>,
+    /// Under partition selection, fold the suppressed groups into one noisy
+    /// `__other__` row (合并未发布组), so that totals add up. Needs epsilon
+    /// accounting.
+    #[serde(default)]
+    pub other_row: Option<bool>,
 }
 
 /// `[grant.pricing]`.

@@ -865,12 +865,19 @@ fn resolve_grant(
         if dp.max_groups == Some(0) {
             c.err(dat.at("max_groups"), "max_groups must be at least 1");
         }
+        if dp.other_row == Some(true) && dp.accounting != "epsilon" {
+            c.err(
+                dat.at("other_row"),
+                "other_row needs accounting = \"epsilon\": folding groups into one row can raise a unit's L2 contribution beyond what ρ noise is calibrated for",
+            );
+        }
         accounting.map(|accounting| DpSettings {
             accounting,
             budget: dp.budget,
             per_query: dp.per_query_max,
             window: dp.window.clone(),
             max_groups: dp.max_groups,
+            other_row: dp.other_row.unwrap_or(false),
         })
     });
     if needs_dp && g.dp.is_none() {

@@ -212,3 +212,46 @@ async fn zcdp_grants_with_a_delta_select_partitions_too() {
     sorted.sort();
     assert_eq!(keys, sorted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppressed_groups_can_be_folded_into_an_other_row() {
+    let policy = selection_policy().replacen(
+        "  delta = 1e-6\n",
+        "  delta = 1e-6\n  other_row = true\n",
+        1,
+    );
+    let f = Fixture::with_policy(&policy, |data| {
+        rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
+            let original = b.column_by_name("gender").expect("gender");
+            let as_text = datafusion::arrow::compute::cast(
+                original,
+                &datafusion::arrow::datatypes::DataType::Utf8,
+            )
+            .expect("text");
+            let mut values: Vec<Option<String>> = as_text
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_owned))
+                .collect();
+            values[0] = Some("未说明".to_owned());
+            let edited =
+                datafusion::arrow::compute::cast(&StringArray::from(values), original.data_type())
+                    .expect("cast back");
+            replace_column(b, "gender", Arc::new(edited))
+        })
+    })
+    .await;
+    let r = f
+        .query(
+            "op-univ-07",
+            "SELECT gender, COUNT(*) AS n, COUNT(DISTINCT person_id) AS people FROM pop.residents GROUP BY gender",
+        )
+        .await
+        .expect("answered");
+    // The lonely key is folded into __other__, last; its distinct-unit count
+    // (the statistic that selected the keys) is not released.
+    assert_eq!(column_strings(&r, "gender"), vec!["女", "男", "__other__"]);
+    let people = column_strings(&r, "people");
+    assert_eq!(people[2], "NULL");
+    assert_ne!(column_strings(&r, "n")[2], "NULL");
+}

@@ -270,6 +270,8 @@ pub struct Selection {
     pub delta: f64,
     /// At most this many keys are returned (the grant's result-row cap).
     pub max_keys: usize,
+    /// Fold the keys found but not released into one `__other__` row.
+    pub other_row: bool,
     /// Noise for the number of keys found in the bounded aggregates, from
     /// which the number of suppressed keys is reported: one unit adds or
     /// removes at most `max_groups` keys.
@@ -630,6 +632,7 @@ pub fn certify(
             min_units: policy.min_group_size(grant),
             delta,
             max_keys: grant.max_result_rows as usize,
+            other_row: dp.other_row && mechanism == Mechanism::DiscreteLaplace,
             observed: plan_noise(mechanism, dashu::rational::RBig::from(max_groups), &share)?,
         }),
     };
