@@ -220,6 +220,10 @@ rule!(
 );
 rule!(bad_window, [("window = \"P90D\"", "window = \"90 days\"")]);
 rule!(
+    other_row_needs_epsilon,
+    [("window = \"P90D\"", "window = \"P90D\"\n  other_row = true")]
+);
+rule!(
     bad_daily_hours,
     [(
         "purpose_detail = \"区域就业形势监测\"",
