@@ -26,48 +26,52 @@ fn selection_policy() -> String {
 
 const SQL: &str = "SELECT gender, COUNT(*) AS n FROM pop.residents GROUP BY gender";
 
+/// Gives the first resident a gender nobody else has and, with `nulls`, the
+/// next two none (the generator declares gender NOT NULL; the copy allows it).
+fn lonely_gender(data: &std::path::Path, nulls: bool) {
+    rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
+        let original = b.column_by_name("gender").expect("gender");
+        let as_text = datafusion::arrow::compute::cast(
+            original,
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .expect("text");
+        let mut values: Vec<Option<String>> = as_text
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_owned))
+            .collect();
+        values[0] = Some("未说明".to_owned());
+        if nulls {
+            values[1] = None;
+            values[2] = None;
+        }
+        let edited =
+            datafusion::arrow::compute::cast(&StringArray::from(values), original.data_type())
+                .expect("cast back");
+        let fields: Vec<_> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| {
+                f.as_ref()
+                    .clone()
+                    .with_nullable(f.is_nullable() || f.name() == "gender")
+            })
+            .collect();
+        let nullable = datafusion::arrow::array::RecordBatch::try_new(
+            Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
+            b.columns().to_vec(),
+        )
+        .expect("batch");
+        replace_column(nullable, "gender", Arc::new(edited))
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_without_a_domain_pass_partition_selection() {
     // One resident gets a gender nobody else has, two get NULL.
-    let f = Fixture::with_policy(&selection_policy(), |data| {
-        rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
-            let original = b.column_by_name("gender").expect("gender");
-            let as_text = datafusion::arrow::compute::cast(
-                original,
-                &datafusion::arrow::datatypes::DataType::Utf8,
-            )
-            .expect("text");
-            let mut values: Vec<Option<String>> = as_text
-                .as_string::<i32>()
-                .iter()
-                .map(|v| v.map(str::to_owned))
-                .collect();
-            values[0] = Some("未说明".to_owned());
-            values[1] = None;
-            values[2] = None;
-            let edited =
-                datafusion::arrow::compute::cast(&StringArray::from(values), original.data_type())
-                    .expect("cast back");
-            // The generator declares gender NOT NULL; this copy allows NULL.
-            let fields: Vec<_> = b
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| {
-                    f.as_ref()
-                        .clone()
-                        .with_nullable(f.is_nullable() || f.name() == "gender")
-                })
-                .collect();
-            let nullable = datafusion::arrow::array::RecordBatch::try_new(
-                Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
-                b.columns().to_vec(),
-            )
-            .expect("batch");
-            replace_column(nullable, "gender", Arc::new(edited))
-        })
-    })
-    .await;
+    let f = Fixture::with_policy(&selection_policy(), |data| lonely_gender(data, true)).await;
 
     let now = chrono::Utc::now().fixed_offset();
     let estimate = f
@@ -220,27 +224,7 @@ async fn suppressed_groups_can_be_folded_into_an_other_row() {
         "  delta = 1e-6\n  other_row = true\n",
         1,
     );
-    let f = Fixture::with_policy(&policy, |data| {
-        rewrite_parquet(&data.join("pop/residents.parquet"), |b| {
-            let original = b.column_by_name("gender").expect("gender");
-            let as_text = datafusion::arrow::compute::cast(
-                original,
-                &datafusion::arrow::datatypes::DataType::Utf8,
-            )
-            .expect("text");
-            let mut values: Vec<Option<String>> = as_text
-                .as_string::<i32>()
-                .iter()
-                .map(|v| v.map(str::to_owned))
-                .collect();
-            values[0] = Some("未说明".to_owned());
-            let edited =
-                datafusion::arrow::compute::cast(&StringArray::from(values), original.data_type())
-                    .expect("cast back");
-            replace_column(b, "gender", Arc::new(edited))
-        })
-    })
-    .await;
+    let f = Fixture::with_policy(&policy, |data| lonely_gender(data, false)).await;
     let r = f
         .query(
             "op-univ-07",
