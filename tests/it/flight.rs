@@ -281,9 +281,7 @@ async fn interval_columns_bracket_every_noisy_cell() {
         .expect("answered");
     let n = column_f64(&r, "n");
     let (low, high) = (column_f64(&r, "n_low"), column_f64(&r, "n_high"));
-    let ci: f64 = r.schema.field_with_name("n").expect("n").metadata()[meta::CI95]
-        .parse()
-        .expect("ci");
+    let ci = field_number(&r, "n", meta::CI95);
     assert_eq!(n.len(), 16);
     for k in 0..n.len() {
         assert!((n[k] - low[k] - ci).abs() < 1e-9 && (high[k] - n[k] - ci).abs() < 1e-9);

@@ -164,9 +164,7 @@ async fn variance_and_standard_deviation_track_the_exact_ones() {
     );
     // Every age lies within [0, 110]: the noisy count of clamped ages is 0
     // plus noise of scale max_groups · max_rows / 1.25 = 0.8, floored at 0.
-    let clamped: u64 = r.schema.field_with_name("v").expect("v").metadata()[meta::CLAMPED]
-        .parse()
-        .expect("count");
+    let clamped = field_number(&r, "v", meta::CLAMPED) as u64;
     assert!(clamped <= 14, "{clamped}");
 }
 
@@ -188,9 +186,7 @@ async fn buckets_of_a_bucketed_column_are_public_keys() {
         (0..=11).map(|k| f64::from(k * 10)).collect::<Vec<_>>()
     );
     let ages = ages(&f);
-    let ci: f64 = r.schema.field_with_name("n").expect("n").metadata()[meta::CI95]
-        .parse()
-        .expect("ci");
+    let ci = field_number(&r, "n", meta::CI95);
     for (band, n) in bands.iter().zip(column_f64(&r, "n")) {
         let exact = ages
             .iter()

@@ -102,6 +102,18 @@ pub fn column_strings(f: &Fetched, name: &str) -> Vec<String> {
     out
 }
 
+/// A number from a column's field metadata (e.g. `meta::CI95`).
+pub fn field_number(f: &Fetched, column: &str, key: &str) -> f64 {
+    f.schema
+        .field_with_name(column)
+        .expect("column")
+        .metadata()
+        .get(key)
+        .unwrap_or_else(|| panic!("`{key}` missing on `{column}`"))
+        .parse()
+        .expect("a number")
+}
+
 /// All values of a numeric column as f64.
 pub fn column_f64(f: &Fetched, name: &str) -> Vec<f64> {
     column_strings(f, name)
