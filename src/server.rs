@@ -137,7 +137,8 @@ pub fn status_of(e: &EngineError) -> Status {
             | Rule::GroupByIdentifier
             | Rule::ColumnUseNotGranted
             | Rule::ColumnNotGranted
-            | Rule::AggregateNotAllowed => Status::permission_denied(message),
+            | Rule::AggregateNotAllowed
+            | Rule::JoinNotAllowed => Status::permission_denied(message),
             _ => Status::invalid_argument(message),
         },
         EngineError::NoGrant(_) => Status::permission_denied(message),

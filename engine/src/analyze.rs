@@ -6,9 +6,10 @@
 use std::collections::BTreeSet;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchemaRef, TableReference};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, DFSchemaRef, JoinType, NullEquality, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
 use datafusion::scalar::ScalarValue;
 use veil_policy::{Column, Dataset, Grant, Policy, Use};
@@ -71,22 +72,77 @@ impl GroupKey {
     }
 }
 
-/// The DP shape of an aggregate query over one private dataset.
+/// One table a private query reads.
 #[derive(Debug, Clone)]
-pub struct PrivateQuery {
+pub struct Source {
     /// Dataset id.
     pub dataset: String,
-    /// Operator predicates (below the aggregate), to be AND-ed.
+    /// The relation name the certified plan scans it under: the table itself
+    /// when the query reads one table, else `__veil_s{i}`.
+    pub relation: TableReference,
+    /// How the operator's query names it (its alias, CTE name or table), for
+    /// labels.
+    pub label: String,
+    /// Whether the dataset is private.
+    pub private: bool,
+}
+
+/// A column of one of the query's sources.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceColumn {
+    /// Index into [`PrivateQuery::sources`].
+    pub source: usize,
+    /// Column name in the dataset.
+    pub name: String,
+}
+
+/// The DP shape of an aggregate query over private data: one private table,
+/// or several joined on the privacy unit, and any public tables joined on a
+/// key.
+#[derive(Debug, Clone)]
+pub struct PrivateQuery {
+    /// Id of the primary private dataset, whose privacy unit the rewrite
+    /// bounds (every other private source is joined on the same unit).
+    pub dataset: String,
+    /// Tables read, in the plan's scan order.
+    pub sources: Vec<Source>,
+    /// Index of the primary private dataset in `sources`.
+    pub primary: usize,
+    /// Inner equi-join conditions between sources.
+    pub joins: Vec<(SourceColumn, SourceColumn)>,
+    /// Every column the query may name, by label: the column's name when the
+    /// query reads one table, else `<source label>.<name>`.
+    pub columns: std::collections::BTreeMap<String, SourceColumn>,
+    /// Operator predicates (below the aggregate), over the sources'
+    /// relations, to be AND-ed.
     pub predicates: Vec<Expr>,
-    /// GROUP BY keys, in order.
+    /// GROUP BY keys, in order (columns by label).
     pub group_keys: Vec<GroupKey>,
-    /// Aggregates, in the Aggregate node's order.
+    /// Aggregates, in the Aggregate node's order (columns by label).
     pub aggregates: Vec<AggregateCall>,
     /// Output schema of the Aggregate node (group columns, then aggregates).
     pub aggregate_schema: DFSchemaRef,
     /// The operator's whole plan; everything above the Aggregate node is
     /// post-processing of noisy values.
     pub plan: LogicalPlan,
+}
+
+impl PrivateQuery {
+    /// The source column a label names.
+    pub fn source_column(&self, label: &str) -> Result<&SourceColumn> {
+        self.columns
+            .get(label)
+            .ok_or_else(|| EngineError::Internal(format!("unknown column label `{label}`")))
+    }
+
+    /// A column's expression over its source's relation in the certified plan.
+    pub fn column_expr(&self, label: &str) -> Result<Expr> {
+        let c = self.source_column(label)?;
+        Ok(Expr::Column(datafusion::common::Column::new(
+            Some(self.sources[c.source].relation.clone()),
+            &c.name,
+        )))
+    }
 }
 
 /// What a query is, once checked.
@@ -128,27 +184,48 @@ pub fn dataset_id(t: &TableReference) -> String {
     }
 }
 
-struct Ctx<'a> {
-    grant: &'a Grant,
+/// A table being analysed: its policy and the schema the operator sees.
+struct SourceInfo<'a> {
     dataset: &'a Dataset,
     schema: SchemaRef,
+    relation: TableReference,
+    label: Option<String>,
 }
 
-impl Ctx<'_> {
-    fn column(&self, name: &str) -> Result<&Column> {
-        self.dataset.column(name).ok_or_else(|| {
+/// The checks' context: the grant and the query's sources, and what the
+/// walk below the aggregate found.
+struct Ctx<'a> {
+    policy: &'a Policy,
+    grant: &'a Grant,
+    /// The number of table scans in the plan.
+    scans: usize,
+    sources: Vec<SourceInfo<'a>>,
+    predicates: Vec<Expr>,
+    joins: Vec<(SourceColumn, SourceColumn)>,
+}
+
+impl<'a> Ctx<'a> {
+    fn dataset(&self, c: &SourceColumn) -> &'a Dataset {
+        self.sources[c.source].dataset
+    }
+
+    fn column(&self, c: &SourceColumn) -> Result<&'a Column> {
+        let dataset = self.dataset(c);
+        dataset.column(&c.name).ok_or_else(|| {
             EngineError::rejected(
                 Rule::ColumnNotGranted,
                 format!(
-                    "column `{name}` is not part of dataset `{}` under grant `{}`",
-                    self.dataset.id, self.grant.id
+                    "column `{}` is not part of dataset `{}` under grant `{}`",
+                    c.name, dataset.id, self.grant.id
                 ),
             )
         })
     }
 
-    fn require(&self, name: &str, u: Use) -> Result<&Column> {
-        let col = self.column(name)?;
+    fn require(&self, c: &SourceColumn, u: Use) -> Result<&'a Column> {
+        let col = self.column(c)?;
+        let dataset = self.dataset(c);
+        let name = &c.name;
         if col.identifier && matches!(u, Use::GroupBy | Use::Aggregate | Use::Project) {
             let rule = if u == Use::GroupBy {
                 Rule::GroupByIdentifier
@@ -159,13 +236,13 @@ impl Ctx<'_> {
                 rule,
                 format!(
                     "`{}.{name}` is an identifier; it may never be used for {u} (group by a public attribute such as district instead)",
-                    self.dataset.id
+                    dataset.id
                 ),
             ));
         }
         let granted = self
             .grant
-            .scope(&self.dataset.id)
+            .scope(&dataset.id)
             .and_then(|s| s.columns.get(name));
         match granted {
             Some(uses) if uses.contains(&u) => Ok(col),
@@ -174,7 +251,7 @@ impl Ctx<'_> {
                 format!(
                     "grant `{}` does not allow {u} on `{}.{name}` (granted: {}); rewrite the query or ask the data owner to widen the grant",
                     self.grant.id,
-                    self.dataset.id,
+                    dataset.id,
                     if uses.is_empty() {
                         "nothing".to_owned()
                     } else {
@@ -189,10 +266,337 @@ impl Ctx<'_> {
                 Rule::ColumnNotGranted,
                 format!(
                     "column `{}.{name}` is not granted to operator `{}` under grant `{}`",
-                    self.dataset.id, self.grant.grantee, self.grant.id
+                    dataset.id, self.grant.grantee, self.grant.id
                 ),
             )),
         }
+    }
+
+    /// The source column behind a column of the certified plan's relations.
+    fn source_column(&self, c: &datafusion::common::Column) -> Result<SourceColumn> {
+        let source = self
+            .sources
+            .iter()
+            .position(|s| c.relation.as_ref() == Some(&s.relation))
+            .ok_or_else(|| EngineError::Internal(format!("unresolved column `{c}`")))?;
+        Ok(SourceColumn {
+            source,
+            name: c.name.clone(),
+        })
+    }
+
+    /// The file schema type of a source column, as the operator sees it.
+    fn data_type(&self, c: &SourceColumn) -> Option<DataType> {
+        self.sources[c.source]
+            .schema
+            .field_with_name(&c.name)
+            .ok()
+            .map(|f| f.data_type().clone())
+    }
+
+    /// A column's label: its name when the query reads one table, else
+    /// `<source label>.<name>`.
+    fn label(&self, c: &SourceColumn) -> String {
+        if self.sources.len() == 1 {
+            c.name.clone()
+        } else {
+            let source = &self.sources[c.source];
+            format!("{}.{}", source.label.as_deref().unwrap_or("?"), c.name)
+        }
+    }
+
+    /// An expression of the operator's plan, its columns (resolved in
+    /// `schema`, whose fields come from `origins`) pointed at the sources'
+    /// relations.
+    fn canonical(&self, e: &Expr, schema: &DFSchema, origins: &[SourceColumn]) -> Result<Expr> {
+        e.clone()
+            .transform(|e| {
+                Ok(match e {
+                    Expr::Column(c) => {
+                        let i = schema.index_of_column(&c)?;
+                        let o = &origins[i];
+                        Transformed::yes(Expr::Column(datafusion::common::Column::new(
+                            Some(self.sources[o.source].relation.clone()),
+                            &o.name,
+                        )))
+                    }
+                    other => Transformed::no(other),
+                })
+            })
+            .map(|t| t.data)
+            .map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    /// Walks the relation below the aggregate: table scans, aliases,
+    /// projections that keep columns, filters and inner joins. Returns where
+    /// each output field comes from.
+    fn walk(&mut self, plan: &LogicalPlan) -> Result<Vec<SourceColumn>> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let id = dataset_id(&scan.table_name);
+                let dataset = self
+                    .policy
+                    .datasets
+                    .get(&id)
+                    .ok_or_else(|| EngineError::Internal(format!("unknown dataset `{id}`")))?;
+                let source = self.sources.len();
+                let relation = if self.scans == 1 {
+                    let (schema, table) = dataset.schema_table();
+                    TableReference::partial(schema, table)
+                } else {
+                    TableReference::bare(format!("__veil_s{source}"))
+                };
+                self.sources.push(SourceInfo {
+                    dataset,
+                    schema: scan.source.schema(),
+                    relation,
+                    label: None,
+                });
+                Ok(scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .map(|f| SourceColumn {
+                        source,
+                        name: f.name().clone(),
+                    })
+                    .collect())
+            }
+            LogicalPlan::SubqueryAlias(a) => {
+                let origins = self.walk(&a.input)?;
+                // The innermost alias names a table in labels.
+                for o in &origins {
+                    let label = &mut self.sources[o.source].label;
+                    if label.is_none() {
+                        *label = Some(a.alias.to_string());
+                    }
+                }
+                Ok(origins)
+            }
+            LogicalPlan::Filter(f) => {
+                let origins = self.walk(&f.input)?;
+                let predicate = self.canonical(&f.predicate, f.input.schema(), &origins)?;
+                self.conjuncts(&predicate)?;
+                Ok(origins)
+            }
+            // A CTE or FROM-subquery that selects columns as they are (e.g.
+            // `WITH t AS (SELECT district, age FROM … WHERE …)`).
+            LogicalPlan::Projection(p) if p.expr.iter().all(keeps_column) => {
+                let origins = self.walk(&p.input)?;
+                p.expr
+                    .iter()
+                    .map(|e| match strip_aliases(e) {
+                        Expr::Column(c) => p
+                            .input
+                            .schema()
+                            .index_of_column(&c)
+                            .map(|i| origins[i].clone())
+                            .map_err(|e| EngineError::Internal(e.to_string())),
+                        _ => Err(EngineError::Internal("projection changed".into())),
+                    })
+                    .collect()
+            }
+            LogicalPlan::Projection(_) => Err(EngineError::rejected(
+                Rule::UnsupportedShape,
+                "a CTE or subquery over private data may only select columns as they are (no expressions or renaming yet); compute in the outer query",
+            )),
+            LogicalPlan::Join(j) => {
+                if j.join_type != JoinType::Inner
+                    || j.null_equality != NullEquality::NullEqualsNothing
+                    || j.null_aware
+                {
+                    return Err(EngineError::rejected(
+                        Rule::UnsupportedShape,
+                        format!(
+                            "{} joins over private data are not supported; write an inner JOIN … ON a.key = b.key",
+                            j.join_type
+                        ),
+                    ));
+                }
+                let left = self.walk(&j.left)?;
+                let right = self.walk(&j.right)?;
+                for (l, r) in &j.on {
+                    let l = self.canonical(l, j.left.schema(), &left)?;
+                    let r = self.canonical(r, j.right.schema(), &right)?;
+                    self.conjuncts(&l.eq(r))?;
+                }
+                let origins = [left, right].concat();
+                if let Some(f) = &j.filter {
+                    let predicate = self.canonical(f, &j.schema, &origins)?;
+                    self.conjuncts(&predicate)?;
+                }
+                Ok(origins)
+            }
+            other => Err(unsupported_node(other)),
+        }
+    }
+
+    /// Sorts a predicate's conjuncts into join conditions (a column of one
+    /// table equal to a column of another) and row predicates.
+    fn conjuncts(&mut self, predicate: &Expr) -> Result<()> {
+        for part in split_conjunction(predicate) {
+            if let Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) = part
+                && let (Expr::Column(l), Expr::Column(r)) = (left.as_ref(), right.as_ref())
+            {
+                let (l, r) = (self.source_column(l)?, self.source_column(r)?);
+                if l.source != r.source {
+                    self.joins.push((l, r));
+                    continue;
+                }
+            }
+            check_predicate(part, self)?;
+            self.predicates.push(part.clone());
+        }
+        Ok(())
+    }
+
+    /// A join condition's columns need the `join` use and one type; checked
+    /// after the join's shape, which decides whether any grant could allow it.
+    fn check_join_condition(&self, l: &SourceColumn, r: &SourceColumn) -> Result<()> {
+        self.require(l, Use::Join)?;
+        self.require(r, Use::Join)?;
+        if self.data_type(l) != self.data_type(r) {
+            return Err(EngineError::rejected(
+                Rule::InvalidSql,
+                format!(
+                    "`{}.{}` and `{}.{}` have different types; join keys must have the same type",
+                    self.dataset(l).id,
+                    l.name,
+                    self.dataset(r).id,
+                    r.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After the walk: names every source, and checks that the tables are
+    /// joined so that one privacy unit's rows can be bounded: every table is
+    /// connected by an equality, and every private table is joined on the
+    /// same privacy unit (same kind of unit, and either the same column name
+    /// or a declared foreign key between the two).
+    fn check_joins(&mut self) -> Result<usize> {
+        for i in 0..self.sources.len() {
+            let label = match self.sources[i].label.take() {
+                Some(l) => l,
+                None => self.sources[i].dataset.id.clone(),
+            };
+            let taken = self.sources[..i]
+                .iter()
+                .any(|s| s.label.as_deref() == Some(label.as_str()));
+            self.sources[i].label = Some(if taken { format!("{label}#{i}") } else { label });
+        }
+        let primary = self
+            .sources
+            .iter()
+            .position(|s| !s.dataset.is_public())
+            .ok_or_else(|| EngineError::Internal("no private source".into()))?;
+        // Connected components of tables, and equivalence classes of columns.
+        let mut tables = UnionFind::new(self.sources.len());
+        let mut columns: Vec<SourceColumn> = Vec::new();
+        let mut index = |c: &SourceColumn| match columns.iter().position(|x| x == c) {
+            Some(i) => i,
+            None => {
+                columns.push(c.clone());
+                columns.len() - 1
+            }
+        };
+        let pairs: Vec<(usize, usize)> = self
+            .joins
+            .iter()
+            .map(|(l, r)| (index(l), index(r)))
+            .collect();
+        let mut classes = UnionFind::new(columns.len());
+        for ((l, r), (a, b)) in self.joins.iter().zip(&pairs) {
+            tables.union(l.source, r.source);
+            classes.union(*a, *b);
+        }
+        if let Some(lonely) = (0..self.sources.len()).find(|&i| tables.find(i) != tables.find(0)) {
+            return Err(EngineError::rejected(
+                Rule::JoinNotAllowed,
+                format!(
+                    "`{}` is combined with the other tables without an equality (a cross join); join it on a key: JOIN … ON a.key = b.key",
+                    self.sources[lonely].label.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        let unit_of = |i: usize| {
+            self.sources[i].dataset.unit.as_ref().map(|u| SourceColumn {
+                source: i,
+                name: u.column.clone(),
+            })
+        };
+        let Some(primary_unit) = unit_of(primary) else {
+            return Err(EngineError::Internal("private dataset without unit".into()));
+        };
+        for other in (0..self.sources.len())
+            .filter(|&i| i != primary && !self.sources[i].dataset.is_public())
+        {
+            let Some(unit) = unit_of(other) else { continue };
+            let joined = match (
+                columns.iter().position(|c| *c == primary_unit),
+                columns.iter().position(|c| *c == unit),
+            ) {
+                (Some(a), Some(b)) => classes.find(a) == classes.find(b),
+                _ => false,
+            };
+            let (p, o) = (self.sources[primary].dataset, self.sources[other].dataset);
+            if !joined || !same_unit(p, o) {
+                return Err(EngineError::rejected(
+                    Rule::JoinNotAllowed,
+                    format!(
+                        "`{}` and `{}` are both private, so they may be joined only on their privacy units (`{}.{}` = `{}.{}`, units of the same kind linked by a shared name or a declared foreign key), which lets veil bound each unit's rows after the join; other joins of private tables need a truncation bound, which veil does not support yet",
+                        p.id, o.id, p.id, primary_unit.name, o.id, unit.name
+                    ),
+                ));
+            }
+        }
+        for (l, r) in &self.joins {
+            self.check_join_condition(l, r)?;
+        }
+        Ok(primary)
+    }
+}
+
+/// Whether two private datasets' units are one ID space: the same kind, and
+/// the same column name or a foreign key from one unit to the other dataset.
+fn same_unit(a: &Dataset, b: &Dataset) -> bool {
+    let (Some(ua), Some(ub)) = (&a.unit, &b.unit) else {
+        return false;
+    };
+    let linked = |x: &Dataset, unit: &str, y: &Dataset| {
+        x.foreign_keys
+            .iter()
+            .any(|fk| fk.column == unit && fk.references == y.id)
+    };
+    a.id == b.id
+        || (ua.kind == ub.kind
+            && (ua.column == ub.column || linked(a, &ua.column, b) || linked(b, &ub.column, a)))
+}
+
+/// Disjoint sets over `0..n`.
+struct UnionFind(Vec<usize>);
+
+impl UnionFind {
+    fn new(n: usize) -> Self {
+        UnionFind((0..n).collect())
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.0[i] != i {
+            self.0[i] = self.0[self.0[i]];
+            i = self.0[i];
+        }
+        i
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        self.0[a] = b;
     }
 }
 
@@ -200,12 +604,11 @@ impl Ctx<'_> {
 pub fn analyze(plan: LogicalPlan, policy: &Policy, grant: &Grant) -> Result<Analyzed> {
     reject_forbidden_nodes(&plan)?;
     let datasets = scanned_datasets(&plan)?;
-    let private: Vec<&Dataset> = datasets
+    if !datasets
         .iter()
         .filter_map(|d| policy.datasets.get(d))
-        .filter(|d| !d.is_public())
-        .collect();
-    if private.is_empty() {
+        .any(|d| !d.is_public())
+    {
         return Ok(Analyzed::Public(plan));
     }
     let mut scans = 0;
@@ -238,26 +641,15 @@ pub fn analyze(plan: LogicalPlan, policy: &Policy, grant: &Grant) -> Result<Anal
             "subqueries over private datasets are not supported yet; aggregate the private table directly",
         ));
     }
-    if scans != 1 || datasets.len() != 1 {
-        return Err(EngineError::rejected(
-            Rule::UnsupportedShape,
-            "queries combining a private dataset with other tables are not supported yet; query one private table",
-        ));
-    }
-    let mut schema = None;
-    plan.apply(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            schema = Some(scan.source.schema());
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })
-    .map_err(|e| EngineError::Internal(e.to_string()))?;
-    let ctx = Ctx {
+    let mut ctx = Ctx {
+        policy,
         grant,
-        dataset: private[0],
-        schema: schema.ok_or_else(|| EngineError::Internal("no table scan".into()))?,
+        scans,
+        sources: Vec::new(),
+        predicates: Vec::new(),
+        joins: Vec::new(),
     };
-    analyze_private(plan, &ctx)
+    analyze_private(plan, &mut ctx)
 }
 
 fn reject_forbidden_nodes(plan: &LogicalPlan) -> Result<()> {
@@ -290,7 +682,7 @@ fn reject_forbidden_nodes(plan: &LogicalPlan) -> Result<()> {
     }
 }
 
-fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
+fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
     // Walk down from the root through post-processing nodes to the aggregate.
     let mut node = &plan;
     let mut above = Vec::new();
@@ -305,51 +697,53 @@ fn analyze_private(plan: LogicalPlan, ctx: &Ctx<'_>) -> Result<Analyzed> {
                 above.push(node);
                 node = node.inputs()[0];
             }
-            LogicalPlan::TableScan(_) => {
-                return Err(project_private(ctx, &plan));
+            LogicalPlan::TableScan(_) | LogicalPlan::Join(_) => {
+                return Err(project_private(ctx.policy, &plan));
             }
             other => return Err(unsupported_node(other)),
         }
     };
     check_interval_calls(&above, aggregate)?;
-    // The shape below the aggregate first: it decides what columns mean.
-    let mut predicates = Vec::new();
-    let mut below = aggregate.input.as_ref();
-    loop {
-        match below {
-            LogicalPlan::Filter(f) => {
-                check_predicate(&f.predicate, ctx)?;
-                predicates.push(f.predicate.clone());
-                below = f.input.as_ref();
-            }
-            LogicalPlan::SubqueryAlias(s) => below = s.input.as_ref(),
-            // A CTE or FROM-subquery that selects columns of the private
-            // table as they are (e.g. `WITH t AS (SELECT district, age FROM …
-            // WHERE …)`): the outer query's columns are the table's.
-            LogicalPlan::Projection(p) if p.expr.iter().all(keeps_column) => {
-                below = p.input.as_ref();
-            }
-            LogicalPlan::Projection(_) => {
-                return Err(EngineError::rejected(
-                    Rule::UnsupportedShape,
-                    "a CTE or subquery over private data may only select columns as they are (no expressions or renaming yet); compute in the outer query",
-                ));
-            }
-            LogicalPlan::TableScan(_) => break,
-            other => return Err(unsupported_node(other)),
-        }
-    }
+    // The relation below the aggregate first: it decides what columns mean.
+    let origins = ctx.walk(&aggregate.input)?;
+    let primary = ctx.check_joins()?;
+    let input = aggregate.input.schema();
     let mut group_keys = Vec::new();
     for g in &aggregate.group_expr {
-        group_keys.push(group_key(&strip_aliases(g), ctx)?);
+        let g = ctx.canonical(&strip_aliases(g), input, &origins)?;
+        group_keys.push(group_key(&g, ctx)?);
     }
     let mut aggregates = Vec::new();
     for a in &aggregate.aggr_expr {
-        aggregates.push(aggregate_call(a, ctx)?);
+        let a = ctx.canonical(&strip_aliases(a), input, &origins)?;
+        aggregates.push(aggregate_call(&a, ctx, primary)?);
+    }
+    let mut columns = std::collections::BTreeMap::new();
+    for (i, source) in ctx.sources.iter().enumerate() {
+        for f in source.schema.fields() {
+            let c = SourceColumn {
+                source: i,
+                name: f.name().clone(),
+            };
+            columns.insert(ctx.label(&c), c);
+        }
     }
     Ok(Analyzed::Private(PrivateQuery {
-        dataset: ctx.dataset.id.clone(),
-        predicates,
+        dataset: ctx.sources[primary].dataset.id.clone(),
+        sources: ctx
+            .sources
+            .iter()
+            .map(|s| Source {
+                dataset: s.dataset.id.clone(),
+                relation: s.relation.clone(),
+                label: s.label.clone().unwrap_or_default(),
+                private: !s.dataset.is_public(),
+            })
+            .collect(),
+        primary,
+        joins: std::mem::take(&mut ctx.joins),
+        columns,
+        predicates: std::mem::take(&mut ctx.predicates),
         group_keys,
         aggregates,
         aggregate_schema: aggregate.schema.clone(),
@@ -375,7 +769,15 @@ fn unsupported_node(node: &LogicalPlan) -> EngineError {
     )
 }
 
-fn project_private(ctx: &Ctx<'_>, plan: &LogicalPlan) -> EngineError {
+fn project_private(policy: &Policy, plan: &LogicalPlan) -> EngineError {
+    let private = scanned_datasets(plan)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| policy.datasets.get(&d))
+        .find(|d| !d.is_public());
+    let (id, level) = private.map_or((String::new(), String::new()), |d| {
+        (d.id.clone(), d.level.to_string())
+    });
     let name = plan
         .schema()
         .fields()
@@ -385,14 +787,13 @@ fn project_private(ctx: &Ctx<'_>, plan: &LogicalPlan) -> EngineError {
     EngineError::rejected(
         Rule::ProjectPrivateColumn,
         format!(
-            "`{}.{name}` is private (dataset level {}) and may not appear in output rows; veil releases only noisy aggregates, e.g. SELECT district, COUNT(*) FROM {} GROUP BY district",
-            ctx.dataset.id, ctx.dataset.level, ctx.dataset.id
+            "`{id}.{name}` is private (dataset level {level}) and may not appear in output rows; veil releases only noisy aggregates, e.g. SELECT district, COUNT(*) FROM {id} GROUP BY district"
         ),
     )
 }
 
-fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
-    let Expr::AggregateFunction(AggregateFunction { func, params }) = strip_aliases(e) else {
+fn aggregate_call(e: &Expr, ctx: &Ctx<'_>, primary: usize) -> Result<AggregateCall> {
+    let Expr::AggregateFunction(AggregateFunction { func, params }) = e else {
         return Err(EngineError::rejected(
             Rule::UnsupportedShape,
             "only plain aggregate calls are supported",
@@ -430,25 +831,32 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
             format!("{name} with FILTER or ORDER BY is not supported yet"),
         ));
     }
-    let unit = ctx.dataset.unit.as_ref().map(|u| u.column.as_str());
+    let primary_dataset = ctx.sources[primary].dataset;
+    let unit = primary_dataset.unit.as_ref().map(|u| u.column.as_str());
     if params.distinct {
+        // Every private table is joined on the unit (checked), so any
+        // private table's unit column counts the same units.
+        let is_unit = |c: &datafusion::common::Column| {
+            ctx.source_column(c).is_ok_and(|c| {
+                let d = ctx.dataset(&c);
+                !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == c.name)
+            })
+        };
         return match (name.as_str(), params.args.as_slice()) {
-            ("COUNT", [Expr::Column(c)]) if Some(c.name.as_str()) == unit => {
-                Ok(AggregateCall::CountDistinctUnit)
-            }
+            ("COUNT", [Expr::Column(c)]) if is_unit(c) => Ok(AggregateCall::CountDistinctUnit),
             _ => Err(EngineError::rejected(
                 Rule::AggregateNotAllowed,
                 format!(
                     "DISTINCT is supported only as COUNT(DISTINCT {}), the privacy unit of `{}`",
                     unit.unwrap_or("<unit>"),
-                    ctx.dataset.id
+                    primary_dataset.id
                 ),
             )),
         };
     }
     let column = |args: &[Expr]| -> Result<String> {
         match args {
-            [Expr::Column(c)] => Ok(c.name.clone()),
+            [Expr::Column(c)] => Ok(ctx.label(&ctx.source_column(c)?)),
             _ => Err(EngineError::rejected(
                 Rule::UnsupportedShape,
                 format!("{name} accepts a plain column argument"),
@@ -459,8 +867,9 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
         "COUNT" => match params.args.as_slice() {
             [Expr::Literal(v, _)] if !v.is_null() => AggregateCall::CountStar,
             [Expr::Column(c)] => {
-                ctx.require(&c.name, Use::Aggregate)?;
-                AggregateCall::Count(c.name.clone())
+                let c = ctx.source_column(c)?;
+                ctx.require(&c, Use::Aggregate)?;
+                AggregateCall::Count(ctx.label(&c))
             }
             _ => {
                 return Err(EngineError::rejected(
@@ -487,7 +896,9 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
             // `f(p) WITHIN GROUP (ORDER BY col)` plans as args [col, p] with
             // the ordering kept; `APPROX_PERCENTILE_CONT(col, p)` likewise.
             let (column, p) = match params.args.as_slice() {
-                [Expr::Column(c), Expr::Literal(p, _), ..] => (Some(c.name.clone()), fraction(p)),
+                [Expr::Column(c), Expr::Literal(p, _), ..] => {
+                    (Some(ctx.label(&ctx.source_column(c)?)), fraction(p))
+                }
                 _ => (None, None),
             };
             let (Some(column), Some(p)) = (column, p) else {
@@ -516,16 +927,22 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>) -> Result<AggregateCall> {
     | AggregateCall::Var { column: c, .. }
     | AggregateCall::Quantile { column: c, .. } = &call
     {
-        let col = ctx.require(c, Use::Aggregate)?;
+        let [Expr::Column(arg), ..] = params.args.as_slice() else {
+            return Err(EngineError::Internal("aggregate without column".into()));
+        };
+        let arg = ctx.source_column(arg)?;
+        let col = ctx.require(&arg, Use::Aggregate)?;
         if col.bounds.is_none() {
             return Err(EngineError::rejected(
                 Rule::AggregateNotAllowed,
                 format!(
-                    "`{}.{c}` has no bounds in the policy; ask the data owner to declare them, or query COUNT instead",
-                    ctx.dataset.id
+                    "`{}.{}` has no bounds in the policy; ask the data owner to declare them, or query COUNT instead",
+                    ctx.dataset(&arg).id,
+                    arg.name
                 ),
             ));
         }
+        debug_assert_eq!(*c, ctx.label(&arg));
     }
     Ok(call)
 }
@@ -581,8 +998,9 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
         )
     };
     if let Expr::Column(c) = e {
-        ctx.require(&c.name, Use::GroupBy)?;
-        return Ok(GroupKey::Column(c.name.clone()));
+        let c = ctx.source_column(c)?;
+        ctx.require(&c, Use::GroupBy)?;
+        return Ok(GroupKey::Column(ctx.label(&c)));
     }
     let Expr::BinaryExpr(BinaryExpr {
         left,
@@ -615,11 +1033,13 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
     if f.func.name() != "floor" || w != w2 || w <= 0 {
         return Err(unsupported());
     }
-    let col = ctx.require(&c.name, Use::GroupBy)?;
+    let c = ctx.source_column(c)?;
+    let col = ctx.require(&c, Use::GroupBy)?;
+    let dataset = ctx.dataset(&c);
     match col.bucket {
         Some(b) if b.width.fract() == 0.0 && w % (b.width as i64).max(1) == 0 => {
             Ok(GroupKey::Bucket {
-                column: c.name.clone(),
+                column: ctx.label(&c),
                 width: w,
             })
         }
@@ -627,14 +1047,14 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
             Rule::ColumnUseNotGranted,
             format!(
                 "`{}.{}` may be grouped in buckets of a multiple of {} only; use FLOOR({} / {}) * {}",
-                ctx.dataset.id, c.name, b.width, c.name, b.width, b.width
+                dataset.id, c.name, b.width, c.name, b.width, b.width
             ),
         )),
         None => Err(EngineError::rejected(
             Rule::ColumnUseNotGranted,
             format!(
                 "`{}.{}` has no bucket width in the policy, so it cannot be grouped in buckets; ask the security officer to declare one",
-                ctx.dataset.id, c.name
+                dataset.id, c.name
             ),
         )),
     }
@@ -683,7 +1103,7 @@ fn check_predicate(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
         Expr::BinaryExpr(BinaryExpr { left, op, right }) if is_comparison(*op) => {
             match (left.as_ref(), right.as_ref()) {
                 (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
-                    literal_use(c.name.as_str(), std::slice::from_ref(v), ctx)
+                    literal_use(c, std::slice::from_ref(v), ctx)
                 }
                 _ => general_use(e, ctx),
             }
@@ -699,7 +1119,7 @@ fn check_predicate(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
                     })
                     .collect();
                 match values {
-                    Some(vs) => literal_use(&c.name, &vs, ctx),
+                    Some(vs) => literal_use(c, &vs, ctx),
                     None => general_use(e, ctx),
                 }
             }
@@ -707,12 +1127,12 @@ fn check_predicate(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
         },
         Expr::Between(b) => match (b.expr.as_ref(), b.low.as_ref(), b.high.as_ref()) {
             (Expr::Column(c), Expr::Literal(lo, _), Expr::Literal(hi, _)) => {
-                literal_use(&c.name, &[lo.clone(), hi.clone()], ctx)
+                literal_use(c, &[lo.clone(), hi.clone()], ctx)
             }
             _ => general_use(e, ctx),
         },
         Expr::IsNull(inner) | Expr::IsNotNull(inner) => match inner.as_ref() {
-            Expr::Column(c) => literal_use(&c.name, &[], ctx),
+            Expr::Column(c) => literal_use(c, &[], ctx),
             _ => general_use(e, ctx),
         },
         _ => general_use(e, ctx),
@@ -731,14 +1151,20 @@ fn is_comparison(op: Operator) -> bool {
     )
 }
 
-fn literal_use(column: &str, values: &[ScalarValue], ctx: &Ctx<'_>) -> Result<()> {
-    ctx.require(column, Use::FilterLiteral)?;
+fn literal_use(
+    column: &datafusion::common::Column,
+    values: &[ScalarValue],
+    ctx: &Ctx<'_>,
+) -> Result<()> {
+    let c = ctx.source_column(column)?;
+    ctx.require(&c, Use::FilterLiteral)?;
     // A literal of another type class would make DataFusion cast the column,
     // and a failing cast is a data-dependent error: refuse it up front.
-    let Ok(field) = ctx.schema.field_with_name(column) else {
+    let Some(data_type) = ctx.data_type(&c) else {
         return Ok(());
     };
-    let want = type_class(field.data_type());
+    let column = &c.name;
+    let want = type_class(&data_type);
     for v in values.iter().filter(|v| !v.is_null()) {
         if type_class(&v.data_type()) != want {
             return Err(EngineError::rejected(
@@ -762,7 +1188,7 @@ fn type_class(t: &DataType) -> &'static str {
 
 fn general_use(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
     for c in e.column_refs() {
-        ctx.require(&c.name, Use::Filter)?;
+        ctx.require(&ctx.source_column(c)?, Use::Filter)?;
     }
     Ok(())
 }

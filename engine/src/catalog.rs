@@ -7,12 +7,14 @@
 //! data directory; there is no `file://` store, no table factory, no table
 //! function and no information_schema.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
     SchemaProvider, TableProvider,
@@ -29,14 +31,15 @@ use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::functions::core::planner::CoreFunctionPlanner;
 use datafusion::functions_aggregate::planner::AggregateFunctionPlanner;
 use datafusion::logical_expr::planner::ExprPlanner;
+use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::prelude::SessionConfig;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use url::Url;
-use veil_policy::{Grant, Policy};
+use veil_policy::{DomainValue, Grant, Policy};
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, Rule};
 
 /// Catalog name every session uses.
 pub const CATALOG: &str = "veil";
@@ -69,7 +72,15 @@ pub struct Catalog {
     schemas: BTreeMap<String, SchemaRef>,
     units: BTreeMap<String, String>,
     rows: BTreeMap<String, u64>,
+    /// Distinct values of public tables' columns used as group keys.
+    public_values: Mutex<BTreeMap<(String, String), PublicValues>>,
 }
+
+/// A public column's sorted distinct values.
+type PublicValues = Arc<Vec<DomainValue>>;
+
+/// At most this many distinct values of a public column serve as keys.
+const MAX_PUBLIC_KEYS: usize = 1_000_000;
 
 impl Catalog {
     /// Reads each dataset's schema from its Parquet footer (metadata only).
@@ -131,6 +142,7 @@ impl Catalog {
             schemas,
             units,
             rows,
+            public_values: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -138,6 +150,86 @@ impl Catalog {
     /// metadata, like the schema, used only for dry-run warnings.
     pub fn declared_rows(&self, dataset: &str) -> Option<u64> {
         self.rows.get(dataset).copied()
+    }
+
+    /// The distinct non-NULL values of a public dataset's text or integer
+    /// column, sorted: the public key set of a GROUP BY on it. Public data is
+    /// not private, so the broker may read it; read once, then cached (data
+    /// files do not change while a catalog lives).
+    pub fn public_values(
+        &self,
+        policy: &Policy,
+        dataset: &str,
+        column: &str,
+    ) -> Result<PublicValues> {
+        let key = (dataset.to_owned(), column.to_owned());
+        if let Some(v) = self.public_values.lock().map_err(internal)?.get(&key) {
+            return Ok(v.clone());
+        }
+        let ds = policy
+            .datasets
+            .get(dataset)
+            .filter(|d| d.is_public())
+            .ok_or_else(|| EngineError::Internal(format!("`{dataset}` is not public")))?;
+        let unsupported = || {
+            EngineError::rejected(
+                Rule::UnsupportedShape,
+                format!(
+                    "`{dataset}.{column}` is neither text nor an integer; group by a public table's text or integer columns"
+                ),
+            )
+        };
+        let path = self.data_dir.join(&ds.source_path);
+        let file = File::open(&path).map_err(|e| {
+            EngineError::Unavailable(format!(
+                "dataset `{dataset}`: cannot open {}: {e}",
+                path.display()
+            ))
+        })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(internal)?;
+        let index = builder.schema().index_of(column).map_err(internal)?;
+        let data_type = builder.schema().field(index).data_type().clone();
+        let target = if data_type.is_integer() {
+            DataType::Int64
+        } else if matches!(
+            data_type,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ) {
+            DataType::Utf8
+        } else {
+            return Err(unsupported());
+        };
+        let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+        let reader = builder.with_projection(mask).build().map_err(internal)?;
+        let mut values = BTreeSet::new();
+        for batch in reader {
+            let batch = batch.map_err(internal)?;
+            let array = cast(batch.column(0), &target).map_err(internal)?;
+            if let Some(ints) = array.as_primitive_opt::<Int64Type>() {
+                values.extend(ints.iter().flatten().map(DomainValue::Int));
+            } else {
+                let text = array.as_string::<i32>();
+                values.extend(
+                    text.iter()
+                        .flatten()
+                        .map(|s| DomainValue::Text(s.to_owned())),
+                );
+            }
+            if values.len() > MAX_PUBLIC_KEYS {
+                return Err(EngineError::rejected(
+                    Rule::ResultTooLarge,
+                    format!(
+                        "`{dataset}.{column}` holds more than {MAX_PUBLIC_KEYS} distinct values"
+                    ),
+                ));
+            }
+        }
+        let values = Arc::new(values.into_iter().collect::<Vec<_>>());
+        self.public_values
+            .lock()
+            .map_err(internal)?
+            .insert(key, values.clone());
+        Ok(values)
     }
 
     /// The data directory.

@@ -30,6 +30,8 @@ pub enum Rule {
     GroupKeyWithoutDomain,
     /// The query shape is not supported (yet).
     UnsupportedShape,
+    /// Tables are combined in a way that cannot bound a unit's contribution.
+    JoinNotAllowed,
     /// The query touches no private data but needs no DP; still governed.
     ResultTooLarge,
 }
@@ -48,6 +50,7 @@ impl Rule {
             Rule::AggregateNotAllowed => "AGGREGATE_NOT_ALLOWED",
             Rule::GroupKeyWithoutDomain => "GROUP_KEY_WITHOUT_DOMAIN",
             Rule::UnsupportedShape => "UNSUPPORTED_SHAPE",
+            Rule::JoinNotAllowed => "JOIN_NOT_ALLOWED",
             Rule::ResultTooLarge => "RESULT_TOO_LARGE",
         }
     }

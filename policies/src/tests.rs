@@ -124,15 +124,15 @@ rule!(
 rule!(
     unknown_column_with_suggestion,
     [(
-        "columns = { district = [\"group_by\"], gender",
-        "columns = { distrct = [\"group_by\"], gender"
+        "columns = { person_id = [\"join\"], district = [\"group_by\"], gender",
+        "columns = { person_id = [\"join\"], distrct = [\"group_by\"], gender"
     )]
 );
 rule!(
     grant_use_outside_allow,
     [(
-        "columns = { district = [\"group_by\"], gender",
-        "columns = { district = [\"project\"], gender"
+        "columns = { person_id = [\"join\"], district = [\"group_by\"], gender",
+        "columns = { person_id = [\"join\"], district = [\"project\"], gender"
     )]
 );
 rule!(dp_aggregate_without_bounds, [("bounds = [0, 5000]\n", "")]);
@@ -575,7 +575,7 @@ fn diff_reports_effective_permission_changes() {
     assert!(diff::diff(&old, &old).is_empty());
     let new = Policy::from_toml(&edited(&[
         ("budget = 10.0", "budget = 20.0"),
-        ("columns = { district = [\"group_by\"], gender", "columns = { district = [\"group_by\", \"filter_literal\"], gender"),
+        ("columns = { person_id = [\"join\"], district = [\"group_by\"], gender", "columns = { person_id = [\"join\"], district = [\"group_by\", \"filter_literal\"], gender"),
         ("valid_until = 2030-12-31T23:59:59+08:00\n  [[grant.scope]]\n  dataset = \"hrss.social_insurance\"\n  columns = { district", "valid_until = 2027-06-30T23:59:59+08:00\n  [[grant.scope]]\n  dataset = \"hrss.social_insurance\"\n  columns = { district"),
     ]))
     .expect("valid");

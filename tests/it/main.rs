@@ -8,6 +8,7 @@ mod cli;
 mod dry_run;
 mod equivalence;
 mod flight;
+mod joins;
 mod leaks;
 mod neighbours;
 mod noise;

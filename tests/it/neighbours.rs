@@ -5,7 +5,6 @@
 //! units do not move.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
@@ -14,6 +13,8 @@ use proptest::prelude::*;
 use veil_engine::mechanisms::{BoundingKeys, release};
 use veil_engine::rewrite::CertifiedPlan;
 use veil_sandbox::{BoundedAggregates, KeyValue};
+
+use crate::support::certified_over;
 
 const MAX_GROUPS: i64 = 2;
 const MAX_ROWS: i64 = 3;
@@ -88,15 +89,15 @@ const SQL: &str = "SELECT grp, COUNT(*), COUNT(v), COUNT(DISTINCT unit), SUM(v),
 
 type Row = (i64, &'static str, Option<f64>);
 
-fn write(dir: &Path, rows: &[Row]) {
+fn batch(rows: &[Row]) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
         Field::new("unit", DataType::Int64, false),
         Field::new("grp", DataType::Utf8, false),
         Field::new("v", DataType::Float64, true),
         Field::new("tag", DataType::Utf8, false),
     ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
+    RecordBatch::try_new(
+        schema,
         vec![
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
@@ -107,12 +108,7 @@ fn write(dir: &Path, rows: &[Row]) {
             )),
         ],
     )
-    .expect("batch");
-    std::fs::create_dir_all(dir).expect("dir");
-    let file = std::fs::File::create(dir.join("events.parquet")).expect("file");
-    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None).expect("w");
-    w.write(&batch).expect("write");
-    w.close().expect("close");
+    .expect("batch")
 }
 
 /// One group's counts, fixed-point sums and rank histogram.
@@ -124,26 +120,7 @@ fn certified(
     sql: &str,
     keys: Option<BoundingKeys>,
 ) -> (CertifiedPlan, BoundedAggregates) {
-    let dir = tempfile::tempdir().expect("tmp");
-    write(&dir.path().join("data"), rows);
-    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
-    let engine = veil::open_engine(
-        &dir.path().join("policy.toml"),
-        &dir.path().join("data"),
-        &dir.path().join("state"),
-    )
-    .expect("engine");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(engine.exact_bounded_aggregates_for_tests(
-        "op",
-        sql,
-        chrono::Utc::now().fixed_offset(),
-        keys,
-    ))
-    .expect("bounded")
+    certified_over(POLICY, &[("events.parquet", batch(rows))], "op", sql, keys)
 }
 
 /// The bounded aggregates of `rows` under fixed keys, by group.

@@ -20,6 +20,18 @@ const QUERIES: &[(&str, &str, &str)] = &[
         "op-ndrc",
         "SELECT COUNT(DISTINCT person_id) AS people FROM hrss.social_insurance",
     ),
+    (
+        "join_public_key",
+        "op-credit-01",
+        "SELECT e.industry_code, AVG(s.wage_base) AS mean FROM hrss.social_insurance s \
+         JOIN samr.enterprises e ON s.employer_uscc = e.uscc GROUP BY e.industry_code",
+    ),
+    (
+        "join_on_the_unit",
+        "op-univ-07",
+        "SELECT r.gender, COUNT(*) AS visits FROM wjw.outpatient_visits v \
+         JOIN pop.residents r ON v.patient_id = r.person_id WHERE r.age > 60 GROUP BY r.gender",
+    ),
 ];
 
 /// Position of the first line containing `needle`.

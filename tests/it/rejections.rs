@@ -46,7 +46,7 @@ async fn projecting_a_private_column_is_refused_naming_it() {
         "op-univ-07",
         "SELECT * FROM pop.residents",
         Code::PermissionDenied,
-        &["[PROJECT_PRIVATE_COLUMN]", "`pop.residents.district`"],
+        &["[PROJECT_PRIVATE_COLUMN]", "`pop.residents.person_id`"],
     )
     .await;
     refused(
@@ -90,9 +90,9 @@ async fn ungranted_columns_are_refused_naming_them() {
     refused(
         &f,
         "op-univ-07",
-        "SELECT COUNT(*) FROM pop.residents WHERE person_id = 'x'",
+        "SELECT COUNT(*) FROM pop.residents WHERE hukou_type = '本市户籍'",
         Code::PermissionDenied,
-        &["[COLUMN_NOT_GRANTED]", "person_id"],
+        &["[COLUMN_NOT_GRANTED]", "hukou_type"],
     )
     .await;
 }
@@ -117,6 +117,15 @@ async fn uses_outside_the_grant_are_refused() {
         "SELECT COUNT(*) FROM pop.residents WHERE district = gender",
         Code::PermissionDenied,
         &["[COLUMN_USE_NOT_GRANTED]", "filter"],
+    )
+    .await;
+    // The unit is granted as a join key only: never compared with a value.
+    refused(
+        &f,
+        "op-univ-07",
+        "SELECT COUNT(*) FROM pop.residents WHERE person_id = 'x'",
+        Code::PermissionDenied,
+        &["[COLUMN_USE_NOT_GRANTED]", "granted: join"],
     )
     .await;
 }

@@ -171,7 +171,6 @@ pub fn rewrite_parquet(
     path: &Path,
     f: impl FnOnce(datafusion::arrow::array::RecordBatch) -> datafusion::arrow::array::RecordBatch,
 ) {
-    use datafusion::parquet::arrow::ArrowWriter;
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).expect("open"))
         .expect("parquet")
@@ -181,15 +180,54 @@ pub fn rewrite_parquet(
     let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
     let schema = batches[0].schema();
     let batch = datafusion::arrow::compute::concat_batches(&schema, &batches).expect("concat");
-    let out = f(batch);
-    let mut w = ArrowWriter::try_new(
-        std::fs::File::create(path).expect("create"),
-        out.schema(),
-        None,
-    )
-    .expect("writer");
-    w.write(&out).expect("write");
+    write_parquet(path, &f(batch));
+}
+
+/// Writes one batch as a Parquet file, creating its directory.
+pub fn write_parquet(path: &Path, batch: &datafusion::arrow::array::RecordBatch) {
+    use datafusion::parquet::arrow::ArrowWriter;
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+    let file = std::fs::File::create(path).expect("create");
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+    w.write(batch).expect("write");
     w.close().expect("close");
+}
+
+/// The certified plan of `sql` by `operator` under `policy`, over data files
+/// given as (path under the data directory, contents), and its exact bounded
+/// aggregates: under fixed bounding keys when given, else fresh ones.
+pub fn certified_over(
+    policy: &str,
+    files: &[(&str, datafusion::arrow::array::RecordBatch)],
+    operator: &str,
+    sql: &str,
+    keys: Option<veil_engine::mechanisms::BoundingKeys>,
+) -> (
+    veil_engine::rewrite::CertifiedPlan,
+    veil_sandbox::BoundedAggregates,
+) {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (path, batch) in files {
+        write_parquet(&dir.path().join("data").join(path), batch);
+    }
+    std::fs::write(dir.path().join("policy.toml"), policy).expect("policy");
+    let engine = veil::open_engine(
+        &dir.path().join("policy.toml"),
+        &dir.path().join("data"),
+        &dir.path().join("state"),
+    )
+    .expect("engine");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(engine.exact_bounded_aggregates_for_tests(
+        operator,
+        sql,
+        chrono::Utc::now().fixed_offset(),
+        keys,
+    ))
+    .expect("bounded")
 }
 
 /// Replaces one column of a batch.

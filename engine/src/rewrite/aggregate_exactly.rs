@@ -45,7 +45,7 @@ impl RewriteStage for AggregateExactly {
         for i in 0..ctx.sums.len() {
             aggregates.push(sum(col(unit_sum_column(i))).alias(sum_column(i)));
         }
-        for (q, (_, grid)) in ctx.quantiles.iter().enumerate() {
+        for (q, (_, _, grid)) in ctx.quantiles.iter().enumerate() {
             aggregates.push(
                 grid.histogram(col(unit_ranks_column(q)))
                     .alias(histogram_column(q)),

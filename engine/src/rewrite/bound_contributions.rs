@@ -17,7 +17,6 @@ use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit, when};
-use veil_policy::UnitKind;
 
 use super::{
     CountKind, RewriteContext, RewriteStage, UNIT_COLUMN, counted_column, df, key_column,
@@ -84,7 +83,7 @@ impl RewriteStage for BoundContributions {
             .map(|g| col(key_column(g)))
             .collect();
         let counts = ctx.counts.iter().enumerate();
-        if ctx.unit.kind == UnitKind::Row {
+        if ctx.rows_are_units {
             let mut per_row = groups;
             for (j, kind) in counts {
                 if let Some(c) = counted(kind, j) {

@@ -5,11 +5,8 @@
 //! data-dependent error can arise here.
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::Column as DfColumn;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, col, lit, try_cast, when};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, lit, try_cast, when};
 use datafusion::scalar::ScalarValue;
-
-use veil_policy::Column;
 
 use super::{
     RewriteContext, RewriteStage, df, fixed_point_bounds, key_column, rank_column, value_column,
@@ -22,43 +19,37 @@ pub struct ClampValues;
 
 /// A group key's value: the column, or its bucket `w · ⌊x / w⌋` (exact
 /// integer arithmetic for integer columns, also below zero).
-fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Expr {
-    let x = col(DfColumn::new(Some(ctx.table.clone()), key.column()));
+fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let x = ctx.expr(key.column())?;
     let GroupKey::Bucket { width, .. } = key else {
-        return x;
+        return Ok(x);
     };
-    let integer = ctx
-        .file_schema
-        .field_with_name(key.column())
-        .is_ok_and(|f| f.data_type().is_integer());
     let w = lit(*width);
-    if integer {
+    Ok(if ctx.data_type(key.column())?.is_integer() {
         let x = cast(x, DataType::Int64);
         let remainder = ((x.clone() % w.clone()) + w.clone()) % w;
         x - remainder
     } else {
         let x = cast(x, DataType::Float64);
         datafusion::functions::math::expr_fn::floor(x / lit(*width as f64)) * lit(*width as f64)
-    }
+    })
 }
 
 /// A column's values as fixed-point decimals, its bounds in the same type,
 /// and whether a value lies below or above them.
-fn fixed_point(column: &Column, ctx: &RewriteContext<'_>) -> Result<(Expr, Expr, Expr)> {
+fn fixed_point(label: &str, ctx: &RewriteContext<'_>) -> Result<(Expr, Expr, Expr)> {
+    let column = ctx.column(label)?;
     let (_, _, lo_fp, hi_fp) = fixed_point_bounds(column)?;
     let p = column.precision as i8;
     let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
-    let v = try_cast(
-        col(DfColumn::new(Some(ctx.table.clone()), &column.name)),
-        DataType::Decimal128(DECIMAL_PRECISION, p),
-    );
+    let v = try_cast(ctx.expr(label)?, DataType::Decimal128(DECIMAL_PRECISION, p));
     Ok((v, decimal(lo_fp), decimal(hi_fp)))
 }
 
 /// A column's values as fixed-point decimals clamped to its bounds; NULL
 /// where they do not convert.
-fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
-    let (v, lo, hi) = fixed_point(column, ctx)?;
+fn clamped(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let (v, lo, hi) = fixed_point(label, ctx)?;
     when(v.clone().lt(lo.clone()), lo)
         .when(v.clone().gt(hi.clone()), hi)
         .otherwise(v)
@@ -67,8 +58,8 @@ fn clamped(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
 
 /// 1 where a value lies outside the column's bounds (and is clamped), NULL
 /// otherwise: counted like a column's non-NULL values.
-fn outside_bounds(column: &Column, ctx: &RewriteContext<'_>) -> Result<Expr> {
-    let (v, lo, hi) = fixed_point(column, ctx)?;
+fn outside_bounds(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
+    let (v, lo, hi) = fixed_point(label, ctx)?;
     when(v.clone().lt(lo).or(v.gt(hi)), lit(1i64))
         .end()
         .map_err(df)
@@ -89,10 +80,10 @@ impl RewriteStage for ClampValues {
     ) -> Result<LogicalPlanBuilder> {
         let mut exprs: Vec<Expr> = Vec::new();
         for (g, key) in ctx.query.group_keys.iter().enumerate() {
-            exprs.push(key_expr(key, ctx).alias(key_column(g)));
+            exprs.push(key_expr(key, ctx)?.alias(key_column(g)));
         }
         for (i, summand) in ctx.sums.iter().enumerate() {
-            let v = clamped(summand.column, ctx)?;
+            let v = clamped(&summand.label, ctx)?;
             let v = if summand.squared {
                 // Exact: the square of a clamped value fits 38 digits (checked
                 // when the statistic was planned).
@@ -105,27 +96,21 @@ impl RewriteStage for ClampValues {
             };
             exprs.push(v.alias(value_column(i)));
         }
-        for (q, (column, grid)) in ctx.quantiles.iter().enumerate() {
-            exprs.push(grid.rank_of(clamped(column, ctx)?).alias(rank_column(q)));
+        for (q, (label, _, grid)) in ctx.quantiles.iter().enumerate() {
+            exprs.push(grid.rank_of(clamped(label, ctx)?).alias(rank_column(q)));
         }
         for (j, kind) in ctx.counts.iter().enumerate() {
             match kind {
-                super::CountKind::NonNull(name) => exprs.push(
-                    col(DfColumn::new(Some(ctx.table.clone()), name))
-                        .alias(super::counted_column(j)),
-                ),
-                super::CountKind::Clamped(name) => {
-                    let column = ctx.dataset.column(name).ok_or_else(|| {
-                        crate::error::EngineError::Internal("column vanished".into())
-                    })?;
-                    exprs.push(outside_bounds(column, ctx)?.alias(super::counted_column(j)));
+                super::CountKind::NonNull(label) => {
+                    exprs.push(ctx.expr(label)?.alias(super::counted_column(j)));
+                }
+                super::CountKind::Clamped(label) => {
+                    exprs.push(outside_bounds(label, ctx)?.alias(super::counted_column(j)));
                 }
                 _ => {}
             }
         }
-        exprs.push(
-            col(DfColumn::new(Some(ctx.table.clone()), &ctx.unit.column)).alias(super::UNIT_COLUMN),
-        );
+        exprs.push(ctx.unit_expr().alias(super::UNIT_COLUMN));
         input.project(exprs).map_err(df)
     }
 }

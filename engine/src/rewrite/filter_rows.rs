@@ -4,15 +4,14 @@
 //! otherwise create keys that are not public); keys left to partition
 //! selection only lose NULL, which is never released.
 
-use datafusion::common::Column as DfColumn;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::functions::core::expr_fn::nullif;
 use datafusion::logical_expr::expr::{Cast, TryCast};
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlanBuilder, Operator, col, lit};
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlanBuilder, Operator, lit};
 use veil_policy::DomainValue;
 
-use super::{RewriteContext, RewriteStage, df, key_domain};
+use super::{RewriteContext, RewriteStage, df};
 use crate::analyze::GroupKey;
 use crate::error::{EngineError, Result};
 
@@ -30,37 +29,36 @@ impl RewriteStage for FilterRows {
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
         let mut predicates = Vec::new();
-        for p in &ctx.query.predicates {
-            predicates.push(total(requalify(p.clone(), ctx)?)?);
+        for p in ctx.query.predicates.iter().chain(&ctx.row_filters) {
+            predicates.push(total(p.clone())?);
         }
-        if let Some(f) = &ctx.row_filter {
-            predicates.push(total(f.clone())?);
-        }
-        for g in &ctx.query.group_keys {
-            let key = col(DfColumn::new(Some(ctx.table.clone()), g.column()));
-            if let GroupKey::Bucket { .. } = g {
+        for (g, domain) in ctx.query.group_keys.iter().zip(&ctx.key_domains) {
+            let key = ctx.expr(g.column())?;
+            let source = &ctx.query.sources[ctx.query.source_column(g.column())?.source];
+            match (g, domain) {
                 // Buckets of values within the bounds are the public keys.
-                let (lo, hi) = ctx
-                    .dataset
-                    .column(g.column())
-                    .and_then(|c| c.bounds)
-                    .ok_or_else(|| EngineError::Internal("bucket without bounds".into()))?;
-                predicates.push(key.clone().gt_eq(lit(lo)).and(key.lt_eq(lit(hi))));
-                continue;
+                (GroupKey::Bucket { .. }, _) => {
+                    let (lo, hi) = ctx
+                        .column(g.column())?
+                        .bounds
+                        .ok_or_else(|| EngineError::Internal("bucket without bounds".into()))?;
+                    predicates.push(key.clone().gt_eq(lit(lo)).and(key.lt_eq(lit(hi))));
+                }
+                // A public table's column holds only values of its domain;
+                // partition selection never releases NULL.
+                (_, Some(_)) if !source.private => predicates.push(key.is_not_null()),
+                (_, None) => predicates.push(key.is_not_null()),
+                (_, Some(domain)) => {
+                    let list = domain
+                        .iter()
+                        .map(|v| match v {
+                            DomainValue::Int(i) => lit(*i),
+                            DomainValue::Text(s) => lit(s.as_str()),
+                        })
+                        .collect();
+                    predicates.push(key.in_list(list, false));
+                }
             }
-            let Some(domain) = key_domain(g, ctx.dataset) else {
-                // Partition selection: NULL is not a releasable key.
-                predicates.push(key.is_not_null());
-                continue;
-            };
-            let list = domain
-                .iter()
-                .map(|v| match v {
-                    DomainValue::Int(i) => lit(*i),
-                    DomainValue::Text(s) => lit(s.as_str()),
-                })
-                .collect();
-            predicates.push(key.in_list(list, false));
         }
         match conjunction(predicates) {
             Some(p) => input.filter(p).map_err(df),
@@ -87,21 +85,6 @@ fn total(e: Expr) -> Result<Expr> {
             })),
             Expr::Cast(Cast { expr, field }) => {
                 Transformed::yes(Expr::TryCast(TryCast::new(expr, field.data_type().clone())))
-            }
-            other => Transformed::no(other),
-        })
-    })
-    .map(|t| t.data)
-    .map_err(df)
-}
-
-/// Points the operator's column references (which may use a table alias) at
-/// the scanned table.
-fn requalify(e: Expr, ctx: &RewriteContext<'_>) -> Result<Expr> {
-    e.transform(|e| {
-        Ok(match e {
-            Expr::Column(c) => {
-                Transformed::yes(Expr::Column(DfColumn::new(Some(ctx.table.clone()), c.name)))
             }
             other => Transformed::no(other),
         })

@@ -21,9 +21,10 @@ mod aggregate_exactly;
 mod bound_contributions;
 mod clamp_values;
 mod filter_rows;
+mod join_tables;
 mod mark_release;
 
-use datafusion::common::TableReference;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
@@ -34,6 +35,7 @@ pub use bound_contributions::BoundContributions;
 pub use clamp_values::ClampValues;
 pub(crate) use clamp_values::DECIMAL_PRECISION;
 pub use filter_rows::FilterRows;
+pub use join_tables::JoinTables;
 pub use mark_release::{MarkRelease, ReleaseNode};
 
 use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
@@ -97,8 +99,10 @@ pub(crate) fn value_column(i: usize) -> String {
 }
 
 /// What a sum adds up: a column's clamped values, or their squares.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Summand<'a> {
+    /// The column's label in the query.
+    pub label: String,
     /// The column.
     pub column: &'a Column,
     /// Whether its clamped values are squared (for VAR_POP/STDDEV_POP).
@@ -355,16 +359,23 @@ impl CertifiedPlan {
 /// Shared inputs of the rewrite stages.
 pub(crate) struct RewriteContext<'a> {
     pub query: &'a PrivateQuery,
-    pub dataset: &'a Dataset,
+    /// Each source's dataset and file schema.
+    pub sources: Vec<(&'a Dataset, SchemaRef)>,
+    /// Each source's scan, under its relation name.
+    pub scans: Vec<LogicalPlan>,
+    /// The primary dataset's privacy unit.
     pub unit: &'a PrivacyUnit,
-    pub table: TableReference,
-    /// The dataset file's schema.
-    pub file_schema: datafusion::arrow::datatypes::SchemaRef,
-    pub row_filter: Option<Expr>,
+    /// Whether every row of the relation is its own unit (a row-level unit,
+    /// one table).
+    pub rows_are_units: bool,
+    /// The grant's mandatory row filters, over the sources' relations.
+    pub row_filters: Vec<Expr>,
+    /// Each group key's public domain, if it has one.
+    pub key_domains: Vec<Option<Vec<DomainValue>>>,
     pub sums: Vec<Summand<'a>>,
     pub counts: Vec<CountKind>,
-    /// Quantile columns and their candidate grids.
-    pub quantiles: Vec<(&'a Column, QuantileGrid)>,
+    /// Quantile columns (by label) and their candidate grids.
+    pub quantiles: Vec<(String, &'a Column, QuantileGrid)>,
     /// Groups per unit, after the grant's tightening.
     pub max_groups: u32,
     /// Rows per unit and group.
@@ -374,6 +385,40 @@ pub(crate) struct RewriteContext<'a> {
     /// What the release node says is released.
     pub release_summary: String,
     pub keys: BoundingKeys,
+}
+
+impl<'a> RewriteContext<'a> {
+    /// The policy of the column a label names.
+    pub fn column(&self, label: &str) -> Result<&'a Column> {
+        let c = self.query.source_column(label)?;
+        self.sources[c.source]
+            .0
+            .column(&c.name)
+            .ok_or_else(|| EngineError::Internal(format!("column `{label}` vanished")))
+    }
+
+    /// The column a label names, over its source's relation.
+    pub fn expr(&self, label: &str) -> Result<Expr> {
+        self.query.column_expr(label)
+    }
+
+    /// The file schema type of the column a label names.
+    pub fn data_type(&self, label: &str) -> Result<DataType> {
+        let c = self.query.source_column(label)?;
+        self.sources[c.source]
+            .1
+            .field_with_name(&c.name)
+            .map(|f| f.data_type().clone())
+            .map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    /// The primary dataset's unit column.
+    pub fn unit_expr(&self) -> Expr {
+        Expr::Column(datafusion::common::Column::new(
+            Some(self.query.sources[self.query.primary].relation.clone()),
+            &self.unit.column,
+        ))
+    }
 }
 
 /// One stage of the rewrite.
@@ -389,8 +434,9 @@ pub(crate) trait RewriteStage {
 }
 
 /// The stages, in order.
-fn stages() -> [&'static dyn RewriteStage; 5] {
+fn stages() -> [&'static dyn RewriteStage; 6] {
     [
+        &JoinTables,
         &FilterRows,
         &ClampValues,
         &BoundContributions,
@@ -417,10 +463,15 @@ pub fn certify(
     planning: &SessionState,
     bounding: BoundingKeys,
 ) -> Result<CertifiedPlan> {
-    let dataset = policy
-        .datasets
-        .get(&query.dataset)
-        .ok_or_else(|| EngineError::Internal("dataset vanished".into()))?;
+    let mut sources = Vec::new();
+    for source in &query.sources {
+        let dataset = policy
+            .datasets
+            .get(&source.dataset)
+            .ok_or_else(|| EngineError::Internal("dataset vanished".into()))?;
+        sources.push((dataset, catalog.file_schema(&dataset.id)?));
+    }
+    let dataset = sources[query.primary].0;
     let unit = dataset
         .unit
         .as_ref()
@@ -431,26 +482,65 @@ pub fn certify(
             format!("grant `{}` has no DP settings for private data", grant.id),
         )
     })?;
-    let (schema_name, table_name) = dataset.schema_table();
-    let table = TableReference::partial(schema_name, table_name);
-    let file_schema = catalog.file_schema(&dataset.id)?;
-    let df_schema =
-        datafusion::common::DFSchema::try_from_qualified_schema(table.clone(), &file_schema)
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
-    let row_filter = match grant.scope(&dataset.id).and_then(|s| s.row_filter.as_deref()) {
-        Some(sql) => Some(planning.create_logical_expr(sql, &df_schema).map_err(|e| {
-            EngineError::Unavailable(format!(
-                "the row filter of grant `{}` on `{}` does not plan: {e}; the security officer must fix the policy",
-                grant.id, dataset.id
-            ))
-        })?),
-        None => None,
+    // The grant's mandatory row filter of every table read.
+    let mut row_filters = Vec::new();
+    let mut scans = Vec::new();
+    for (source, (dataset, file_schema)) in query.sources.iter().zip(&sources) {
+        let df_schema = datafusion::common::DFSchema::try_from_qualified_schema(
+            source.relation.clone(),
+            file_schema,
+        )
+        .map_err(df)?;
+        if let Some(sql) = grant
+            .scope(&dataset.id)
+            .and_then(|s| s.row_filter.as_deref())
+        {
+            row_filters.push(planning.create_logical_expr(sql, &df_schema).map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "the row filter of grant `{}` on `{}` does not plan: {e}; the security officer must fix the policy",
+                    grant.id, dataset.id
+                ))
+            })?);
+        }
+        let (schema_name, table_name) = dataset.schema_table();
+        let table = datafusion::common::TableReference::partial(schema_name, table_name);
+        let provider =
+            provider_as_source(catalog.data_table(policy, &dataset.id, file_schema.clone())?);
+        let scan = LogicalPlanBuilder::scan(table.clone(), provider, None).map_err(df)?;
+        let scan = if source.relation == table {
+            scan
+        } else {
+            scan.alias(source.relation.clone()).map_err(df)?
+        };
+        scans.push(scan.build().map_err(df)?);
+    }
+    let policy_column = |label: &str| -> Result<&Column> {
+        let c = query.source_column(label)?;
+        sources[c.source]
+            .0
+            .column(&c.name)
+            .ok_or_else(|| EngineError::Internal("column vanished".into()))
     };
+    // Each group key's public domain: declared in the policy, the buckets of
+    // its bounds, or, for a column of a public table, the values it holds.
+    let mut key_domains = Vec::new();
+    for key in &query.group_keys {
+        let c = query.source_column(key.column())?;
+        let source = &query.sources[c.source];
+        key_domains.push(match key {
+            GroupKey::Column(_) if !source.private => Some(
+                catalog
+                    .public_values(policy, &source.dataset, &c.name)?
+                    .to_vec(),
+            ),
+            _ => key_domain(key, policy_column(key.column())?),
+        });
+    }
 
     // Statistics: one vector per distinct count and per summed column.
     let mut sum_columns: Vec<Summand> = Vec::new();
     let mut count_kinds: Vec<CountKind> = Vec::new();
-    let mut quantile_calls: Vec<(&Column, f64)> = Vec::new();
+    let mut quantile_calls: Vec<(String, &Column, f64)> = Vec::new();
     let mut aggregates = Vec::new();
     for call in &query.aggregates {
         aggregates.push(match call {
@@ -464,16 +554,17 @@ pub fn certify(
                 ReleasedAggregate::Count(index_of(&mut count_kinds, CountKind::DistinctUnits))
             }
             AggregateCall::Sum(c) => {
-                ReleasedAggregate::Sum(sum_index(dataset, c, false, &mut sum_columns)?)
+                ReleasedAggregate::Sum(sum_index(policy_column(c)?, c, false, &mut sum_columns))
             }
             AggregateCall::Avg(c) => {
-                let sum = sum_index(dataset, c, false, &mut sum_columns)?;
+                let sum = sum_index(policy_column(c)?, c, false, &mut sum_columns);
                 let count = index_of(&mut count_kinds, CountKind::Summed(sum));
                 ReleasedAggregate::Avg { sum, count }
             }
             AggregateCall::Var { column, std } => {
-                let sum = sum_index(dataset, column, false, &mut sum_columns)?;
-                let squares = sum_index(dataset, column, true, &mut sum_columns)?;
+                let col = policy_column(column)?;
+                let sum = sum_index(col, column, false, &mut sum_columns);
+                let squares = sum_index(col, column, true, &mut sum_columns);
                 let count = index_of(&mut count_kinds, CountKind::Summed(sum));
                 ReleasedAggregate::Var {
                     sum,
@@ -483,16 +574,14 @@ pub fn certify(
                 }
             }
             AggregateCall::Quantile { column, alpha } => {
-                let col = dataset
-                    .column(column)
-                    .ok_or_else(|| EngineError::Internal("column vanished".into()))?;
+                let col = policy_column(column)?;
                 let q = match quantile_calls
                     .iter()
-                    .position(|(c, a)| c.name == col.name && a.to_bits() == alpha.to_bits())
+                    .position(|(l, _, a)| l == column && a.to_bits() == alpha.to_bits())
                 {
                     Some(q) => q,
                     None => {
-                        quantile_calls.push((col, *alpha));
+                        quantile_calls.push((column.clone(), col, *alpha));
                         quantile_calls.len() - 1
                     }
                 };
@@ -503,15 +592,15 @@ pub fn certify(
     // Every bounded column reports how many of its values were clamped.
     let bounded_columns: Vec<String> = sum_columns
         .iter()
-        .map(|s| s.column.name.clone())
-        .chain(quantile_calls.iter().map(|(c, _)| c.name.clone()))
+        .map(|s| s.label.clone())
+        .chain(quantile_calls.iter().map(|(label, _, _)| label.clone()))
         .collect();
     for column in bounded_columns {
         index_of(&mut count_kinds, CountKind::Clamped(column));
     }
     // Keys without a public domain are released by DP partition selection,
     // which needs δ > 0 and selects on the distinct-unit count.
-    let selection = match key_product(&query, dataset)? {
+    let selection = match key_product(&key_domains)? {
         Some(keys) => {
             if keys.len() > grant.max_result_rows as usize {
                 return Err(EngineError::rejected(
@@ -527,7 +616,15 @@ pub fn certify(
             Err(keys)
         }
         None => {
-            let delta = selection_delta(&query, dataset, grant, dp, &file_schema)?;
+            let data_type = |label: &str| {
+                let c = query.source_column(label)?;
+                sources[c.source]
+                    .1
+                    .field_with_name(&c.name)
+                    .map(|f| f.data_type().clone())
+                    .map_err(df_arrow)
+            };
+            let delta = selection_delta(&query, &key_domains, grant, dp, data_type)?;
             Ok((index_of(&mut count_kinds, CountKind::DistinctUnits), delta))
         }
     };
@@ -539,10 +636,20 @@ pub fn certify(
         + quantile_calls.len()
         + usize::from(selection.is_ok());
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
-    let (max_groups, max_rows) = match unit.kind {
-        UnitKind::Row => (1, 1),
-        _ => (unit.max_groups, unit.max_rows),
-    };
+    // Every private table is joined on the unit, and the rewrite bounds the
+    // joined rows: the loosest of their declarations serves them all (noise
+    // follows what the rewrite enforces, so this trades accuracy, not privacy).
+    let (max_groups, max_rows) = query
+        .sources
+        .iter()
+        .zip(&sources)
+        .filter(|(s, _)| s.private)
+        .filter_map(|(_, (d, _))| d.unit.as_ref())
+        .map(|u| match u.kind {
+            UnitKind::Row => (1, 1),
+            _ => (u.max_groups, u.max_rows),
+        })
+        .fold((1, 1), |(g, r), (g2, r2)| (g.max(g2), r.max(r2)));
     let max_groups = dp.max_groups.map_or(max_groups, |g| g.min(max_groups));
     let mut counts = Vec::new();
     for kind in &count_kinds {
@@ -585,7 +692,7 @@ pub fn certify(
         let per_group =
             dashu::rational::RBig::from(per_row) * dashu::rational::RBig::from(max_rows);
         sums.push(SumStatistic {
-            column: col.name.clone(),
+            column: summand.label.clone(),
             squared: summand.squared,
             precision: summand.precision(),
             lo_fp,
@@ -601,14 +708,14 @@ pub fn certify(
 
     let mut quantiles = Vec::new();
     let mut quantile_inputs = Vec::new();
-    for (col, alpha) in &quantile_calls {
+    for (label, col, alpha) in &quantile_calls {
         let (_, _, lo_fp, hi_fp) = fixed_point_bounds(col)?;
         let grid = QuantileGrid::over(lo_fp, hi_fp);
         let (scale, spent) = crate::mechanisms::quantile_scale(
             mechanism, &grid, *alpha, max_rows, max_groups, &share,
         )?;
         quantiles.push(QuantileStatistic {
-            column: col.name.clone(),
+            column: label.clone(),
             alpha: *alpha,
             precision: col.precision,
             grid,
@@ -616,7 +723,7 @@ pub fn certify(
             scale,
             spent,
         });
-        quantile_inputs.push((*col, grid));
+        quantile_inputs.push((label.clone(), *col, grid));
     }
 
     let keys = match selection {
@@ -639,11 +746,12 @@ pub fn certify(
 
     let ctx = RewriteContext {
         query: &query,
-        dataset,
+        sources,
+        scans,
         unit,
-        table: table.clone(),
-        file_schema: file_schema.clone(),
-        row_filter,
+        rows_are_units: unit.kind == UnitKind::Row && query.sources.len() == 1,
+        row_filters,
+        key_domains,
         sums: sum_columns.clone(),
         counts: count_kinds.clone(),
         quantiles: quantile_inputs,
@@ -674,9 +782,7 @@ pub fn certify(
         ),
         keys: bounding,
     };
-    let source = provider_as_source(catalog.data_table(policy, &dataset.id, file_schema)?);
-    let mut builder = LogicalPlanBuilder::scan(table, source, None)
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let mut builder = LogicalPlanBuilder::from(ctx.scans[0].clone());
     let mut after = Vec::new();
     for stage in stages() {
         builder = stage.rewrite(builder, &ctx)?;
@@ -737,43 +843,51 @@ fn index_of<T: PartialEq>(items: &mut Vec<T>, item: T) -> usize {
 
 /// The index of a summed column, adding it on first use.
 fn sum_index<'a>(
-    dataset: &'a Dataset,
-    name: &str,
+    column: &'a Column,
+    label: &str,
     squared: bool,
     sums: &mut Vec<Summand<'a>>,
-) -> Result<usize> {
-    if let Some(i) = sums
+) -> usize {
+    match sums
         .iter()
-        .position(|s| s.column.name == name && s.squared == squared)
+        .position(|s| s.label == label && s.squared == squared)
     {
-        return Ok(i);
+        Some(i) => i,
+        None => {
+            sums.push(Summand {
+                label: label.to_owned(),
+                column,
+                squared,
+            });
+            sums.len() - 1
+        }
     }
-    let column = dataset
-        .column(name)
-        .ok_or_else(|| EngineError::Internal("column vanished".into()))?;
-    sums.push(Summand { column, squared });
-    Ok(sums.len() - 1)
 }
 
 /// δ for partition selection over the query's group columns, or why the
 /// grant cannot select partitions.
 fn selection_delta(
     query: &PrivateQuery,
-    dataset: &Dataset,
+    key_domains: &[Option<Vec<DomainValue>>],
     grant: &Grant,
     dp: &veil_policy::DpSettings,
-    file_schema: &datafusion::arrow::datatypes::Schema,
+    data_type: impl Fn(&str) -> Result<DataType>,
 ) -> Result<f64> {
     let private: Vec<&str> = query
         .group_keys
         .iter()
-        .filter(|k| key_domain(k, dataset).is_none())
-        .map(GroupKey::column)
+        .zip(key_domains)
+        .filter(|(_, d)| d.is_none())
+        .map(|(k, _)| k.column())
         .collect();
+    let name = |g: &str| -> Result<String> {
+        let c = query.source_column(g)?;
+        Ok(format!("`{}.{}`", query.sources[c.source].dataset, c.name))
+    };
     let names = private
         .iter()
-        .map(|g| format!("`{}.{g}`", dataset.id))
-        .collect::<Vec<_>>()
+        .map(|g| name(g))
+        .collect::<Result<Vec<_>>>()?
         .join(", ");
     let delta = match dp.accounting.delta() {
         delta if delta > 0.0 => delta,
@@ -788,21 +902,15 @@ fn selection_delta(
         }
     };
     for g in private {
-        let supported = file_schema.field_with_name(g).is_ok_and(|f| {
-            f.data_type().is_integer()
-                || matches!(
-                    f.data_type(),
-                    datafusion::arrow::datatypes::DataType::Utf8
-                        | datafusion::arrow::datatypes::DataType::LargeUtf8
-                        | datafusion::arrow::datatypes::DataType::Utf8View
-                )
-        });
-        if !supported {
+        let t = data_type(g)?;
+        if !(t.is_integer()
+            || matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View))
+        {
             return Err(EngineError::rejected(
                 Rule::UnsupportedShape,
                 format!(
-                    "`{}.{g}` is neither text nor an integer; partition selection groups by text or integer columns only",
-                    dataset.id
+                    "{} is neither text nor an integer; partition selection groups by text or integer columns only",
+                    name(g)?
                 ),
             ));
         }
@@ -810,10 +918,9 @@ fn selection_delta(
     Ok(delta)
 }
 
-/// A key's public domain: a column's declared values, or every bucket
-/// `width · ⌊x / width⌋` of `x` within the column's bounds.
-pub(crate) fn key_domain(key: &GroupKey, dataset: &Dataset) -> Option<Vec<DomainValue>> {
-    let column = dataset.column(key.column())?;
+/// A key's public domain from the policy: a column's declared values, or
+/// every bucket `width · ⌊x / width⌋` of `x` within the column's bounds.
+pub(crate) fn key_domain(key: &GroupKey, column: &Column) -> Option<Vec<DomainValue>> {
     match key {
         GroupKey::Column(_) => column.domain_values().map(<[DomainValue]>::to_vec),
         GroupKey::Bucket { width, .. } => {
@@ -834,10 +941,10 @@ pub(crate) fn key_domain(key: &GroupKey, dataset: &Dataset) -> Option<Vec<Domain
 
 /// All public keys: the product of the group keys' domains, in order;
 /// `None` when a group key has no public domain.
-fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Option<Vec<Vec<DomainValue>>>> {
+fn key_product(key_domains: &[Option<Vec<DomainValue>>]) -> Result<Option<Vec<Vec<DomainValue>>>> {
     let mut keys: Vec<Vec<DomainValue>> = vec![vec![]];
-    for g in &query.group_keys {
-        let Some(domain) = key_domain(g, dataset) else {
+    for domain in key_domains {
+        let Some(domain) = domain else {
             return Ok(None);
         };
         if keys.len().saturating_mul(domain.len()) > 1_000_000 {
@@ -858,6 +965,10 @@ fn key_product(query: &PrivateQuery, dataset: &Dataset) -> Result<Option<Vec<Vec
             .collect();
     }
     Ok(Some(keys))
+}
+
+fn df_arrow(e: datafusion::arrow::error::ArrowError) -> EngineError {
+    EngineError::Internal(e.to_string())
 }
 
 pub(crate) fn df(e: datafusion::error::DataFusionError) -> EngineError {

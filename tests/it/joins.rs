@@ -1,0 +1,314 @@
+//! Joins, checked on small random datasets: two private tables joined on the
+//! privacy unit (through a declared foreign key) and a public table joined on
+//! a non-unique key, so joins multiply a unit's rows both ways.
+//!
+//! - Neighbours: removing one unit from every private table moves each
+//!   statistic by at most what the noise is calibrated to, and at most
+//!   `max_groups` groups; bounding happens after the join, or this fails.
+//! - Semantics: when no unit exceeds the bounds, the bounded aggregates are
+//!   exactly those of the plain inner join, computed here by nested loops.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use proptest::prelude::*;
+use veil_engine::mechanisms::BoundingKeys;
+use veil_sandbox::KeyValue;
+
+use crate::support::certified_over;
+
+/// The loosest of the joined tables' declarations: events' (2, 3).
+const MAX_GROUPS: usize = 2;
+const MAX_ROWS: i64 = 3;
+/// `v` lies in [-5, 10] with one decimal.
+const LO_FP: i128 = -50;
+const HI_FP: i128 = 100;
+
+const POLICY: &str = r#"
+[policy]
+id = "joins"
+version = "1"
+grading_scheme = "GB/T 43697-2024"
+
+[[dataset]]
+id = "t.people"
+name = "测试人口"
+owner = "测试单位"
+level = "general_4"
+share = "conditional"
+open = "none"
+source = { path = "people.parquet" }
+privacy_unit = { column = "person", kind = "natural_person", max_groups = 1, max_rows = 1 }
+  [[dataset.column]]
+  name = "person"
+  level = "general_4"
+  tags = ["identifier"]
+  allow = ["join"]
+  [[dataset.column]]
+  name = "region"
+  level = "general_2"
+  allow = ["group_by"]
+  domain = ["r1", "r2"]
+
+[[dataset]]
+id = "t.events"
+name = "测试事件"
+owner = "测试单位"
+level = "general_4"
+share = "conditional"
+open = "none"
+source = { path = "events.parquet" }
+privacy_unit = { column = "pid", kind = "natural_person", max_groups = 2, max_rows = 3 }
+foreign_keys = [{ column = "pid", references = "t.people" }]
+  [[dataset.column]]
+  name = "pid"
+  level = "general_4"
+  tags = ["identifier"]
+  allow = ["join"]
+  [[dataset.column]]
+  name = "kind"
+  level = "general_2"
+  allow = ["join"]
+  [[dataset.column]]
+  name = "v"
+  level = "general_3"
+  allow = ["aggregate"]
+  bounds = [-5, 10]
+  precision = 1
+
+[[dataset]]
+id = "t.kinds"
+name = "测试类别"
+owner = "测试单位"
+level = "general_1"
+share = "unconditional"
+open = "unconditional"
+source = { path = "kinds.parquet" }
+  [[dataset.column]]
+  name = "code"
+  level = "general_1"
+  allow = ["join", "group_by"]
+  [[dataset.column]]
+  name = "label"
+  level = "general_1"
+  allow = ["group_by"]
+
+[[operator]]
+id = "op"
+org = "测试"
+tokens = ["sha256:a381f01f50cde42394d12c7f97c700c86764ec88a08641784c33d849ba20e844"]
+
+[[grant]]
+id = "G"
+channel = "sharing"
+grantee = "op"
+purpose = "public_governance"
+purpose_detail = "连接测试"
+valid_from = 2026-01-01T00:00:00+08:00
+valid_until = 2030-12-31T23:59:59+08:00
+  [[grant.scope]]
+  dataset = "t.people"
+  columns = { person = ["join"], region = ["group_by"] }
+  [[grant.scope]]
+  dataset = "t.events"
+  columns = { pid = ["join"], kind = ["join"], v = ["aggregate"] }
+  [[grant.scope]]
+  dataset = "t.kinds"
+  columns = { code = ["join", "group_by"], label = ["group_by"] }
+  [grant.limits]
+  agg_functions = ["COUNT", "SUM"]
+  [grant.dp]
+  accounting = "epsilon"
+  budget = 100.0
+  per_query_max = 1.0
+  [grant.pricing]
+  model = "free"
+"#;
+
+const SQL: &str = "SELECT k.label, p.region, COUNT(*), COUNT(DISTINCT e.pid), SUM(e.v) \
+                   FROM t.events e JOIN t.people p ON e.pid = p.person \
+                   JOIN t.kinds k ON e.kind = k.code GROUP BY k.label, p.region";
+
+/// The public table: `k2` appears twice, so its events join two labels.
+const KINDS: &[(&str, &str)] = &[
+    ("k1", "A"),
+    ("k2", "B"),
+    ("k2", "C"),
+    ("k3", "C"),
+    ("k4", "D"),
+];
+
+/// An event: unit, kind code (`k5` matches nothing), value.
+type Event = (i64, &'static str, Option<f64>);
+/// A person row: unit, region (a unit may have none, or two rows).
+type Person = (i64, &'static str);
+
+fn text(values: impl Iterator<Item = String>) -> Arc<StringArray> {
+    Arc::new(StringArray::from_iter_values(values))
+}
+
+fn files(events: &[Event], people: &[Person]) -> Vec<(&'static str, RecordBatch)> {
+    let batch = |fields: Vec<Field>, columns: Vec<datafusion::arrow::array::ArrayRef>| {
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
+    };
+    vec![
+        (
+            "events.parquet",
+            batch(
+                vec![
+                    Field::new("pid", DataType::Int64, false),
+                    Field::new("kind", DataType::Utf8, false),
+                    Field::new("v", DataType::Float64, true),
+                ],
+                vec![
+                    Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.0))),
+                    text(events.iter().map(|e| e.1.to_owned())),
+                    Arc::new(Float64Array::from_iter(events.iter().map(|e| e.2))),
+                ],
+            ),
+        ),
+        (
+            "people.parquet",
+            batch(
+                vec![
+                    Field::new("person", DataType::Int64, false),
+                    Field::new("region", DataType::Utf8, false),
+                ],
+                vec![
+                    Arc::new(Int64Array::from_iter_values(people.iter().map(|p| p.0))),
+                    text(people.iter().map(|p| p.1.to_owned())),
+                ],
+            ),
+        ),
+        (
+            "kinds.parquet",
+            batch(
+                vec![
+                    Field::new("code", DataType::Utf8, false),
+                    Field::new("label", DataType::Utf8, false),
+                ],
+                vec![
+                    text(KINDS.iter().map(|k| k.0.to_owned())),
+                    text(KINDS.iter().map(|k| k.1.to_owned())),
+                ],
+            ),
+        ),
+    ]
+}
+
+/// Per group: COUNT(*), COUNT(DISTINCT unit), clamped values of v; and the
+/// fixed-point sum of v.
+type Statistics = (Vec<i64>, Vec<i128>);
+
+fn bounded(
+    events: &[Event],
+    people: &[Person],
+    keys: BoundingKeys,
+) -> BTreeMap<Vec<KeyValue>, Statistics> {
+    certified_over(POLICY, &files(events, people), "op", SQL, Some(keys))
+        .1
+        .groups
+        .into_iter()
+        .map(|g| (g.key, (g.counts, g.sums)))
+        .collect()
+}
+
+/// The plain inner join's rows: (label, region, unit, v in fixed point).
+fn joined(events: &[Event], people: &[Person]) -> Vec<(String, String, i64, Option<i128>)> {
+    let mut out = Vec::new();
+    for (unit, kind, v) in events {
+        for (_, region) in people.iter().filter(|p| p.0 == *unit) {
+            for (_, label) in KINDS.iter().filter(|k| k.0 == *kind) {
+                let fp = v.map(|v| (v * 10.0).round() as i128);
+                out.push((label.to_string(), region.to_string(), *unit, fp));
+            }
+        }
+    }
+    out
+}
+
+fn events() -> impl Strategy<Value = Vec<Event>> {
+    let kind = prop::sample::select(vec!["k1", "k2", "k3", "k5"]);
+    let v = prop::option::weighted(0.9, (-80i32..120).prop_map(|x| f64::from(x) / 10.0));
+    prop::collection::vec((0i64..6, kind, v), 0..30)
+}
+
+fn people() -> impl Strategy<Value = Vec<Person>> {
+    let region = prop::sample::select(vec!["r1", "r2"]);
+    prop::collection::vec((0i64..6, region), 0..9)
+}
+
+fn bounding_keys() -> impl Strategy<Value = BoundingKeys> {
+    (any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(groups, rows)| BoundingKeys { groups, rows })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn removing_one_unit_from_every_table_moves_each_statistic_within_its_sensitivity(
+        events in events(),
+        people in people(),
+        victim in 0i64..6,
+        keys in bounding_keys(),
+    ) {
+        let with = bounded(&events, &people, keys);
+        let events: Vec<Event> = events.iter().copied().filter(|e| e.0 != victim).collect();
+        let people: Vec<Person> = people.iter().copied().filter(|p| p.0 != victim).collect();
+        let without = bounded(&events, &people, keys);
+        let empty = (vec![0; 3], vec![0; 1]);
+        let groups: BTreeSet<_> = with.keys().chain(without.keys()).cloned().collect();
+        let mut changed = 0;
+        for key in groups {
+            let (c1, s1) = with.get(&key).unwrap_or(&empty);
+            let (c0, s0) = without.get(&key).unwrap_or(&empty);
+            if (c1, s1) != (c0, s0) {
+                changed += 1;
+            }
+            for (j, bound) in [MAX_ROWS, 1, MAX_ROWS].into_iter().enumerate() {
+                let d = c1[j] - c0[j];
+                prop_assert!((0..=bound).contains(&d), "count {j} of {key:?} moved by {d}");
+            }
+            let ds = s1[0] - s0[0];
+            prop_assert!(ds.abs() <= i128::from(MAX_ROWS) * HI_FP, "sum of {key:?} moved by {ds}");
+        }
+        prop_assert!(changed <= MAX_GROUPS, "{changed} groups moved");
+    }
+
+    #[test]
+    fn within_the_bounds_a_join_aggregates_exactly_like_the_plain_join(
+        events in events(),
+        people in people(),
+        keys in bounding_keys(),
+    ) {
+        let rows = joined(&events, &people);
+        let mut per_pair: BTreeMap<(i64, String, String), i64> = BTreeMap::new();
+        for (label, region, unit, _) in &rows {
+            *per_pair.entry((*unit, label.clone(), region.clone())).or_default() += 1;
+        }
+        let mut groups_per_unit: BTreeMap<i64, usize> = BTreeMap::new();
+        for (unit, _, _) in per_pair.keys() {
+            *groups_per_unit.entry(*unit).or_default() += 1;
+        }
+        prop_assume!(per_pair.values().all(|&n| n <= MAX_ROWS));
+        prop_assume!(groups_per_unit.values().all(|&g| g <= MAX_GROUPS));
+
+        let mut expected: BTreeMap<Vec<KeyValue>, Statistics> = BTreeMap::new();
+        for (label, region, _, v) in &rows {
+            let key = vec![KeyValue::Text(label.clone()), KeyValue::Text(region.clone())];
+            let (counts, sums) = expected.entry(key).or_insert((vec![0; 3], vec![0]));
+            counts[0] += 1;
+            if let Some(v) = v {
+                sums[0] += (*v).clamp(LO_FP, HI_FP);
+                counts[2] += i64::from(!(LO_FP..=HI_FP).contains(v));
+            }
+        }
+        for (_, label, region) in per_pair.keys() {
+            let key = vec![KeyValue::Text(label.clone()), KeyValue::Text(region.clone())];
+            expected.get_mut(&key).expect("group").0[1] += 1;
+        }
+        prop_assert_eq!(bounded(&events, &people, keys), expected);
+    }
+}
