@@ -6,15 +6,18 @@
 //! it runs before DataFusion's optimizer, and noise is applied after execution
 //! by [`crate::mechanisms`].
 //!
-//! 1. [`FilterRows`]: operator predicates, the grant's mandatory row filter,
+//! 1. [`JoinTables`]: the tables read, inner-joined on the query's
+//!    equalities (a pass-through for one table).
+//! 2. [`FilterRows`]: operator predicates, the grant's mandatory row filters,
 //!    and group keys restricted to their public domain.
-//! 2. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
-//! 3. [`BoundContributions`]: one row per (unit, group) holding the unit's
+//! 3. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
+//! 4. [`BoundContributions`]: one row per (unit, group) holding the unit's
 //!    counts and sums over at most `max_rows` of its rows, then at most
 //!    `max_groups` groups per unit; rows and groups chosen by a per-query
-//!    keyed hash.
-//! 4. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
-//! 5. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
+//!    keyed hash. It runs after the join, so rows a join multiplies are
+//!    bounded like any others.
+//! 5. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
+//! 6. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
 //!    the broker's noise takes over.
 
 mod aggregate_exactly;
