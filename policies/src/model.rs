@@ -751,6 +751,23 @@ pub enum GrantRefusal {
         /// Start of validity.
         from: String,
     },
+    /// The datasets read together are graded higher (an escalation), and the
+    /// grant's purpose is not allowed at that level.
+    #[error(
+        "reading {datasets} together is graded `{level}`{reason}, which grant `{grant}` (purpose {purpose}) may not use; query them separately or ask for a grant whose purpose the level allows"
+    )]
+    Escalated {
+        /// Grant id.
+        grant: String,
+        /// The combined datasets, listed.
+        datasets: String,
+        /// The escalated level.
+        level: String,
+        /// The grant's purpose.
+        purpose: String,
+        /// `: <reason>` when the policy gives one.
+        reason: String,
+    },
 }
 
 /// A validated policy.
@@ -833,6 +850,24 @@ impl Policy {
             .filter(|g| datasets.iter().all(|d| g.scope(d).is_some()))
             .collect();
         if let Some(g) = covering.iter().find(|g| g.in_force(now)) {
+            // 就高从严: a combination graded higher binds the grant too.
+            for e in self.escalations_for(datasets) {
+                let def = e.level.def();
+                if !def.admitted || !def.purposes.contains(&g.purpose) {
+                    return Err(GrantRefusal::Escalated {
+                        grant: g.id.clone(),
+                        datasets: e
+                            .datasets
+                            .iter()
+                            .map(|d| format!("`{d}`"))
+                            .collect::<Vec<_>>()
+                            .join(" and "),
+                        level: def.name.clone(),
+                        purpose: g.purpose.to_string(),
+                        reason: e.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                    });
+                }
+            }
             return Ok(g);
         }
         match covering.first() {
@@ -873,6 +908,26 @@ impl Policy {
             .filter_map(|s| self.datasets.get(&s.dataset))
             .map(|d| d.level.def().min_group_size)
             .fold(grant.min_group_size, u32::max)
+    }
+
+    /// The escalations that apply when `datasets` are read together: those
+    /// whose every dataset is among them.
+    pub fn escalations_for<'a>(
+        &'a self,
+        datasets: &'a [&str],
+    ) -> impl Iterator<Item = &'a Escalation> + 'a {
+        self.escalations
+            .iter()
+            .filter(move |e| e.datasets.iter().all(|d| datasets.contains(&d.as_str())))
+    }
+
+    /// The minimum group size of a query reading `datasets` under `grant`:
+    /// [`Self::min_group_size`], raised by the levels of the escalations
+    /// that apply.
+    pub fn query_min_group_size(&self, grant: &Grant, datasets: &[&str]) -> u32 {
+        self.escalations_for(datasets)
+            .map(|e| e.level.def().min_group_size)
+            .fold(self.min_group_size(grant), u32::max)
     }
 
     /// Grants held by one operator.

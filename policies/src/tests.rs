@@ -233,8 +233,8 @@ rule!(
 rule!(
     escalation_unknown_dataset,
     [(
-        "# ---------------------------------------------------------------- operators",
-        "[[escalation]]\ndatasets = [\"hrss.social_insurance\", \"wjw.outpatient_visit\"]\nlevel = \"important\"\n\n# ---------------------------------------------------------------- operators"
+        "datasets = [\"hrss.social_insurance\", \"wjw.outpatient_visits\"]",
+        "datasets = [\"hrss.social_insurance\", \"wjw.outpatient_visit\"]"
     )]
 );
 rule!(

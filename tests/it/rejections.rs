@@ -202,3 +202,29 @@ async fn expired_and_missing_grants_are_refused() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalated_combination_binds_the_grant() {
+    // Visits joined with residents graded `important`: only public_governance
+    // may use it, so op-univ-07 (public_welfare) may read each, not both.
+    let policy = example_policy().replace(
+        "[[escalation]]\n",
+        "[[escalation]]\ndatasets = [\"wjw.outpatient_visits\", \"pop.residents\"]\nlevel = \"important\"\nreason = \"就诊与人口信息关联\"\n\n[[escalation]]\n",
+    );
+    let f = Fixture::with_policy(&policy, |_| {}).await;
+    refused(
+        &f,
+        "op-univ-07",
+        "SELECT r.gender, COUNT(*) FROM wjw.outpatient_visits v \
+         JOIN pop.residents r ON v.patient_id = r.person_id GROUP BY r.gender",
+        Code::PermissionDenied,
+        &["[NO_GRANT]", "graded `important`", "就诊与人口信息关联", "G-2026-031"],
+    )
+    .await;
+    for sql in [
+        "SELECT gender, COUNT(*) FROM pop.residents GROUP BY gender",
+        "SELECT district, COUNT(*) FROM wjw.outpatient_visits GROUP BY district",
+    ] {
+        f.query("op-univ-07", sql).await.expect("each alone is fine");
+    }
+}

@@ -739,7 +739,14 @@ pub fn certify(
                 max_groups,
                 delta,
             )?,
-            min_units: policy.min_group_size(grant),
+            min_units: policy.query_min_group_size(
+                grant,
+                &query
+                    .sources
+                    .iter()
+                    .map(|s| s.dataset.as_str())
+                    .collect::<Vec<_>>(),
+            ),
             delta,
             max_keys: grant.max_result_rows as usize,
             other_row: dp.other_row && mechanism == Mechanism::DiscreteLaplace,
