@@ -269,15 +269,16 @@ impl Engine {
         }
     }
 
-    /// Test hook: the plan after each rewrite stage and the certified plan as
-    /// the executor's optimizer leaves it, each as indented text.
+    /// Test hook: the plan after each rewrite stage, the certified plan as
+    /// the executor's optimizer leaves it, and that plan optimized once more,
+    /// each as indented text.
     #[cfg(feature = "test-hooks")]
     pub async fn certified_plans_for_tests(
         &self,
         operator: &str,
         sql: &str,
         now: DateTime<FixedOffset>,
-    ) -> Result<(Vec<(&'static str, String)>, String)> {
+    ) -> Result<(Vec<(&'static str, String)>, String, String)> {
         let snap = self.snapshot();
         match self
             .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
@@ -289,12 +290,19 @@ impl Engine {
                     .iter()
                     .map(|(name, plan)| (*name, plan.display_indent().to_string()))
                     .collect();
-                let optimized = snap
-                    .catalog
-                    .execution_state()?
-                    .optimize(certified.executable())
-                    .map_err(|e| EngineError::Internal(e.to_string()))?;
-                Ok((stages, optimized.display_indent().to_string()))
+                let state = snap.catalog.execution_state()?;
+                let optimize = |p: &LogicalPlan| {
+                    state
+                        .optimize(p)
+                        .map_err(|e| EngineError::Internal(e.to_string()))
+                };
+                let optimized = optimize(certified.executable())?;
+                let again = optimize(&optimized)?;
+                Ok((
+                    stages,
+                    optimized.display_indent().to_string(),
+                    again.display_indent().to_string(),
+                ))
             }
             Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
         }

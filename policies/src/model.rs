@@ -864,7 +864,11 @@ impl Policy {
                             .join(" and "),
                         level: def.name.clone(),
                         purpose: g.purpose.to_string(),
-                        reason: e.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                        reason: e
+                            .reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default(),
                     });
                 }
             }

@@ -46,7 +46,7 @@ async fn every_stage_of_the_rewrite_is_pinned() {
     let f = Fixture::start().await;
     let now = chrono::Utc::now().fixed_offset();
     for (name, operator, sql) in QUERIES {
-        let (stages, optimized) = f
+        let (stages, optimized, _) = f
             .engine
             .certified_plans_for_tests(operator, sql, now)
             .await
@@ -66,7 +66,7 @@ async fn every_stage_of_the_rewrite_is_pinned() {
 async fn the_optimizer_keeps_filters_below_and_limits_out_of_the_bounding() {
     let f = Fixture::start().await;
     let now = chrono::Utc::now().fixed_offset();
-    let (_, plan) = f
+    let (_, plan, _) = f
         .engine
         .certified_plans_for_tests(
             "op-credit-01",
@@ -93,4 +93,67 @@ async fn the_optimizer_keeps_filters_below_and_limits_out_of_the_bounding() {
     for absent in ["Limit:", "Sort:", "Filter: sum("] {
         assert!(!plan.contains(absent), "`{absent}` in\n{plan}");
     }
+}
+
+/// Rewriting is idempotent on certified plans: certifying a certified plan's
+/// query again (fresh bounding keys and all) gives the same plan at every
+/// stage, and DataFusion's optimizer, run again on an optimized certified
+/// plan, finds nothing left to move. Over every accepted query of the corpus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewriting_is_idempotent_on_certified_plans() {
+    let f = Fixture::with_policy(&crate::slt::corpus_policy(), |_| {}).await;
+    let now = chrono::Utc::now().fixed_offset();
+    let mut certified = 0;
+    for (operator, sql) in crate::slt::corpus_sql() {
+        let Ok((stages, optimized, again)) = f
+            .engine
+            .certified_plans_for_tests(&operator, &sql, now)
+            .await
+        else {
+            continue; // refused, or a public query
+        };
+        let (stages2, optimized2, _) = f
+            .engine
+            .certified_plans_for_tests(&operator, &sql, now)
+            .await
+            .expect("certified twice");
+        assert_eq!(stages, stages2, "{sql}");
+        assert_eq!(optimized, optimized2, "{sql}");
+        assert_eq!(
+            alpha(&optimized),
+            alpha(&again),
+            "the optimizer moved a certified plan again: {sql}"
+        );
+        certified += 1;
+    }
+    // 19 today; the rest of the corpus is refusals and public queries.
+    assert!(certified >= 19, "only {certified} corpus queries certified");
+}
+
+/// A plan's text with common-subexpression aliases numbered by first
+/// appearance: plans that differ only in those names are the same plan.
+fn alpha(plan: &str) -> String {
+    const ALIAS: &str = "__common_expr_";
+    let mut names: Vec<String> = Vec::new();
+    let mut out = String::new();
+    let mut rest = plan;
+    while let Some(at) = rest.find(ALIAS) {
+        out.push_str(&rest[..at + ALIAS.len()]);
+        rest = &rest[at + ALIAS.len()..];
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let name = rest[..digits].to_owned();
+        let n = match names.iter().position(|x| *x == name) {
+            Some(n) => n,
+            None => {
+                names.push(name);
+                names.len() - 1
+            }
+        };
+        out.push_str(&n.to_string());
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
 }

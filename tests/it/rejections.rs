@@ -218,13 +218,20 @@ async fn an_escalated_combination_binds_the_grant() {
         "SELECT r.gender, COUNT(*) FROM wjw.outpatient_visits v \
          JOIN pop.residents r ON v.patient_id = r.person_id GROUP BY r.gender",
         Code::PermissionDenied,
-        &["[NO_GRANT]", "graded `important`", "就诊与人口信息关联", "G-2026-031"],
+        &[
+            "[NO_GRANT]",
+            "graded `important`",
+            "就诊与人口信息关联",
+            "G-2026-031",
+        ],
     )
     .await;
     for sql in [
         "SELECT gender, COUNT(*) FROM pop.residents GROUP BY gender",
         "SELECT district, COUNT(*) FROM wjw.outpatient_visits GROUP BY district",
     ] {
-        f.query("op-univ-07", sql).await.expect("each alone is fine");
+        f.query("op-univ-07", sql)
+            .await
+            .expect("each alone is fine");
     }
 }

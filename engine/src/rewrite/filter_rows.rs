@@ -70,15 +70,19 @@ impl RewriteStage for FilterRows {
 /// The total form of a predicate: no row can make it fail, since whether a
 /// query fails must not depend on the data. Division and remainder by zero
 /// give NULL (`x / NULLIF(y, 0)`), casts become `TRY_CAST` (NULL when a value
-/// does not convert).
+/// does not convert). Idempotent: a divisor already guarded stays as it is.
 fn total(e: Expr) -> Result<Expr> {
+    let guarded = |e: &Expr| {
+        matches!(e, Expr::ScalarFunction(f)
+            if f.func.name() == "nullif" && f.args.get(1) == Some(&lit(0)))
+    };
     e.transform(|e| {
         Ok(match e {
             Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: op @ (Operator::Divide | Operator::Modulo),
                 right,
-            }) => Transformed::yes(Expr::BinaryExpr(BinaryExpr {
+            }) if !guarded(&right) => Transformed::yes(Expr::BinaryExpr(BinaryExpr {
                 left,
                 op,
                 right: Box::new(nullif(*right, lit(0))),
@@ -91,4 +95,50 @@ fn total(e: Expr) -> Result<Expr> {
     })
     .map(|t| t.data)
     .map_err(df)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::common::tree_node::TreeNode;
+    use datafusion::logical_expr::{Expr, cast, col, lit};
+    use proptest::prelude::*;
+
+    use super::total;
+
+    /// Arithmetic and comparisons over two columns and small literals, with
+    /// casts, division and remainder anywhere.
+    fn expr() -> impl Strategy<Value = Expr> {
+        let leaf = prop_oneof![Just(col("a")), Just(col("b")), (-2i64..3).prop_map(lit),];
+        leaf.prop_recursive(4, 24, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| x / y),
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| x % y),
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| x + y),
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| x.gt(y)),
+                inner.prop_map(|x| cast(x, DataType::Int32)),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_total_form_is_idempotent_and_total(e in expr()) {
+            let once = total(e).expect("total");
+            prop_assert_eq!(total(once.clone()).expect("total"), once.clone());
+            // Nothing that can fail is left: every divisor is guarded, no
+            // plain cast remains.
+            let mut unguarded = false;
+            once.apply(|x| {
+                if let Expr::BinaryExpr(b) = x
+                    && matches!(b.op, datafusion::logical_expr::Operator::Divide | datafusion::logical_expr::Operator::Modulo)
+                {
+                    unguarded |= !matches!(b.right.as_ref(), Expr::ScalarFunction(f) if f.func.name() == "nullif");
+                }
+                unguarded |= matches!(x, Expr::Cast(_));
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            }).expect("walk");
+            prop_assert!(!unguarded, "{once}");
+        }
+    }
 }
