@@ -272,6 +272,31 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// [`Self::require`] for a column and for every private column a join
+    /// equates it with: they hold the same values, so grouping by a public
+    /// table's key joined to a private identifier is grouping by that
+    /// identifier. Call after the walk, when every join condition is known.
+    fn require_joined(&self, c: &SourceColumn, u: Use) -> Result<&'a Column> {
+        let mut class = vec![c.clone()];
+        let mut i = 0;
+        while i < class.len() {
+            for (l, r) in &self.joins {
+                for (x, y) in [(l, r), (r, l)] {
+                    if *x == class[i] && !class.contains(y) {
+                        class.push(y.clone());
+                    }
+                }
+            }
+            i += 1;
+        }
+        for other in &class[1..] {
+            if !self.dataset(other).is_public() {
+                self.require(other, u)?;
+            }
+        }
+        self.require(c, u)
+    }
+
     /// The source column behind a column of the certified plan's relations.
     fn source_column(&self, c: &datafusion::common::Column) -> Result<SourceColumn> {
         let source = self
@@ -999,7 +1024,7 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
     };
     if let Expr::Column(c) = e {
         let c = ctx.source_column(c)?;
-        ctx.require(&c, Use::GroupBy)?;
+        ctx.require_joined(&c, Use::GroupBy)?;
         return Ok(GroupKey::Column(ctx.label(&c)));
     }
     let Expr::BinaryExpr(BinaryExpr {
@@ -1034,7 +1059,7 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
         return Err(unsupported());
     }
     let c = ctx.source_column(c)?;
-    let col = ctx.require(&c, Use::GroupBy)?;
+    let col = ctx.require_joined(&c, Use::GroupBy)?;
     let dataset = ctx.dataset(&c);
     match col.bucket {
         Some(b) if b.width.fract() == 0.0 && w % (b.width as i64).max(1) == 0 => {
