@@ -273,9 +273,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// [`Self::require`] for a column and for every private column a join
-    /// equates it with: they hold the same values, so grouping by a public
-    /// table's key joined to a private identifier is grouping by that
-    /// identifier. Call after the walk, when every join condition is known.
+    /// equates it with: they hold the same values, so grouping by (or
+    /// filtering on) a public table's key joined to a private identifier is
+    /// grouping by (or filtering on) that identifier. Call after the walk,
+    /// when every join condition is known.
     fn require_joined(&self, c: &SourceColumn, u: Use) -> Result<&'a Column> {
         let mut class = vec![c.clone()];
         let mut i = 0;
@@ -473,7 +474,6 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
             }
-            check_predicate(part, self)?;
             self.predicates.push(part.clone());
         }
         Ok(())
@@ -582,6 +582,11 @@ impl<'a> Ctx<'a> {
         }
         for (l, r) in &self.joins {
             self.check_join_condition(l, r)?;
+        }
+        // Row predicates, once every join is known (a column's uses include
+        // those of the private columns a join equates it with).
+        for p in &self.predicates {
+            check_predicate(p, self)?;
         }
         Ok(primary)
     }
@@ -1182,7 +1187,7 @@ fn literal_use(
     ctx: &Ctx<'_>,
 ) -> Result<()> {
     let c = ctx.source_column(column)?;
-    ctx.require(&c, Use::FilterLiteral)?;
+    ctx.require_joined(&c, Use::FilterLiteral)?;
     // A literal of another type class would make DataFusion cast the column,
     // and a failing cast is a data-dependent error: refuse it up front.
     let Some(data_type) = ctx.data_type(&c) else {
@@ -1213,7 +1218,7 @@ fn type_class(t: &DataType) -> &'static str {
 
 fn general_use(e: &Expr, ctx: &Ctx<'_>) -> Result<()> {
     for c in e.column_refs() {
-        ctx.require(&ctx.source_column(c)?, Use::Filter)?;
+        ctx.require_joined(&ctx.source_column(c)?, Use::Filter)?;
     }
     Ok(())
 }

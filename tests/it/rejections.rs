@@ -70,6 +70,19 @@ async fn grouping_by_an_identifier_is_refused() {
         &["[GROUP_BY_IDENTIFIER]", "employer_uscc"],
     )
     .await;
+    refused(
+        &f,
+        "op-credit-01",
+        "SELECT COUNT(*) FROM hrss.social_insurance s \
+         JOIN samr.enterprises e ON s.employer_uscc = e.uscc WHERE e.uscc = '91110108MA01EXAMPL'",
+        Code::PermissionDenied,
+        &[
+            "[COLUMN_USE_NOT_GRANTED]",
+            "filter_literal",
+            "employer_uscc",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,14 +250,16 @@ async fn an_escalated_combination_binds_the_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grouping_by_a_public_key_joined_to_a_private_identifier_is_grouping_by_it() {
-    // Even where the grant lets op-credit-01 group by the public register's
-    // USCC, joined to social insurance's employer USCC (an identifier) it
-    // would release one group per employer.
-    let policy = example_policy().replace(
-        "columns = { uscc = [\"project\", \"join\"], name = [\"project\"], industry_code = [\"project\", \"group_by\"]",
-        "columns = { uscc = [\"project\", \"join\", \"group_by\"], name = [\"project\"], industry_code = [\"project\", \"group_by\"]",
-    );
+async fn a_public_key_joined_to_a_private_column_carries_its_policy() {
+    // Even where the grant lets op-credit-01 group by and filter on the
+    // public register's USCC, joined to social insurance's employer USCC (an
+    // identifier, here granted for joins only) it is that identifier: one
+    // group per employer, or one employer's rows.
+    let policy = example_policy()
+        .replace(
+            "columns = { uscc = [\"project\", \"join\"], name = [\"project\"], industry_code = [\"project\", \"group_by\"]",
+            "columns = { uscc = [\"project\", \"join\", \"group_by\", \"filter_literal\"], name = [\"project\"], industry_code = [\"project\", \"group_by\"]",
+        );
     assert_ne!(policy, example_policy(), "the edit applies");
     let f = Fixture::with_policy(&policy, |_| {}).await;
     refused(
@@ -254,6 +269,19 @@ async fn grouping_by_a_public_key_joined_to_a_private_identifier_is_grouping_by_
          JOIN samr.enterprises e ON s.employer_uscc = e.uscc GROUP BY e.uscc",
         Code::PermissionDenied,
         &["[GROUP_BY_IDENTIFIER]", "employer_uscc"],
+    )
+    .await;
+    refused(
+        &f,
+        "op-credit-01",
+        "SELECT COUNT(*) FROM hrss.social_insurance s \
+         JOIN samr.enterprises e ON s.employer_uscc = e.uscc WHERE e.uscc = '91110108MA01EXAMPL'",
+        Code::PermissionDenied,
+        &[
+            "[COLUMN_USE_NOT_GRANTED]",
+            "filter_literal",
+            "employer_uscc",
+        ],
     )
     .await;
 }
