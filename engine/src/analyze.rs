@@ -113,9 +113,12 @@ pub struct PrivateQuery {
     /// Every column the query may name, by label: the column's name when the
     /// query reads one table, else `<source label>.<name>`.
     pub columns: std::collections::BTreeMap<String, SourceColumn>,
-    /// Operator predicates (below the aggregate), over the sources'
-    /// relations, to be AND-ed.
+    /// Operator predicates (below the aggregate, and below the per-unit
+    /// aggregate if any), over the sources' relations, to be AND-ed.
     pub predicates: Vec<Expr>,
+    /// A per-unit inner aggregate (a CTE or subquery grouped by the unit),
+    /// whose outputs the outer aggregate reads.
+    pub per_unit: Option<PerUnit>,
     /// GROUP BY keys, in order (columns by label).
     pub group_keys: Vec<GroupKey>,
     /// Aggregates, in the Aggregate node's order (columns by label).
@@ -125,6 +128,43 @@ pub struct PrivateQuery {
     /// The operator's whole plan; everything above the Aggregate node is
     /// post-processing of noisy values.
     pub plan: LogicalPlan,
+}
+
+/// The `source` of a [`SourceColumn`] that a per-unit aggregate computes.
+pub const DERIVED: usize = usize::MAX;
+
+/// The name of the `k`-th per-unit aggregate's output in certified plans.
+pub fn derived_column(k: usize) -> String {
+    format!("__veil_d{k}")
+}
+
+/// A per-unit inner aggregate: `SELECT <unit>, <keys>, COUNT(*) AS n, SUM(x)
+/// AS s … GROUP BY <unit>, <keys>`. Each output row depends on one unit's
+/// rows only; its values are clamped to bounds derived from the policy
+/// before the outer aggregate bounds and sums them.
+#[derive(Debug, Clone)]
+pub struct PerUnit {
+    /// Label of the privacy-unit column it groups by.
+    pub unit: String,
+    /// Labels of all its GROUP BY columns (the unit among them).
+    pub keys: Vec<String>,
+    /// Its aggregates, in order: the `k`-th is [`derived_column`]`(k)`.
+    pub values: Vec<Derived>,
+    /// Predicates over its output (the outer WHERE), to be AND-ed.
+    pub predicates: Vec<Expr>,
+}
+
+/// One per-unit aggregate.
+#[derive(Debug, Clone)]
+pub struct Derived {
+    /// How the outer query names it.
+    pub label: String,
+    /// What it computes over the unit's rows: `CountStar`, `Count`, `Sum`
+    /// or `Avg` of a column label.
+    pub call: AggregateCall,
+    /// Its policy: bounds derived from the unit's contribution bounds and
+    /// the column's bounds, and the column's precision.
+    pub column: Column,
 }
 
 impl PrivateQuery {
@@ -138,10 +178,18 @@ impl PrivateQuery {
     /// A column's expression over its source's relation in the certified plan.
     pub fn column_expr(&self, label: &str) -> Result<Expr> {
         let c = self.source_column(label)?;
-        Ok(Expr::Column(datafusion::common::Column::new(
-            Some(self.sources[c.source].relation.clone()),
-            &c.name,
-        )))
+        Ok(Expr::Column(if c.source == DERIVED {
+            datafusion::common::Column::new_unqualified(&c.name)
+        } else {
+            datafusion::common::Column::new(Some(self.sources[c.source].relation.clone()), &c.name)
+        }))
+    }
+
+    /// The per-unit aggregate a label names, if it names one.
+    pub fn derived(&self, label: &str) -> Option<&Derived> {
+        self.per_unit
+            .as_ref()
+            .and_then(|p| p.values.iter().find(|d| d.label == label))
     }
 }
 
@@ -151,7 +199,7 @@ pub enum Analyzed {
     /// Touches public datasets only: runs as planned, no DP, no charge.
     Public(LogicalPlan),
     /// Aggregates one private dataset.
-    Private(PrivateQuery),
+    Private(Box<PrivateQuery>),
 }
 
 /// An expression without any of its (possibly nested) aliases.
@@ -202,6 +250,19 @@ struct Ctx<'a> {
     sources: Vec<SourceInfo<'a>>,
     predicates: Vec<Expr>,
     joins: Vec<(SourceColumn, SourceColumn)>,
+    /// The per-unit aggregate met in the walk: its GROUP BY columns, its
+    /// aggregate expressions (over the sources' relations), their names,
+    /// and how many predicates lie below it.
+    inner: Option<Inner>,
+    /// The per-unit aggregates' policies, once resolved.
+    derived: Vec<Derived>,
+}
+
+/// A per-unit aggregate as the walk finds it.
+struct Inner {
+    keys: Vec<SourceColumn>,
+    calls: Vec<(String, Expr)>,
+    below: usize,
 }
 
 impl<'a> Ctx<'a> {
@@ -222,7 +283,26 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    fn require(&self, c: &SourceColumn, u: Use) -> Result<&'a Column> {
+    fn require(&self, c: &SourceColumn, u: Use) -> Result<&Column> {
+        if c.source == DERIVED {
+            let d = self
+                .derived
+                .iter()
+                .zip(0..)
+                .find(|(_, k)| derived_column(*k) == c.name)
+                .map(|(d, _)| d)
+                .ok_or_else(|| EngineError::Internal("unknown derived column".into()))?;
+            return match u {
+                Use::Aggregate | Use::Filter | Use::FilterLiteral => Ok(&d.column),
+                _ => Err(EngineError::rejected(
+                    Rule::UnsupportedShape,
+                    format!(
+                        "`{}` is computed per privacy unit; it may be aggregated or filtered, not used for {u}",
+                        d.label
+                    ),
+                )),
+            };
+        }
         let col = self.column(c)?;
         let dataset = self.dataset(c);
         let name = &c.name;
@@ -277,7 +357,7 @@ impl<'a> Ctx<'a> {
     /// filtering on) a public table's key joined to a private identifier is
     /// grouping by (or filtering on) that identifier. Call after the walk,
     /// when every join condition is known.
-    fn require_joined(&self, c: &SourceColumn, u: Use) -> Result<&'a Column> {
+    fn require_joined(&self, c: &SourceColumn, u: Use) -> Result<&Column> {
         let mut class = vec![c.clone()];
         let mut i = 0;
         while i < class.len() {
@@ -300,6 +380,12 @@ impl<'a> Ctx<'a> {
 
     /// The source column behind a column of the certified plan's relations.
     fn source_column(&self, c: &datafusion::common::Column) -> Result<SourceColumn> {
+        if c.relation.is_none() && c.name.starts_with("__veil_d") {
+            return Ok(SourceColumn {
+                source: DERIVED,
+                name: c.name.clone(),
+            });
+        }
         let source = self
             .sources
             .iter()
@@ -311,8 +397,24 @@ impl<'a> Ctx<'a> {
         })
     }
 
+    /// The source column a label names.
+    fn label_to_column(&self, label: &str) -> Option<SourceColumn> {
+        self.sources.iter().enumerate().find_map(|(i, s)| {
+            s.schema.fields().iter().find_map(|f| {
+                let c = SourceColumn {
+                    source: i,
+                    name: f.name().clone(),
+                };
+                (self.label(&c) == label).then_some(c)
+            })
+        })
+    }
+
     /// The file schema type of a source column, as the operator sees it.
     fn data_type(&self, c: &SourceColumn) -> Option<DataType> {
+        if c.source == DERIVED {
+            return Some(DataType::Float64);
+        }
         self.sources[c.source]
             .schema
             .field_with_name(&c.name)
@@ -323,6 +425,10 @@ impl<'a> Ctx<'a> {
     /// A column's label: its name when the query reads one table, else
     /// `<source label>.<name>`.
     fn label(&self, c: &SourceColumn) -> String {
+        if c.source == DERIVED {
+            let k = (0..self.derived.len()).find(|k| derived_column(*k) == c.name);
+            return k.map_or_else(|| c.name.clone(), |k| self.derived[k].label.clone());
+        }
         if self.sources.len() == 1 {
             c.name.clone()
         } else {
@@ -341,10 +447,14 @@ impl<'a> Ctx<'a> {
                     Expr::Column(c) => {
                         let i = schema.index_of_column(&c)?;
                         let o = &origins[i];
-                        Transformed::yes(Expr::Column(datafusion::common::Column::new(
-                            Some(self.sources[o.source].relation.clone()),
-                            &o.name,
-                        )))
+                        Transformed::yes(Expr::Column(if o.source == DERIVED {
+                            datafusion::common::Column::new_unqualified(&o.name)
+                        } else {
+                            datafusion::common::Column::new(
+                                Some(self.sources[o.source].relation.clone()),
+                                &o.name,
+                            )
+                        }))
                     }
                     other => Transformed::no(other),
                 })
@@ -391,7 +501,7 @@ impl<'a> Ctx<'a> {
             LogicalPlan::SubqueryAlias(a) => {
                 let origins = self.walk(&a.input)?;
                 // The innermost alias names a table in labels.
-                for o in &origins {
+                for o in origins.iter().filter(|o| o.source != DERIVED) {
                     let label = &mut self.sources[o.source].label;
                     if label.is_none() {
                         *label = Some(a.alias.to_string());
@@ -407,25 +517,90 @@ impl<'a> Ctx<'a> {
             }
             // A CTE or FROM-subquery that selects columns as they are (e.g.
             // `WITH t AS (SELECT district, age FROM … WHERE …)`).
-            LogicalPlan::Projection(p) if p.expr.iter().all(keeps_column) => {
+            LogicalPlan::Projection(p) if p.expr.iter().all(selects_column) => {
                 let origins = self.walk(&p.input)?;
-                p.expr
-                    .iter()
-                    .map(|e| match strip_aliases(e) {
-                        Expr::Column(c) => p
-                            .input
-                            .schema()
-                            .index_of_column(&c)
-                            .map(|i| origins[i].clone())
-                            .map_err(|e| EngineError::Internal(e.to_string())),
-                        _ => Err(EngineError::Internal("projection changed".into())),
-                    })
-                    .collect()
+                let mut out = Vec::new();
+                for e in &p.expr {
+                    let Expr::Column(c) = strip_aliases(e) else {
+                        return Err(EngineError::Internal("projection changed".into()));
+                    };
+                    let o = p
+                        .input
+                        .schema()
+                        .index_of_column(&c)
+                        .map(|i| origins[i].clone())
+                        .map_err(|e| EngineError::Internal(e.to_string()))?;
+                    // A per-unit aggregate is labelled by its first alias.
+                    if let (Expr::Alias(a), true) = (e, o.source == DERIVED)
+                        && let Some(inner) = &mut self.inner
+                        && let Some(k) =
+                            (0..inner.calls.len()).find(|k| derived_column(*k) == o.name)
+                        && inner.calls[k].0 == c.name
+                    {
+                        inner.calls[k].0 = a.name.clone();
+                    }
+                    out.push(o);
+                }
+                Ok(out)
             }
             LogicalPlan::Projection(_) => Err(EngineError::rejected(
                 Rule::UnsupportedShape,
-                "a CTE or subquery over private data may only select columns as they are (no expressions or renaming yet); compute in the outer query",
+                "a CTE or subquery over private data may only select and rename columns (and aggregate per privacy unit); compute in the outer query",
             )),
+            // A per-unit aggregate: `SELECT <unit>, …, COUNT(*) AS n, SUM(x)
+            // AS s FROM … GROUP BY <unit>, …` as a CTE or subquery.
+            LogicalPlan::Aggregate(a) => {
+                let origins = self.walk(&a.input)?;
+                if self.inner.is_some() {
+                    return Err(unsupported_node(plan));
+                }
+                let input = a.input.schema();
+                let mut keys = Vec::new();
+                for g in &a.group_expr {
+                    match strip_aliases(g) {
+                        Expr::Column(c) => keys.push(
+                            input
+                                .index_of_column(&c)
+                                .map(|i| origins[i].clone())
+                                .map_err(|e| EngineError::Internal(e.to_string()))?,
+                        ),
+                        _ => {
+                            return Err(EngineError::rejected(
+                                Rule::UnsupportedShape,
+                                "a per-unit subquery groups by plain columns: GROUP BY <privacy unit>, …",
+                            ));
+                        }
+                    }
+                }
+                let unit = keys.iter().any(|k| {
+                    let d = self.sources[k.source].dataset;
+                    !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == k.name)
+                });
+                if !unit {
+                    return Err(EngineError::rejected(
+                        Rule::UnsupportedShape,
+                        "a CTE or subquery may aggregate only per privacy unit (GROUP BY the unit column, e.g. patient_id); aggregate across units in the outer query",
+                    ));
+                }
+                let mut calls = Vec::new();
+                for e in &a.aggr_expr {
+                    let name = e.schema_name().to_string();
+                    calls.push((name, self.canonical(&strip_aliases(e), input, &origins)?));
+                }
+                let mut out = keys.clone();
+                out.extend((0..calls.len()).map(|k| SourceColumn {
+                    source: DERIVED,
+                    name: derived_column(k),
+                }));
+                self.inner = Some(Inner {
+                    keys,
+                    calls,
+                    below: self.predicates.len(),
+                });
+                // Output fields are named as the plan names them.
+                debug_assert_eq!(out.len(), a.schema.fields().len());
+                Ok(out)
+            }
             LogicalPlan::Join(j) => {
                 if j.join_type != JoinType::Inner
                     || j.null_equality != NullEquality::NullEqualsNothing
@@ -441,6 +616,12 @@ impl<'a> Ctx<'a> {
                 }
                 let left = self.walk(&j.left)?;
                 let right = self.walk(&j.right)?;
+                if self.inner.is_some() {
+                    return Err(EngineError::rejected(
+                        Rule::UnsupportedShape,
+                        "a per-unit subquery cannot be joined with other tables yet; join inside it",
+                    ));
+                }
                 for (l, r) in &j.on {
                     let l = self.canonical(l, j.left.schema(), &left)?;
                     let r = self.canonical(r, j.right.schema(), &right)?;
@@ -583,11 +764,6 @@ impl<'a> Ctx<'a> {
         for (l, r) in &self.joins {
             self.check_join_condition(l, r)?;
         }
-        // Row predicates, once every join is known (a column's uses include
-        // those of the private columns a join equates it with).
-        for p in &self.predicates {
-            check_predicate(p, self)?;
-        }
         Ok(primary)
     }
 }
@@ -678,6 +854,8 @@ pub fn analyze(plan: LogicalPlan, policy: &Policy, grant: &Grant) -> Result<Anal
         sources: Vec::new(),
         predicates: Vec::new(),
         joins: Vec::new(),
+        inner: None,
+        derived: Vec::new(),
     };
     analyze_private(plan, &mut ctx)
 }
@@ -737,6 +915,17 @@ fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
     // The relation below the aggregate first: it decides what columns mean.
     let origins = ctx.walk(&aggregate.input)?;
     let primary = ctx.check_joins()?;
+    let per_unit = resolve_per_unit(ctx, primary)?;
+    // Row predicates, once every join is known (a column's uses include
+    // those of the private columns a join equates it with).
+    for p in ctx
+        .predicates
+        .iter()
+        .chain(per_unit.iter().flat_map(|p| &p.predicates))
+    {
+        check_predicate(p, ctx)?;
+    }
+    let predicates = std::mem::take(&mut ctx.predicates);
     let input = aggregate.input.schema();
     let mut group_keys = Vec::new();
     for g in &aggregate.group_expr {
@@ -758,7 +947,22 @@ fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
             columns.insert(ctx.label(&c), c);
         }
     }
-    Ok(Analyzed::Private(PrivateQuery {
+    for (k, d) in ctx.derived.iter().enumerate() {
+        let c = SourceColumn {
+            source: DERIVED,
+            name: derived_column(k),
+        };
+        if columns.insert(d.label.clone(), c).is_some() {
+            return Err(EngineError::rejected(
+                Rule::InvalidSql,
+                format!(
+                    "the per-unit aggregate `{}` has the name of a column; name it differently (… AS n_{})",
+                    d.label, d.label
+                ),
+            ));
+        }
+    }
+    Ok(Analyzed::Private(Box::new(PrivateQuery {
         dataset: ctx.sources[primary].dataset.id.clone(),
         sources: ctx
             .sources
@@ -773,12 +977,110 @@ fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
         primary,
         joins: std::mem::take(&mut ctx.joins),
         columns,
-        predicates: std::mem::take(&mut ctx.predicates),
+        predicates,
+        per_unit,
         group_keys,
         aggregates,
         aggregate_schema: aggregate.schema.clone(),
         plan: plan.clone(),
+    })))
+}
+
+/// Checks the per-unit aggregate's calls (after the walk, when labels are
+/// known) and derives each output's policy: a unit contributes at most
+/// `max_groups · max_rows` rows (the loosest of the joined private tables),
+/// so a count per unit is clamped to [0, that], a sum to that many times the
+/// column's bounds (widened to include 0), an average to the column's bounds.
+fn resolve_per_unit(ctx: &mut Ctx<'_>, primary: usize) -> Result<Option<PerUnit>> {
+    let Some(inner) = ctx.inner.take() else {
+        return Ok(None);
+    };
+    let (groups, rows) = contribution_bounds(ctx.sources.iter().map(|s| s.dataset));
+    let per_unit_rows = f64::from(groups) * f64::from(rows);
+    let unit = inner
+        .keys
+        .iter()
+        .find(|k| {
+            let d = ctx.sources[k.source].dataset;
+            !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == k.name)
+        })
+        .map(|k| ctx.label(k))
+        .ok_or_else(|| EngineError::Internal("per-unit aggregate without unit".into()))?;
+    let mut values = Vec::new();
+    for (label, e) in &inner.calls {
+        let call = aggregate_call(e, ctx, primary)?;
+        let template = ctx.sources[primary]
+            .dataset
+            .unit
+            .as_ref()
+            .and_then(|u| ctx.sources[primary].dataset.column(&u.column))
+            .ok_or_else(|| EngineError::Internal("unit without column".into()))?;
+        let mut column = Column {
+            name: label.clone(),
+            identifier: false,
+            domain: None,
+            bucket: None,
+            ..template.clone()
+        };
+        let source_bounds = |c: &str| -> Result<(f64, f64, u32)> {
+            let arg = ctx
+                .label_to_column(c)
+                .ok_or_else(|| EngineError::Internal("argument vanished".into()))?;
+            let col = ctx.column(&arg)?;
+            let (lo, hi) = col
+                .bounds
+                .ok_or_else(|| EngineError::Internal("unbounded argument".into()))?;
+            Ok((lo, hi, col.precision))
+        };
+        (column.bounds, column.precision) = match &call {
+            AggregateCall::CountStar | AggregateCall::Count(_) => (Some((0.0, per_unit_rows)), 0),
+            AggregateCall::Sum(c) => {
+                let (lo, hi, p) = source_bounds(c)?;
+                (
+                    Some((per_unit_rows * lo.min(0.0), per_unit_rows * hi.max(0.0))),
+                    p,
+                )
+            }
+            AggregateCall::Avg(c) => {
+                let (lo, hi, p) = source_bounds(c)?;
+                (Some((lo, hi)), p)
+            }
+            _ => {
+                return Err(EngineError::rejected(
+                    Rule::UnsupportedShape,
+                    "a per-unit subquery may compute COUNT(*), COUNT(col), SUM(col) and AVG(col)",
+                ));
+            }
+        };
+        values.push(Derived {
+            label: label.clone(),
+            call,
+            column,
+        });
+    }
+    ctx.derived = values.clone();
+    Ok(Some(PerUnit {
+        unit,
+        keys: inner.keys.iter().map(|k| ctx.label(k)).collect(),
+        values,
+        // The predicates met after the inner aggregate apply to its output.
+        predicates: ctx.predicates.split_off(inner.below),
     }))
+}
+
+/// Groups per unit and rows per unit and group when private tables are
+/// joined on their unit: the loosest of their declarations (the rewrite
+/// enforces them on the joined rows and the noise follows, so the choice
+/// costs accuracy, never privacy); `(1, 1)` for row-level units.
+pub fn contribution_bounds<'d>(datasets: impl Iterator<Item = &'d Dataset>) -> (u32, u32) {
+    datasets
+        .filter(|d| !d.is_public())
+        .filter_map(|d| d.unit.as_ref())
+        .map(|u| match u.kind {
+            veil_policy::UnitKind::Row => (1, 1),
+            _ => (u.max_groups, u.max_rows),
+        })
+        .fold((1, 1), |(g, r), (g2, r2)| (g.max(g2), r.max(r2)))
 }
 
 fn unsupported_node(node: &LogicalPlan) -> EngineError {
@@ -868,6 +1170,9 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>, primary: usize) -> Result<AggregateCa
         // private table's unit column counts the same units.
         let is_unit = |c: &datafusion::common::Column| {
             ctx.source_column(c).is_ok_and(|c| {
+                if c.source == DERIVED {
+                    return false;
+                }
                 let d = ctx.dataset(&c);
                 !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == c.name)
             })
@@ -1090,13 +1395,9 @@ fn group_key(e: &Expr, ctx: &Ctx<'_>) -> Result<GroupKey> {
     }
 }
 
-/// A projected column under its own name.
-fn keeps_column(e: &Expr) -> bool {
-    match e {
-        Expr::Column(_) => true,
-        Expr::Alias(a) => matches!(a.expr.as_ref(), Expr::Column(c) if c.name == a.name),
-        _ => false,
-    }
+/// A projected column, possibly renamed.
+fn selects_column(e: &Expr) -> bool {
+    matches!(strip_aliases(e), Expr::Column(_))
 }
 
 /// A positive integer literal.

@@ -424,7 +424,7 @@ impl Engine {
                 grant,
             }),
             Analyzed::Private(q) => {
-                let certified = certify(q, &snap.policy, &grant, &snap.catalog, &planning, keys)?;
+                let certified = certify(*q, &snap.policy, &grant, &snap.catalog, &planning, keys)?;
                 Ok(Planned::Private {
                     certified: Box::new(certified),
                     planning: Box::new(planning),
@@ -691,7 +691,10 @@ async fn post_process(
         .plan
         .clone()
         .transform_up(|node| {
-            if matches!(node, LogicalPlan::Aggregate(_)) {
+            // The query's DP aggregate (not a per-unit one below it).
+            if let LogicalPlan::Aggregate(a) = &node
+                && a.schema == agg_schema
+            {
                 return Ok(Transformed::yes(replacement.clone()));
             }
             // DP_INTERVAL_LOW/HIGH become the release's interval columns;

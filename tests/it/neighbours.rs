@@ -180,6 +180,61 @@ proptest! {
     }
 }
 
+/// Per-unit counts and sums (`n` clamped to [0, 2·3], `s` to 2·3 times
+/// [-5, 10], in fixed point [-300, 600]), summed over units per group.
+const PER_UNIT_SQL: &str = "WITH per AS (SELECT unit, grp, COUNT(*) AS n, SUM(v) AS s \
+                            FROM t.events GROUP BY unit, grp) \
+                            SELECT grp, COUNT(*), SUM(n), SUM(s) FROM per GROUP BY grp";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn per_unit_aggregates_move_within_their_derived_bounds(
+        // Few units with many rows each, so per-unit counts and sums often
+        // exceed their derived bounds.
+        rows in prop::collection::vec(
+            (0i64..3, prop::sample::select(vec!["a", "b", "z"]), prop::option::weighted(0.9, (-80i32..120).prop_map(|x| f64::from(x) / 10.0))),
+            10..60,
+        ),
+        victim in 0i64..3,
+        groups_key in any::<[u8; 16]>(),
+        rows_key in any::<[u8; 16]>(),
+    ) {
+        let keys = BoundingKeys { groups: groups_key, rows: rows_key };
+        let bounded = |rows: &[Row]| -> BTreeMap<Vec<KeyValue>, (Vec<i64>, Vec<i128>)> {
+            certified(rows, PER_UNIT_SQL, Some(keys))
+                .1
+                .groups
+                .into_iter()
+                .map(|g| (g.key, (g.counts, g.sums)))
+                .collect()
+        };
+        let with = bounded(&rows);
+        let without: Vec<Row> = rows.iter().copied().filter(|r| r.0 != victim).collect();
+        let without = bounded(&without);
+        let empty = (vec![0; 3], vec![0; 2]);
+        let groups: std::collections::BTreeSet<_> =
+            with.keys().chain(without.keys()).cloned().collect();
+        let mut changed = 0;
+        for key in groups {
+            let (c1, s1) = with.get(&key).unwrap_or(&empty);
+            let (c0, s0) = without.get(&key).unwrap_or(&empty);
+            changed += usize::from((c1, s1) != (c0, s0));
+            let rows = c1[0] - c0[0];
+            prop_assert!((0..=MAX_ROWS).contains(&rows), "COUNT(*) of {key:?} moved by {rows}");
+            // The inner GROUP BY includes grp: one per-unit row per group,
+            // clamped to the derived bounds.
+            let per_unit_rows = i128::from(MAX_GROUPS * MAX_ROWS);
+            let n = s1[0] - s0[0];
+            prop_assert!((0..=per_unit_rows).contains(&n), "SUM(n) of {key:?} moved by {n}");
+            let total = s1[1] - s0[1];
+            prop_assert!(total.abs() <= per_unit_rows * MAX_ABS_FP, "SUM(s) of {key:?} moved by {total}");
+        }
+        prop_assert!(changed <= MAX_GROUPS as usize, "{changed} groups moved");
+    }
+}
+
 /// Twelve ordinary units, and the victim (unit 0): three rows in group `a`
 /// at the top of the bounds.
 fn audit_rows(with_victim: bool) -> Vec<Row> {

@@ -27,6 +27,13 @@ const QUERIES: &[(&str, &str, &str)] = &[
          JOIN samr.enterprises e ON s.employer_uscc = e.uscc GROUP BY e.industry_code",
     ),
     (
+        "per_unit_aggregate",
+        "op-univ-07",
+        "WITH per AS (SELECT patient_id, district, COUNT(*) AS n, SUM(cost) AS spend \
+         FROM wjw.outpatient_visits GROUP BY patient_id, district) \
+         SELECT district, AVG(n) AS visits, AVG(spend) AS spend FROM per WHERE n > 1 GROUP BY district",
+    ),
+    (
         "join_on_the_unit",
         "op-univ-07",
         "SELECT r.gender, COUNT(*) AS visits FROM wjw.outpatient_visits v \

@@ -48,7 +48,7 @@ fn fixed_point(label: &str, ctx: &RewriteContext<'_>) -> Result<(Expr, Expr, Exp
 
 /// A column's values as fixed-point decimals clamped to its bounds; NULL
 /// where they do not convert.
-fn clamped(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
+pub(super) fn clamped(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
     let (v, lo, hi) = fixed_point(label, ctx)?;
     when(v.clone().lt(lo.clone()), lo)
         .when(v.clone().gt(hi.clone()), hi)
@@ -110,7 +110,7 @@ impl RewriteStage for ClampValues {
                 _ => {}
             }
         }
-        exprs.push(ctx.unit_expr().alias(super::UNIT_COLUMN));
+        exprs.push(ctx.unit_expr()?.alias(super::UNIT_COLUMN));
         input.project(exprs).map_err(df)
     }
 }

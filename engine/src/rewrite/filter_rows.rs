@@ -71,7 +71,7 @@ impl RewriteStage for FilterRows {
 /// query fails must not depend on the data. Division and remainder by zero
 /// give NULL (`x / NULLIF(y, 0)`), casts become `TRY_CAST` (NULL when a value
 /// does not convert). Idempotent: a divisor already guarded stays as it is.
-fn total(e: Expr) -> Result<Expr> {
+pub(super) fn total(e: Expr) -> Result<Expr> {
     let guarded = |e: &Expr| {
         matches!(e, Expr::ScalarFunction(f)
             if f.func.name() == "nullif" && f.args.get(1) == Some(&lit(0)))

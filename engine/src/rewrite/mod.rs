@@ -21,6 +21,7 @@
 //!    the broker's noise takes over.
 
 mod aggregate_exactly;
+mod aggregate_per_unit;
 mod bound_contributions;
 mod clamp_values;
 mod filter_rows;
@@ -34,6 +35,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use veil_policy::{Column, Dataset, DomainValue, Grant, Policy, PrivacyUnit, UnitKind};
 
 pub use aggregate_exactly::AggregateExactly;
+pub use aggregate_per_unit::AggregatePerUnit;
 pub use bound_contributions::BoundContributions;
 pub use clamp_values::ClampValues;
 pub(crate) use clamp_values::DECIMAL_PRECISION;
@@ -393,6 +395,9 @@ pub(crate) struct RewriteContext<'a> {
 impl<'a> RewriteContext<'a> {
     /// The policy of the column a label names.
     pub fn column(&self, label: &str) -> Result<&'a Column> {
+        if let Some(d) = self.query.derived(label) {
+            return Ok(&d.column);
+        }
         let c = self.query.source_column(label)?;
         self.sources[c.source]
             .0
@@ -407,6 +412,9 @@ impl<'a> RewriteContext<'a> {
 
     /// The file schema type of the column a label names.
     pub fn data_type(&self, label: &str) -> Result<DataType> {
+        if self.query.derived(label).is_some() {
+            return Ok(DataType::Float64);
+        }
         let c = self.query.source_column(label)?;
         self.sources[c.source]
             .1
@@ -415,12 +423,16 @@ impl<'a> RewriteContext<'a> {
             .map_err(|e| EngineError::Internal(e.to_string()))
     }
 
-    /// The primary dataset's unit column.
-    pub fn unit_expr(&self) -> Expr {
-        Expr::Column(datafusion::common::Column::new(
-            Some(self.query.sources[self.query.primary].relation.clone()),
-            &self.unit.column,
-        ))
+    /// The unit column: the primary dataset's, or the one a per-unit
+    /// aggregate groups by.
+    pub fn unit_expr(&self) -> Result<Expr> {
+        match &self.query.per_unit {
+            Some(p) => self.expr(&p.unit),
+            None => Ok(Expr::Column(datafusion::common::Column::new(
+                Some(self.query.sources[self.query.primary].relation.clone()),
+                &self.unit.column,
+            ))),
+        }
     }
 }
 
@@ -437,10 +449,11 @@ pub(crate) trait RewriteStage {
 }
 
 /// The stages, in order.
-fn stages() -> [&'static dyn RewriteStage; 6] {
+fn stages() -> [&'static dyn RewriteStage; 7] {
     [
         &JoinTables,
         &FilterRows,
+        &AggregatePerUnit,
         &ClampValues,
         &BoundContributions,
         &AggregateExactly,
@@ -518,6 +531,9 @@ pub fn certify(
         scans.push(scan.build().map_err(df)?);
     }
     let policy_column = |label: &str| -> Result<&Column> {
+        if let Some(d) = query.derived(label) {
+            return Ok(&d.column);
+        }
         let c = query.source_column(label)?;
         sources[c.source]
             .0
@@ -639,20 +655,10 @@ pub fn certify(
         + quantile_calls.len()
         + usize::from(selection.is_ok());
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
-    // Every private table is joined on the unit, and the rewrite bounds the
-    // joined rows: the loosest of their declarations serves them all (noise
-    // follows what the rewrite enforces, so this trades accuracy, not privacy).
-    let (max_groups, max_rows) = query
-        .sources
-        .iter()
-        .zip(&sources)
-        .filter(|(s, _)| s.private)
-        .filter_map(|(_, (d, _))| d.unit.as_ref())
-        .map(|u| match u.kind {
-            UnitKind::Row => (1, 1),
-            _ => (u.max_groups, u.max_rows),
-        })
-        .fold((1, 1), |(g, r), (g2, r2)| (g.max(g2), r.max(r2)));
+    // Every private table is joined on the unit: the loosest of their
+    // declarations serves them all (see `contribution_bounds`).
+    let (max_groups, max_rows) =
+        crate::analyze::contribution_bounds(sources.iter().map(|(d, _)| *d));
     let max_groups = dp.max_groups.map_or(max_groups, |g| g.min(max_groups));
     let mut counts = Vec::new();
     for kind in &count_kinds {
