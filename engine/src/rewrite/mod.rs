@@ -10,14 +10,15 @@
 //!    equalities (a pass-through for one table).
 //! 2. [`FilterRows`]: operator predicates, the grant's mandatory row filters,
 //!    and group keys restricted to their public domain.
-//! 3. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
-//! 4. [`BoundContributions`]: one row per (unit, group) holding the unit's
+//! 3. [`AggregatePerUnit`]: a per-unit inner aggregate, if the query has one.
+//! 4. [`ClampValues`]: summed values clamped to their bounds, in fixed point.
+//! 5. [`BoundContributions`]: one row per (unit, group) holding the unit's
 //!    counts and sums over at most `max_rows` of its rows, then at most
 //!    `max_groups` groups per unit; rows and groups chosen by a per-query
 //!    keyed hash. It runs after the join, so rows a join multiplies are
 //!    bounded like any others.
-//! 5. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
-//! 6. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
+//! 6. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
+//! 7. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
 //!    the broker's noise takes over.
 
 mod aggregate_exactly;
