@@ -373,3 +373,31 @@ fn five_queries_keep_their_epsilon_end_to_end() {
         "a one-unit key is released too often: {hits}/{N}"
     );
 }
+
+/// ±∞ and values beyond the decimal range are clamped to the bounds like any
+/// other (counted as clamped), NaN is no value: left out like NULL.
+#[test]
+fn infinite_and_huge_values_are_clamped_and_nan_is_left_out() {
+    let rows: Vec<Row> = vec![
+        (1, "a", Some(f64::INFINITY)),
+        (2, "a", Some(1e308)),
+        (3, "a", Some(f64::NEG_INFINITY)),
+        (4, "a", Some(f64::NAN)),
+        (5, "a", Some(2.5)),
+    ];
+    let (plan, exact) = certified(&rows, "SELECT SUM(v), AVG(v) FROM t.events", None);
+    let kinds: Vec<_> = plan.spec().counts.iter().map(|c| c.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            veil_engine::rewrite::CountKind::Summed(0),
+            veil_engine::rewrite::CountKind::Clamped("v".into())
+        ]
+    );
+    let [group] = exact.groups.as_slice() else {
+        panic!("one group: {:?}", exact.groups);
+    };
+    // 10 + 10 - 5 + 2.5 in tenths; four values; three clamped.
+    assert_eq!(group.sums, [175]);
+    assert_eq!(group.counts, [4, 3]);
+}

@@ -413,8 +413,14 @@ impl<'a> RewriteContext<'a> {
 
     /// The file schema type of the column a label names.
     pub fn data_type(&self, label: &str) -> Result<DataType> {
-        if self.query.derived(label).is_some() {
-            return Ok(DataType::Float64);
+        if let Some(d) = self.query.derived(label) {
+            return Ok(match d.call {
+                AggregateCall::Avg(_) => DataType::Float64,
+                AggregateCall::Sum(_) => {
+                    DataType::Decimal128(DECIMAL_PRECISION, d.column.precision as i8)
+                }
+                _ => DataType::Int64,
+            });
         }
         let c = self.query.source_column(label)?;
         self.sources[c.source]
