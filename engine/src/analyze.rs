@@ -1084,9 +1084,14 @@ pub fn contribution_bounds<'d>(datasets: impl Iterator<Item = &'d Dataset>) -> (
 }
 
 fn unsupported_node(node: &LogicalPlan) -> EngineError {
+    if let LogicalPlan::Window(_) = node {
+        return EngineError::rejected(
+            Rule::UnsupportedShape,
+            "window functions over private data compute a value per row and are never released; aggregate with GROUP BY instead",
+        );
+    }
     let what = match node {
         LogicalPlan::Join(_) => "joins",
-        LogicalPlan::Window(_) => "window functions",
         LogicalPlan::Union(_) => "UNION",
         LogicalPlan::Distinct(_) => "DISTINCT",
         LogicalPlan::Aggregate(_) => "nested aggregates",

@@ -401,3 +401,26 @@ fn infinite_and_huge_values_are_clamped_and_nan_is_left_out() {
     assert_eq!(group.sums, [175]);
     assert_eq!(group.counts, [4, 3]);
 }
+
+/// No group's fixed-point total can wrap: the bounds times max_rows times the
+/// table's row count (its footer's, public metadata) must stay below 10^38,
+/// or the query is refused before any data is read.
+#[test]
+fn sums_that_could_wrap_are_refused_up_front() {
+    // v up to 10^36 in tenths is 10^37; times max_rows = 3 is 3·10^37.
+    let policy = POLICY.replace("bounds = [-5, 10]", "bounds = [-5, 1e36]");
+    let sum = |units: i64| {
+        let rows: Vec<Row> = (0..units).map(|u| (u, "a", Some(1.0))).collect();
+        crate::support::try_certified_over(
+            &policy,
+            &[("events.parquet", batch(&rows))],
+            "op",
+            "SELECT SUM(v) FROM t.events",
+            None,
+        )
+    };
+    assert!(sum(3).is_ok(), "9·10^37 fits");
+    let refused = sum(4).expect_err("12·10^37 could wrap");
+    assert_eq!(refused.code(), "UNAVAILABLE", "{refused}");
+    assert!(refused.to_string().contains("38-digit"), "{refused}");
+}

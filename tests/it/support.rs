@@ -206,6 +206,23 @@ pub fn certified_over(
     veil_engine::rewrite::CertifiedPlan,
     veil_sandbox::BoundedAggregates,
 ) {
+    try_certified_over(policy, files, operator, sql, keys).expect("bounded")
+}
+
+/// [`certified_over`], or why the engine refused.
+pub fn try_certified_over(
+    policy: &str,
+    files: &[(&str, datafusion::arrow::array::RecordBatch)],
+    operator: &str,
+    sql: &str,
+    keys: Option<veil_engine::mechanisms::BoundingKeys>,
+) -> Result<
+    (
+        veil_engine::rewrite::CertifiedPlan,
+        veil_sandbox::BoundedAggregates,
+    ),
+    veil_engine::EngineError,
+> {
     let dir = tempfile::tempdir().expect("tmp");
     for (path, batch) in files {
         write_parquet(&dir.path().join("data").join(path), batch);
@@ -227,7 +244,6 @@ pub fn certified_over(
         chrono::Utc::now().fixed_offset(),
         keys,
     ))
-    .expect("bounded")
 }
 
 /// Replaces one column of a batch.

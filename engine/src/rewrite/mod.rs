@@ -695,14 +695,18 @@ pub fn certify(
         let (lo, hi, _, _) = fixed_point_bounds(col)?;
         let (lo_fp, hi_fp) = summand.fixed_point_bounds()?;
         let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
-        // One unit's sum in one group must fit the fixed-point decimal.
+        // No group's total can wrap the fixed-point decimal: a group has at
+        // most as many units as the primary table has rows (its footer's
+        // row count, public metadata), each adding at most per_row · max_rows.
+        let rows = u128::from(catalog.declared_rows(&dataset.id).unwrap_or(u64::MAX)).max(1);
         if per_row
             .checked_mul(u128::from(max_rows))
+            .and_then(|v| v.checked_mul(rows))
             .is_none_or(|v| v >= 10u128.pow(u32::from(DECIMAL_PRECISION)))
         {
             return Err(EngineError::Unavailable(format!(
-                "the bounds of `{}` times max_rows exceed the 38-digit fixed-point range; the security officer must narrow them",
-                col.name
+                "a group's total of `{}` could exceed the 38-digit fixed-point range ({} rows of `{}`, each up to max_rows = {max_rows} values within the bounds); the security officer must narrow its bounds or precision",
+                summand.label, rows, dataset.id
             )));
         }
         let per_group =
