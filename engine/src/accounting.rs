@@ -127,6 +127,38 @@ impl NoisePlan {
         self.scale.to_f64().value()
     }
 
+    /// The noise for one cell that totals a unit's contributions to up to
+    /// `max_groups` cells of this statistic (the `__other__` row).
+    ///
+    /// Under an L1 calibration (discrete Laplace) merging cells cannot raise
+    /// a unit's contribution, so the plan is unchanged. Under L2 (discrete
+    /// Gaussian, zCDP) it can: a unit adding `c_g` to `k ≤ max_groups`
+    /// merged cells adds `(Σ c_g)² ≤ k · Σ c_g²` to the squared norm. Noise
+    /// of scale `σ·√max_groups` on the merged cell keeps that term at most
+    /// `Σ c_g² / (2σ²)`, the cells' own share, so the vector's ρ is still
+    /// bounded by the calibration's `Δ₂² / (2σ²)`. `√max_groups` is rounded
+    /// up to thousandths.
+    pub fn for_merged_cell(&self, max_groups: u32) -> NoisePlan {
+        match self.mechanism {
+            Mechanism::DiscreteLaplace => self.clone(),
+            Mechanism::DiscreteGaussian => {
+                // The smallest p with p² ≥ 10⁶ · max_groups: p / 1000 ≥ √max_groups.
+                let target = 1_000_000u64 * u64::from(max_groups.max(1));
+                let mut p = (target as f64).sqrt() as u64;
+                while p * p < target {
+                    p += 1;
+                }
+                while p > 0 && (p - 1) * (p - 1) >= target {
+                    p -= 1;
+                }
+                NoisePlan {
+                    scale: self.scale.clone() * RBig::from_parts(p.into(), 1000u32.into()),
+                    ..self.clone()
+                }
+            }
+        }
+    }
+
     /// Half-width of the two-sided `1 - alpha` interval of the noise.
     ///
     /// opendp computes it exactly; its discrete-Gaussian routine sums the
@@ -334,6 +366,24 @@ mod tests {
             (exact / EXACT_GAUSSIAN_ACCURACY_MAX_SCALE - 1.96).abs() < 0.01,
             "{exact}"
         );
+    }
+
+    #[test]
+    fn a_merged_cell_under_zcdp_gets_noise_scaled_by_the_root_of_max_groups() {
+        let plan = |mechanism| NoisePlan {
+            mechanism,
+            sensitivity: RBig::from(2u8),
+            scale: RBig::from(10u8),
+            spent: 0.5,
+        };
+        let laplace = plan(Mechanism::DiscreteLaplace).for_merged_cell(4);
+        assert_eq!(laplace.scale, RBig::from(10u8));
+        for (groups, expected) in [(1u32, 10.0), (4, 20.0), (3, 17.330), (10, 31.630)] {
+            let merged = plan(Mechanism::DiscreteGaussian).for_merged_cell(groups);
+            let got = merged.scale.to_f64().value();
+            assert!(got >= 10.0 * f64::from(groups).sqrt(), "{groups}: {got}");
+            assert!((got - expected).abs() < 1e-9, "{groups}: {got}");
+        }
     }
 
     #[test]

@@ -459,9 +459,27 @@ impl Engine {
                 }
             }
         }
+        let message = e.strip_backtrace();
+        // DataFusion's "did you mean" picks among equally close names in
+        // hash order: name what is allowed instead, the same every time.
+        if let Some(rest) = message.split("Invalid function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default();
+            return EngineError::rejected(
+                Rule::InvalidSql,
+                format!(
+                    "function `{name}` is not available; scalar functions: {}; aggregates: those your grant lists",
+                    crate::catalog::ALLOWED_SCALAR_FUNCTIONS.join(", ")
+                ),
+            );
+        }
+        let message = message
+            .split("\nDid you mean")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         EngineError::rejected(
             Rule::InvalidSql,
-            format!("the query does not plan: {}", e.strip_backtrace()),
+            format!("the query does not plan: {message}"),
         )
     }
 

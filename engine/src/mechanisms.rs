@@ -603,9 +603,9 @@ pub fn release(
         Err(i) => g.sums.get(i).copied().unwrap_or(0),
     };
     // Exact per-key statistics in release order; absent keys are empty
-    // groups (zero). The __other__ row, last, totals the groups it folds: a
-    // unit's contributions spread over at most max_groups cells either way,
-    // so the vector's L1 sensitivity (ε grants only) is unchanged.
+    // groups (zero). The __other__ row, last, totals the groups it folds,
+    // with the noise of a merged cell (`NoisePlan::for_merged_cell`: the
+    // statistic's own under ε, wider by √max_groups under ρ).
     let released = keys.len();
     if other.is_some() {
         keys.push(vec![
@@ -632,6 +632,23 @@ pub fn release(
     // Cells with no release: the __other__ row of the selecting count (its
     // noise already selected the keys) and of quantiles.
     let unreleased = |row: usize| other.is_some() && row == released;
+    let merged = |plan: &NoisePlan| plan.for_merged_cell(spec.max_groups);
+    let noisy = |plan: &NoisePlan, mut exact: Vec<IBig>| -> Result<Vec<IBig>> {
+        let last = other.is_some().then(|| exact.split_off(released));
+        let mut v = noisy_vector(plan, exact)?;
+        if let Some(last) = last {
+            v.extend(noisy_vector(&merged(plan), last)?);
+        }
+        Ok(v)
+    };
+    // A cell's noise: the merged cell's in the __other__ row.
+    let plan_at = |plan: &NoisePlan, row: usize| {
+        if unreleased(row) {
+            merged(plan)
+        } else {
+            plan.clone()
+        }
+    };
     let mut noisy_counts = Vec::new();
     let mut clamped: HashMap<&str, u64> = HashMap::new();
     for (j, c) in spec.counts.iter().enumerate() {
@@ -656,12 +673,12 @@ pub fn release(
                 v.resize(n, IBig::ZERO);
                 v
             }
-            _ => noisy_vector(&c.noise, exact_vector(Ok(j)))?,
+            _ => noisy(&c.noise, exact_vector(Ok(j)))?,
         });
     }
     let mut noisy_sums = Vec::new();
     for (i, s) in spec.sums.iter().enumerate() {
-        noisy_sums.push(noisy_vector(&s.noise, exact_vector(Err(i)))?);
+        noisy_sums.push(noisy(&s.noise, exact_vector(Err(i)))?);
     }
     let mut noisy_quantiles = Vec::new();
     for (q, stat) in spec.quantiles.iter().enumerate() {
@@ -701,11 +718,24 @@ pub fn release(
     let mut accuracy = Vec::new();
     // Per aggregate, each cell's 95% interval (for DP_INTERVAL_LOW/HIGH).
     let mut intervals: Vec<Vec<Option<(f64, f64)>>> = Vec::new();
-    // A noisy value's interval from a half-width known in advance.
-    let around = |values: Vec<f64>, acc: &Accuracy| -> Vec<Option<(f64, f64)>> {
+    // A noisy value's interval from a half-width known in advance; the
+    // __other__ row's from its own noise.
+    let around = |values: Vec<f64>,
+                  acc: &Accuracy,
+                  plan: &NoisePlan,
+                  unit: f64|
+     -> Result<Vec<Option<(f64, f64)>>> {
         values
             .into_iter()
-            .map(|v| acc.half_width_95.map(|h| (v - h, v + h)))
+            .enumerate()
+            .map(|(row, v)| {
+                let h = if unreleased(row) {
+                    Some(merged(plan).half_width(0.05)? / unit)
+                } else {
+                    acc.half_width_95
+                };
+                Ok(h.map(|h| (v - h, v + h)))
+            })
             .collect()
     };
     for (j, agg) in spec.aggregates.iter().enumerate() {
@@ -752,14 +782,19 @@ pub fn release(
                     i64::try_from(v).unwrap_or(if *v > IBig::ZERO { i64::MAX } else { i64::MIN })
                 }));
                 let acc = planned_accuracy(spec, *agg)?;
-                intervals.push(around(noisy_counts[c].iter().map(to_f64).collect(), &acc));
+                intervals.push(around(
+                    noisy_counts[c].iter().map(to_f64).collect(),
+                    &acc,
+                    &spec.counts[c].noise,
+                    1.0,
+                )?);
                 (Arc::new(array), acc)
             }
             ReleasedAggregate::Sum(i) => {
                 let unit = 10f64.powi(spec.sums[i].precision as i32);
                 let values: Vec<f64> = noisy_sums[i].iter().map(|v| to_f64(v) / unit).collect();
                 let acc = planned_accuracy(spec, *agg)?;
-                intervals.push(around(values.clone(), &acc));
+                intervals.push(around(values.clone(), &acc, &spec.sums[i].noise, unit)?);
                 (Arc::new(Float64Array::from(values)), acc)
             }
             ReleasedAggregate::Avg { sum: i, count: c } => {
@@ -768,13 +803,13 @@ pub fn release(
                 let values = &noisy_counts[c];
                 let unit = 10f64.powi(s.precision as i32);
                 let (lo, hi) = s.bounds;
-                // Each interval at 97.5% so that both hold together with ≥ 95%.
-                let a_s = s.noise.half_width(0.025)? / unit;
-                let a_c = plan.half_width(0.025)?;
                 let mut widest: f64 = 0.0;
                 let mut out = Vec::with_capacity(n);
                 let mut cells = Vec::with_capacity(n);
-                for (sum, cnt) in noisy_sums[i].iter().zip(values) {
+                for (row, (sum, cnt)) in noisy_sums[i].iter().zip(values).enumerate() {
+                    // Each interval at 97.5% so that both hold together with ≥ 95%.
+                    let a_s = plan_at(&s.noise, row).half_width(0.025)? / unit;
+                    let a_c = plan_at(plan, row).half_width(0.025)?;
                     let (s_hat, c_hat) = (to_f64(sum) / unit, to_f64(cnt));
                     let avg = (s_hat / c_hat.max(1.0)).clamp(lo, hi);
                     let (low, high) = if c_hat - a_c >= 1.0 {

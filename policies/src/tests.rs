@@ -220,10 +220,6 @@ rule!(
 );
 rule!(bad_window, [("window = \"P90D\"", "window = \"90 days\"")]);
 rule!(
-    other_row_needs_epsilon,
-    [("window = \"P90D\"", "window = \"P90D\"\n  other_row = true")]
-);
-rule!(
     bad_daily_hours,
     [(
         "purpose_detail = \"区域就业形势监测\"",
@@ -594,4 +590,20 @@ fn diff_reports_effective_permission_changes() {
         joined.contains("- narrowed  grant G-2026-002 (op-ndrc) ends"),
         "{joined}"
     );
+}
+
+#[test]
+fn other_row_is_accepted_under_rho() {
+    // The engine widens the __other__ row's noise by √max_groups under ρ.
+    let p = Policy::from_toml(&edited(&[(
+        "window = \"P90D\"",
+        "window = \"P90D\"\n  other_row = true",
+    )]))
+    .expect("valid");
+    let g = p
+        .grants
+        .iter()
+        .find(|g| g.id == "G-2026-017")
+        .expect("grant");
+    assert!(g.dp.as_ref().is_some_and(|dp| dp.other_row));
 }

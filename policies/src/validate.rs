@@ -865,12 +865,6 @@ fn resolve_grant(
         if dp.max_groups == Some(0) {
             c.err(dat.at("max_groups"), "max_groups must be at least 1");
         }
-        if dp.other_row == Some(true) && dp.accounting != "epsilon" {
-            c.err(
-                dat.at("other_row"),
-                "other_row needs accounting = \"epsilon\": folding groups into one row can raise a unit's L2 contribution beyond what ρ noise is calibrated for",
-            );
-        }
         accounting.map(|accounting| DpSettings {
             accounting,
             budget: dp.budget,

@@ -239,3 +239,41 @@ async fn suppressed_groups_can_be_folded_into_an_other_row() {
     assert_eq!(people[2], "NULL");
     assert_ne!(column_strings(&r, "n")[2], "NULL");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_zcdp_the_other_row_has_noise_widened_by_the_root_of_max_groups() {
+    // A ρ grant with an __other__ row; residents may count in 4 groups, so
+    // the merged cell's noise is twice the cells' (NoisePlan::for_merged_cell).
+    let policy = selection_policy()
+        .replacen(
+            "  accounting = \"epsilon\"\n  delta = 1e-6\n",
+            "  accounting = \"rho\"\n  delta = 1e-6\n  other_row = true\n",
+            1,
+        )
+        .replacen(
+            "privacy_unit = { column = \"person_id\", kind = \"natural_person\", max_groups = 1, max_rows = 1 }",
+            "privacy_unit = { column = \"person_id\", kind = \"natural_person\", max_groups = 4, max_rows = 1 }",
+            1,
+        );
+    assert!(policy.contains("accounting = \"rho\"\n  delta = 1e-6\n  other_row"));
+    assert!(policy.contains("max_groups = 4, max_rows = 1 }"));
+    let f = Fixture::with_policy(&policy, |data| lonely_gender(data, false)).await;
+    let r = f
+        .query(
+            "op-univ-07",
+            "SELECT gender, COUNT(*) AS n, DP_INTERVAL_LOW(COUNT(*)) AS lo, \
+             DP_INTERVAL_HIGH(COUNT(*)) AS hi FROM pop.residents GROUP BY gender",
+        )
+        .await
+        .expect("answered");
+    assert_eq!(column_strings(&r, "gender"), vec!["女", "男", "__other__"]);
+    let width: Vec<f64> = column_f64(&r, "hi")
+        .iter()
+        .zip(column_f64(&r, "lo"))
+        .map(|(h, l)| h - l)
+        .collect();
+    assert!((width[0] - width[1]).abs() < 1e-9, "{width:?}");
+    // Discrete noise: integer half-widths, so about (not exactly) twice.
+    let ratio = width[2] / width[0];
+    assert!((1.7..2.3).contains(&ratio), "{width:?}");
+}

@@ -766,7 +766,7 @@ pub fn certify(
             ),
             delta,
             max_keys: grant.max_result_rows as usize,
-            other_row: dp.other_row && mechanism == Mechanism::DiscreteLaplace,
+            other_row: dp.other_row,
             observed: plan_noise(mechanism, dashu::rational::RBig::from(max_groups), &share)?,
         }),
     };
