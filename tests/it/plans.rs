@@ -87,7 +87,7 @@ async fn the_optimizer_keeps_filters_below_and_limits_out_of_the_bounding() {
     // Top to bottom: release aggregate, L0 filter, window, per-(unit, group)
     // sample aggregate, then the operator's and the grant's predicates.
     let release = line_of(&plan, "Aggregate: groupBy=[[__veil_key0]]");
-    let l0 = line_of(&plan, "__veil_group_rank <=");
+    let l0 = line_of(&plan, "__veil_position < __veil_run_start");
     let window = line_of(&plan, "WindowAggr");
     let sample = line_of(&plan, "veil_bounded_sample");
     let predicate = line_of(&plan, "pay_month = ");

@@ -7,15 +7,16 @@
 //! ranking of a unit's rows depends on that unit's rows alone. The L∞ bound
 //! is one hash aggregation ([`BoundedSample`] keeps the `max_rows` smallest
 //! priorities per pair), so the raw rows are never sorted; the L0 bound ranks
-//! the much smaller set of (unit, group) rows, and is skipped when the query
-//! has no more possible keys than `max_groups`.
+//! the much smaller set of (unit, group) rows in one sorted stream (a row's
+//! position minus the start of its unit's run: no per-unit partitions), and
+//! is skipped when the query has no more possible keys than `max_groups`.
 //!
 //! When every row is its own unit, each row is already one (unit, group)
 //! contribution and only the per-row statistics are projected.
 
 use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions_aggregate::expr_fn::count;
-use datafusion::functions_window::expr_fn::row_number;
+use datafusion::functions_window::expr_fn::{rank, row_number};
 use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit, when};
 
 use super::{
@@ -33,7 +34,8 @@ const ROW_PRIORITY: &str = "__veil_row_priority";
 const ROWS: &str = "__veil_rows";
 const SAMPLE: &str = "__veil_sample";
 const GROUP_PRIORITY: &str = "__veil_group_priority";
-const GROUP_RANK: &str = "__veil_group_rank";
+const POSITION: &str = "__veil_position";
+const RUN_START: &str = "__veil_run_start";
 
 /// The column whose non-NULL values the `j`-th count counts.
 fn counted(kind: &CountKind, j: usize) -> Option<Expr> {
@@ -168,18 +170,31 @@ impl RewriteStage for BoundContributions {
             .collect();
         with_group_priority
             .push(KeyedHash::call(ctx.keys.groups, unit_and_groups).alias(GROUP_PRIORITY));
-        let mut group_order = vec![col(GROUP_PRIORITY).sort(true, false)];
-        group_order.extend(groups.iter().map(|g| g.clone().sort(true, false)));
-        let group_rank = row_number()
-            .partition_by(vec![col(UNIT_COLUMN)])
-            .order_by(group_order)
+        // Each (unit, group) row's rank among its unit's rows by priority
+        // (ties by the keys): its position in one order by (unit, priority,
+        // keys) minus the position where its unit's run starts. Two windows
+        // over one sorted stream, without PARTITION BY's bookkeeping per unit.
+        let unit_order = col(UNIT_COLUMN).sort(true, false);
+        let mut order = vec![unit_order.clone(), col(GROUP_PRIORITY).sort(true, false)];
+        order.extend(groups.iter().map(|g| g.clone().sort(true, false)));
+        let position = row_number()
+            .order_by(order)
             .build()
             .map_err(df)?
-            .alias(GROUP_RANK);
+            .alias(POSITION);
+        let run_start = rank()
+            .order_by(vec![unit_order])
+            .build()
+            .map_err(df)?
+            .alias(RUN_START);
+        let kept = col(POSITION).lt(col(RUN_START) + lit(u64::from(ctx.max_groups)));
         per_pair
             .project(with_group_priority)
-            .and_then(|b| b.window(vec![group_rank]))
-            .and_then(|b| b.filter(col(GROUP_RANK).lt_eq(lit(u64::from(ctx.max_groups)))))
+            // One window node per ordering; the unit's run start reads the
+            // stream already sorted by (unit, priority, keys).
+            .and_then(|b| b.window(vec![position]))
+            .and_then(|b| b.window(vec![run_start]))
+            .and_then(|b| b.filter(kept))
             .map_err(df)
     }
 }
