@@ -104,11 +104,6 @@ impl RewriteStage for BoundContributions {
 
         let mut unit_and_groups = vec![col(UNIT_COLUMN)];
         unit_and_groups.extend(groups.iter().cloned());
-        let schema = input.schema().clone();
-        let mut with_priority: Vec<Expr> = schema.columns().into_iter().map(Expr::Column).collect();
-        let identity = with_priority.clone();
-        with_priority.push(KeyedHash::call(ctx.keys.rows, identity).alias(ROW_PRIORITY));
-
         // One sample of max_rows rows per (unit, group) serves every
         // statistic; a row count needs none: any max_rows of a unit's rows
         // hold min(rows, max_rows) rows, a plain count capped afterwards.
@@ -147,7 +142,20 @@ impl RewriteStage for BoundContributions {
                     .alias(unit_ranks_column(q)),
             );
         }
+        // A row's priority hashes the values the sample keeps: within one
+        // (unit, group) they tell rows apart, and rows with equal values are
+        // interchangeable (the unit and keys, equal within the pair, and the
+        // columns no statistic reads need not be hashed).
+        let mut with_priority: Vec<Expr> = input
+            .schema()
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
         if !sample.outputs.is_empty() {
+            with_priority.push(
+                KeyedHash::call(ctx.keys.rows, sample.values.clone()).alias(ROW_PRIORITY),
+            );
             contributions.push(
                 BoundedSample::call(k, col(ROW_PRIORITY), sample.values, sample.outputs)
                     .alias(SAMPLE),
