@@ -153,9 +153,8 @@ impl RewriteStage for BoundContributions {
             .map(Expr::Column)
             .collect();
         if !sample.outputs.is_empty() {
-            with_priority.push(
-                KeyedHash::call(ctx.keys.rows, sample.values.clone()).alias(ROW_PRIORITY),
-            );
+            with_priority
+                .push(KeyedHash::call(ctx.keys.rows, sample.values.clone()).alias(ROW_PRIORITY));
             contributions.push(
                 BoundedSample::call(k, col(ROW_PRIORITY), sample.values, sample.outputs)
                     .alias(SAMPLE),
