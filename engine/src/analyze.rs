@@ -150,8 +150,12 @@ pub struct PerUnit {
     pub keys: Vec<String>,
     /// Its aggregates, in order: the `k`-th is [`derived_column`]`(k)`.
     pub values: Vec<Derived>,
-    /// Predicates over its output (the outer WHERE), to be AND-ed.
+    /// Predicates over its output and the tables joined to it (the outer
+    /// WHERE and join filters), to be AND-ed.
     pub predicates: Vec<Expr>,
+    /// Indices of the sources it aggregates; the others are joined to its
+    /// output.
+    pub sources: Vec<usize>,
 }
 
 /// One per-unit aggregate.
@@ -262,7 +266,9 @@ struct Ctx<'a> {
 struct Inner {
     keys: Vec<SourceColumn>,
     calls: Vec<(String, Expr)>,
-    below: usize,
+    /// The predicates and sources the walk met below it.
+    predicates: std::ops::Range<usize>,
+    sources: std::ops::Range<usize>,
 }
 
 impl<'a> Ctx<'a> {
@@ -550,6 +556,7 @@ impl<'a> Ctx<'a> {
             // A per-unit aggregate: `SELECT <unit>, …, COUNT(*) AS n, SUM(x)
             // AS s FROM … GROUP BY <unit>, …` as a CTE or subquery.
             LogicalPlan::Aggregate(a) => {
+                let (predicates, sources) = (self.predicates.len(), self.sources.len());
                 let origins = self.walk(&a.input)?;
                 if self.inner.is_some() {
                     return Err(unsupported_node(plan));
@@ -595,7 +602,8 @@ impl<'a> Ctx<'a> {
                 self.inner = Some(Inner {
                     keys,
                     calls,
-                    below: self.predicates.len(),
+                    predicates: predicates..self.predicates.len(),
+                    sources: sources..self.sources.len(),
                 });
                 // Output fields are named as the plan names them.
                 debug_assert_eq!(out.len(), a.schema.fields().len());
@@ -616,12 +624,6 @@ impl<'a> Ctx<'a> {
                 }
                 let left = self.walk(&j.left)?;
                 let right = self.walk(&j.right)?;
-                if self.inner.is_some() {
-                    return Err(EngineError::rejected(
-                        Rule::UnsupportedShape,
-                        "a per-unit subquery cannot be joined with other tables yet; join inside it",
-                    ));
-                }
                 for (l, r) in &j.on {
                     let l = self.canonical(l, j.left.schema(), &left)?;
                     let r = self.canonical(r, j.right.schema(), &right)?;
@@ -650,7 +652,8 @@ impl<'a> Ctx<'a> {
                 && let (Expr::Column(l), Expr::Column(r)) = (left.as_ref(), right.as_ref())
             {
                 let (l, r) = (self.source_column(l)?, self.source_column(r)?);
-                if l.source != r.source {
+                // A per-unit value compared with a column is a row predicate.
+                if l.source != r.source && l.source != DERIVED && r.source != DERIVED {
                     self.joins.push((l, r));
                     continue;
                 }
@@ -1059,12 +1062,19 @@ fn resolve_per_unit(ctx: &mut Ctx<'_>, primary: usize) -> Result<Option<PerUnit>
         });
     }
     ctx.derived = values.clone();
+    // The predicates met below it filter its input; the others apply to
+    // its output (joined with the tables outside it).
+    let (below, above): (Vec<_>, Vec<_>) = std::mem::take(&mut ctx.predicates)
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| inner.predicates.contains(i));
+    ctx.predicates = below.into_iter().map(|(_, p)| p).collect();
     Ok(Some(PerUnit {
         unit,
         keys: inner.keys.iter().map(|k| ctx.label(k)).collect(),
         values,
-        // The predicates met after the inner aggregate apply to its output.
-        predicates: ctx.predicates.split_off(inner.below),
+        predicates: above.into_iter().map(|(_, p)| p).collect(),
+        sources: inner.sources.collect(),
     }))
 }
 

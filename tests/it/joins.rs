@@ -278,6 +278,46 @@ proptest! {
     }
 
     #[test]
+    fn a_per_unit_aggregate_joined_outside_moves_within_its_derived_bounds(
+        events in events(),
+        people in people(),
+        victim in 0i64..6,
+        keys in bounding_keys(),
+    ) {
+        // Events per unit (clamped to [0, 2·3]) joined to the unit's people
+        // rows, summed per region.
+        const PER_UNIT: &str = "SELECT p.region, COUNT(*), SUM(e.n) FROM \
+            (SELECT pid, COUNT(*) AS n FROM t.events GROUP BY pid) e \
+            JOIN t.people p ON e.pid = p.person GROUP BY p.region";
+        let run = |events: &[Event], people: &[Person]| -> BTreeMap<Vec<KeyValue>, Statistics> {
+            certified_over(POLICY, &files(events, people), "op", PER_UNIT, Some(keys))
+                .1
+                .groups
+                .into_iter()
+                .map(|g| (g.key, (g.counts, g.sums)))
+                .collect()
+        };
+        let with = run(&events, &people);
+        let events: Vec<Event> = events.iter().copied().filter(|e| e.0 != victim).collect();
+        let people: Vec<Person> = people.iter().copied().filter(|p| p.0 != victim).collect();
+        let without = run(&events, &people);
+        let empty = (vec![0; 2], vec![0; 1]);
+        let groups: BTreeSet<_> = with.keys().chain(without.keys()).cloned().collect();
+        let mut changed = 0;
+        for key in groups {
+            let (c1, s1) = with.get(&key).unwrap_or(&empty);
+            let (c0, s0) = without.get(&key).unwrap_or(&empty);
+            changed += usize::from((c1, s1) != (c0, s0));
+            let rows = c1[0] - c0[0];
+            prop_assert!((0..=MAX_ROWS).contains(&rows), "COUNT(*) of {key:?} moved by {rows}");
+            let n = s1[0] - s0[0];
+            let per_unit = i128::from(MAX_ROWS) * (MAX_GROUPS as i128);
+            prop_assert!((0..=i128::from(MAX_ROWS) * per_unit).contains(&n), "SUM(n) of {key:?} moved by {n}");
+        }
+        prop_assert!(changed <= MAX_GROUPS, "{changed} groups moved");
+    }
+
+    #[test]
     fn within_the_bounds_a_join_aggregates_exactly_like_the_plain_join(
         events in events(),
         people in people(),

@@ -1,6 +1,8 @@
 //! `AggregatePerUnit`: a per-unit inner aggregate (a CTE or subquery grouped
 //! by the privacy unit, e.g. visits and spending per patient), computed over
-//! the filtered rows, then the outer query's predicates on its output. Each
+//! the filtered rows, then the tables the query joins to its output (on the
+//! unit or its other keys, with their row filters) and the outer query's
+//! predicates. Each
 //! output row depends on one unit's rows only; `ClampValues` then clamps its
 //! values to the bounds the analysis derived from the policy, and the later
 //! stages bound and sum them like any column. Sums add values already
@@ -12,7 +14,8 @@ use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, lit, try_cast};
 
 use super::clamp_values::clamped;
-use super::filter_rows::total;
+use super::filter_rows::{key_and_row_filters, total};
+use super::join_tables::join_sources;
 use super::{RewriteContext, RewriteStage, df};
 use crate::analyze::{AggregateCall, derived_column};
 use crate::error::{EngineError, Result};
@@ -50,11 +53,18 @@ impl RewriteStage for AggregatePerUnit {
             values.push(value.alias(derived_column(k)));
         }
         let aggregated = input.aggregate(keys, values).map_err(df)?;
-        let predicates = per_unit
+        // The tables joined to its output, on the unit or its other keys.
+        let outside = |s: usize| !ctx.below_aggregate(s);
+        let mut joined: Vec<bool> = (0..ctx.query.sources.len())
+            .map(|s| ctx.below_aggregate(s))
+            .collect();
+        let aggregated = join_sources(aggregated, ctx, &mut joined, outside)?;
+        let mut predicates = per_unit
             .predicates
             .iter()
             .map(|p| total(p.clone()))
             .collect::<Result<Vec<Expr>>>()?;
+        predicates.extend(key_and_row_filters(ctx, outside)?);
         match conjunction(predicates) {
             Some(p) => aggregated.filter(p).map_err(df),
             None => Ok(aggregated),

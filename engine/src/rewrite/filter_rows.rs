@@ -29,42 +29,61 @@ impl RewriteStage for FilterRows {
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
         let mut predicates = Vec::new();
-        for p in ctx.query.predicates.iter().chain(&ctx.row_filters) {
+        for p in &ctx.query.predicates {
             predicates.push(total(p.clone())?);
         }
-        for (g, domain) in ctx.query.group_keys.iter().zip(&ctx.key_domains) {
-            let key = ctx.expr(g.column())?;
-            let source = &ctx.query.sources[ctx.query.source_column(g.column())?.source];
-            match (g, domain) {
-                // Buckets of values within the bounds are the public keys.
-                (GroupKey::Bucket { .. }, _) => {
-                    let (lo, hi) = ctx
-                        .column(g.column())?
-                        .bounds
-                        .ok_or_else(|| EngineError::Internal("bucket without bounds".into()))?;
-                    predicates.push(key.clone().gt_eq(lit(lo)).and(key.lt_eq(lit(hi))));
-                }
-                // A public table's column holds only values of its domain;
-                // partition selection never releases NULL.
-                (_, Some(_)) if !source.private => predicates.push(key.is_not_null()),
-                (_, None) => predicates.push(key.is_not_null()),
-                (_, Some(domain)) => {
-                    let list = domain
-                        .iter()
-                        .map(|v| match v {
-                            DomainValue::Int(i) => lit(*i),
-                            DomainValue::Text(s) => lit(s.as_str()),
-                        })
-                        .collect();
-                    predicates.push(key.in_list(list, false));
-                }
-            }
-        }
+        predicates.extend(key_and_row_filters(ctx, |s| ctx.below_aggregate(s))?);
         match conjunction(predicates) {
             Some(p) => input.filter(p).map_err(df),
             None => Ok(input),
         }
     }
+}
+
+/// The grant's row filters of the tables `read` selects, and their group
+/// keys restricted to their domains, in total form.
+pub(super) fn key_and_row_filters(
+    ctx: &RewriteContext<'_>,
+    read: impl Fn(usize) -> bool,
+) -> Result<Vec<Expr>> {
+    let mut predicates = Vec::new();
+    for (s, p) in &ctx.row_filters {
+        if read(*s) {
+            predicates.push(total(p.clone())?);
+        }
+    }
+    for (g, domain) in ctx.query.group_keys.iter().zip(&ctx.key_domains) {
+        if !read(ctx.key_source(g)?) {
+            continue;
+        }
+        let key = ctx.expr(g.column())?;
+        let source = &ctx.query.sources[ctx.query.source_column(g.column())?.source];
+        match (g, domain) {
+            // Buckets of values within the bounds are the public keys.
+            (GroupKey::Bucket { .. }, _) => {
+                let (lo, hi) = ctx
+                    .column(g.column())?
+                    .bounds
+                    .ok_or_else(|| EngineError::Internal("bucket without bounds".into()))?;
+                predicates.push(key.clone().gt_eq(lit(lo)).and(key.lt_eq(lit(hi))));
+            }
+            // A public table's column holds only values of its domain;
+            // partition selection never releases NULL.
+            (_, Some(_)) if !source.private => predicates.push(key.is_not_null()),
+            (_, None) => predicates.push(key.is_not_null()),
+            (_, Some(domain)) => {
+                let list = domain
+                    .iter()
+                    .map(|v| match v {
+                        DomainValue::Int(i) => lit(*i),
+                        DomainValue::Text(s) => lit(s.as_str()),
+                    })
+                    .collect();
+                predicates.push(key.in_list(list, false));
+            }
+        }
+    }
+    Ok(predicates)
 }
 
 /// The total form of a predicate: no row can make it fail, since whether a

@@ -374,8 +374,9 @@ pub(crate) struct RewriteContext<'a> {
     /// Whether every row of the relation is its own unit (a row-level unit,
     /// one table).
     pub rows_are_units: bool,
-    /// The grant's mandatory row filters, over the sources' relations.
-    pub row_filters: Vec<Expr>,
+    /// The grant's mandatory row filters, over the sources' relations, with
+    /// the index of the source each filters.
+    pub row_filters: Vec<(usize, Expr)>,
     /// Each group key's public domain, if it has one.
     pub key_domains: Vec<Option<Vec<DomainValue>>>,
     pub sums: Vec<Summand<'a>>,
@@ -428,6 +429,20 @@ impl<'a> RewriteContext<'a> {
             .field_with_name(&c.name)
             .map(|f| f.data_type().clone())
             .map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    /// Whether source `s` is read before a per-unit aggregate (always, when
+    /// the query has none); the others are joined to its output.
+    pub fn below_aggregate(&self, s: usize) -> bool {
+        self.query
+            .per_unit
+            .as_ref()
+            .is_none_or(|p| p.sources.contains(&s))
+    }
+
+    /// The source a group key's column comes from.
+    pub fn key_source(&self, key: &GroupKey) -> Result<usize> {
+        Ok(self.query.source_column(key.column())?.source)
     }
 
     /// The unit column: the primary dataset's, or the one a per-unit
@@ -518,12 +533,12 @@ pub fn certify(
             .scope(&dataset.id)
             .and_then(|s| s.row_filter.as_deref())
         {
-            row_filters.push(planning.create_logical_expr(sql, &df_schema).map_err(|e| {
+            row_filters.push((scans.len(), planning.create_logical_expr(sql, &df_schema).map_err(|e| {
                 EngineError::Unavailable(format!(
                     "the row filter of grant `{}` on `{}` does not plan: {e}; the security officer must fix the policy",
                     grant.id, dataset.id
                 ))
-            })?);
+            })?));
         }
         let (schema_name, table_name) = dataset.schema_table();
         let table = datafusion::common::TableReference::partial(schema_name, table_name);
