@@ -62,13 +62,22 @@ pub async fn run(scale: f64) -> Result<()> {
             expect: None,
         },
         Step {
-            title: "3. The university asks for raw rows: refused before any data is read",
+            title: "3. The university links visits to residents on the person (关联分析): visits and spending per patient, by gender",
+            operator: "op-univ-07",
+            sql: "WITH per AS (SELECT patient_id, COUNT(*) AS visits, SUM(cost) AS spend \
+                  FROM wjw.outpatient_visits GROUP BY patient_id) \
+                  SELECT r.gender, AVG(p.visits) AS visits_per_patient, AVG(p.spend) AS spend_per_patient \
+                  FROM per p JOIN pop.residents r ON p.patient_id = r.person_id GROUP BY r.gender",
+            expect: None,
+        },
+        Step {
+            title: "4. The university asks for raw rows: refused before any data is read",
             operator: "op-univ-07",
             sql: "SELECT * FROM pop.residents",
             expect: Some(Code::PermissionDenied),
         },
         Step {
-            title: "4. An operator whose grant expired in 2025 tries again",
+            title: "5. An operator whose grant expired in 2025 tries again",
             operator: "op-expired",
             sql: "SELECT district, AVG(age) FROM pop.residents GROUP BY district",
             expect: Some(Code::PermissionDenied),
@@ -92,7 +101,7 @@ pub async fn run(scale: f64) -> Result<()> {
         println!();
     }
 
-    println!("5. Remaining privacy budget (veil.v1.GetBudget)");
+    println!("6. Remaining privacy budget (veil.v1.GetBudget)");
     for operator in ["op-credit-01", "op-univ-07"] {
         let budget =
             crate::client::budget(&server.endpoint(), &format!("demo-token-{operator}")).await?;
