@@ -11,10 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use proptest::prelude::*;
-use veil_engine::mechanisms::BoundingKeys;
+use veil_engine::mechanisms::{BoundingKeys, release};
 use veil_sandbox::KeyValue;
 
 use crate::support::certified_over;
@@ -351,4 +351,53 @@ proptest! {
         }
         prop_assert_eq!(bounded(&events, &people, keys), expected);
     }
+}
+
+/// End-to-end audit (THREATS.md recipe, α = 1e-6) of a join: a count per
+/// region over events joined to people, on neighbouring datasets where the
+/// victim has rows in both tables (3 events × 2 people rows = 6 joined rows,
+/// bounded to max_rows = 3). The grant charges ε = 1 per query.
+#[test]
+fn a_join_keeps_its_epsilon_end_to_end() {
+    const N: usize = 20_000;
+    let claimed = 1.0;
+    let sql = "SELECT p.region, COUNT(*) FROM t.events e JOIN t.people p ON e.pid = p.person \
+               GROUP BY p.region";
+    let sample = |with_victim: bool| -> Vec<i64> {
+        let mut events: Vec<Event> = (1..=12).map(|u| (u, "k1", Some(1.0))).collect();
+        let mut people: Vec<Person> = (1..=12)
+            .map(|u| (u, if u % 2 == 0 { "r1" } else { "r2" }))
+            .collect();
+        if with_victim {
+            events.extend([(0, "k1", Some(10.0)); 3]);
+            people.extend([(0, "r1"); 2]);
+        }
+        let (plan, exact) = certified_over(POLICY, &files(&events, &people), "op", sql, None);
+        let spec = plan.spec();
+        let schema = Arc::new(spec.query.aggregate_schema.as_arrow().clone());
+        (0..N)
+            .map(|_| {
+                let released = release(spec, &exact, schema.clone()).expect("release");
+                let batch = released.batch();
+                let regions = batch.column(0).as_string::<i32>();
+                let row = (0..batch.num_rows())
+                    .find(|r| regions.value(*r) == "r1")
+                    .expect("a public key is always released");
+                datafusion::arrow::compute::cast(batch.column(1), &DataType::Int64)
+                    .expect("integers")
+                    .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                    .value(row)
+            })
+            .collect()
+    };
+    let (d0, d1) = (sample(false), sample(true));
+    let mut both = d0.clone();
+    both.extend(&d1);
+    let thresholds = veil_engine::audit::spread_thresholds(&both, 60);
+    let lb = veil_engine::audit::loss_lower_bound(&d0, &d1, 0.0, thresholds.clone()).max(
+        veil_engine::audit::loss_lower_bound(&d1, &d0, 0.0, thresholds),
+    );
+    eprintln!("end-to-end audit, join count: claimed ε = {claimed}, lower bound {lb:.4}");
+    assert!(lb <= claimed, "ε lower bound {lb} exceeds {claimed}");
+    assert!(lb > 0.1, "the audit sees the victim: {lb}");
 }
