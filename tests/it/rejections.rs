@@ -70,19 +70,6 @@ async fn grouping_by_an_identifier_is_refused() {
         &["[GROUP_BY_IDENTIFIER]", "employer_uscc"],
     )
     .await;
-    refused(
-        &f,
-        "op-credit-01",
-        "SELECT COUNT(*) FROM hrss.social_insurance s \
-         JOIN samr.enterprises e ON s.employer_uscc = e.uscc WHERE e.uscc = '91110108MA01EXAMPL'",
-        Code::PermissionDenied,
-        &[
-            "[COLUMN_USE_NOT_GRANTED]",
-            "filter_literal",
-            "employer_uscc",
-        ],
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
