@@ -754,7 +754,7 @@ impl<'a> Ctx<'a> {
                 _ => false,
             };
             let (p, o) = (self.sources[primary].dataset, self.sources[other].dataset);
-            if !joined || !same_unit(p, o) {
+            if !joined || !p.shares_units_with(o) {
                 return Err(EngineError::rejected(
                     Rule::JoinNotAllowed,
                     format!(
@@ -769,22 +769,6 @@ impl<'a> Ctx<'a> {
         }
         Ok(primary)
     }
-}
-
-/// Whether two private datasets' units are one ID space: the same kind, and
-/// the same column name or a foreign key from one unit to the other dataset.
-fn same_unit(a: &Dataset, b: &Dataset) -> bool {
-    let (Some(ua), Some(ub)) = (&a.unit, &b.unit) else {
-        return false;
-    };
-    let linked = |x: &Dataset, unit: &str, y: &Dataset| {
-        x.foreign_keys
-            .iter()
-            .any(|fk| fk.column == unit && fk.references == y.id)
-    };
-    a.id == b.id
-        || (ua.kind == ub.kind
-            && (ua.column == ub.column || linked(a, &ua.column, b) || linked(b, &ub.column, a)))
 }
 
 /// Disjoint sets over `0..n`.

@@ -231,6 +231,49 @@ pub fn explain_dataset(
     if let Some(r) = &ds.registration_id {
         let _ = writeln!(out, "  registration (公共数据资源登记编号) {r}");
     }
+    // Which private datasets a query may join it with on the person
+    // (关联): one ID space of units, by name and kind or a foreign key.
+    if let Some(unit) = &ds.unit {
+        let linked: Vec<String> = policy
+            .datasets
+            .values()
+            .filter(|o| o.id != ds.id && !o.is_public())
+            .filter(|o| ds.shares_units_with(o))
+            .filter_map(|o| {
+                let ou = o.unit.as_ref()?;
+                Some(format!("{} (on {} = {})", o.id, unit.column, ou.column))
+            })
+            .collect();
+        if !linked.is_empty() {
+            let _ = writeln!(
+                out,
+                "  may be joined on the person (关联) with: {}",
+                linked.join(", ")
+            );
+        }
+    }
+    for e in policy
+        .escalations
+        .iter()
+        .filter(|e| e.datasets.contains(dataset))
+    {
+        let others: Vec<&str> = e
+            .datasets
+            .iter()
+            .map(String::as_str)
+            .filter(|d| *d != dataset)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  read together with {} it is graded {} (就高从严){}",
+            others.join(" and "),
+            e.level,
+            e.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
     let grants: Vec<&Grant> = policy
         .grants
         .iter()

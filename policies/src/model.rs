@@ -503,6 +503,26 @@ impl Dataset {
         self.level.def().dp == DpRule::None && self.open == Attribute::Unconditional
     }
 
+    /// Whether this dataset's privacy units and `other`'s are one ID space,
+    /// so queries may join the two on them: the same dataset, or units of
+    /// the same kind under the same column name or linked by a foreign key
+    /// from one unit column to the other dataset.
+    pub fn shares_units_with(&self, other: &Dataset) -> bool {
+        let (Some(a), Some(b)) = (&self.unit, &other.unit) else {
+            return false;
+        };
+        let linked = |x: &Dataset, unit: &str, y: &Dataset| {
+            x.foreign_keys
+                .iter()
+                .any(|fk| fk.column == unit && fk.references == y.id)
+        };
+        self.id == other.id
+            || (a.kind == b.kind
+                && (a.column == b.column
+                    || linked(self, &a.column, other)
+                    || linked(other, &b.column, self)))
+    }
+
     /// Looks a column up by name.
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)

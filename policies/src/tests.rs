@@ -563,6 +563,22 @@ fn explain_says_what_an_operator_may_do() {
         ds.contains("op-credit-01") && ds.contains("op-ndrc") && !ds.contains("op-univ-07"),
         "{ds}"
     );
+    // Joins on the person and escalations are spelled out for officers.
+    assert!(
+        ds.contains(
+            "may be joined on the person (关联) with: pop.residents (on person_id = person_id)"
+        ),
+        "{ds}"
+    );
+    assert!(
+        ds.contains("read together with wjw.outpatient_visits it is graded important"),
+        "{ds}"
+    );
+    let visits = explain::explain_dataset(&p, "wjw.outpatient_visits", now).expect("known");
+    assert!(
+        visits.contains("pop.residents (on patient_id = person_id)"),
+        "{visits}"
+    );
 }
 
 #[test]
