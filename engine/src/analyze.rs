@@ -754,7 +754,7 @@ impl<'a> Ctx<'a> {
                 _ => false,
             };
             let (p, o) = (self.sources[primary].dataset, self.sources[other].dataset);
-            if !joined || !p.shares_units_with(o) {
+            if !joined || !self.policy.share_units(&p.id, &o.id) {
                 return Err(EngineError::rejected(
                     Rule::JoinNotAllowed,
                     format!(

@@ -238,7 +238,7 @@ pub fn explain_dataset(
             .datasets
             .values()
             .filter(|o| o.id != ds.id && !o.is_public())
-            .filter(|o| ds.shares_units_with(o))
+            .filter(|o| policy.share_units(&ds.id, &o.id))
             .filter_map(|o| {
                 let ou = o.unit.as_ref()?;
                 Some(format!("{} (on {} = {})", o.id, unit.column, ou.column))

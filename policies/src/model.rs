@@ -503,10 +503,10 @@ impl Dataset {
         self.level.def().dp == DpRule::None && self.open == Attribute::Unconditional
     }
 
-    /// Whether this dataset's privacy units and `other`'s are one ID space,
-    /// so queries may join the two on them: the same dataset, or units of
-    /// the same kind under the same column name or linked by a foreign key
-    /// from one unit column to the other dataset.
+    /// Whether this dataset's privacy units and `other`'s are directly
+    /// linked as one ID space: the same dataset, or units of the same kind
+    /// under the same column name or joined by a foreign key from one unit
+    /// column to the other dataset. [`Policy::share_units`] follows links.
     pub fn shares_units_with(&self, other: &Dataset) -> bool {
         let (Some(a), Some(b)) = (&self.unit, &other.unit) else {
             return false;
@@ -952,6 +952,28 @@ impl Policy {
         self.escalations_for(datasets)
             .map(|e| e.level.def().min_group_size)
             .fold(self.min_group_size(grant), u32::max)
+    }
+
+    /// Whether two datasets' privacy units are one ID space, directly or
+    /// through a chain of linked datasets (visits → residents ← insurance).
+    pub fn share_units(&self, a: &str, b: &str) -> bool {
+        let mut seen = vec![a];
+        let mut i = 0;
+        while i < seen.len() {
+            if seen[i] == b {
+                return true;
+            }
+            let Some(x) = self.datasets.get(seen[i]) else {
+                return false;
+            };
+            for y in self.datasets.values() {
+                if !seen.contains(&y.id.as_str()) && x.shares_units_with(y) {
+                    seen.push(&y.id);
+                }
+            }
+            i += 1;
+        }
+        false
     }
 
     /// Grants held by one operator.

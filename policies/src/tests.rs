@@ -579,6 +579,13 @@ fn explain_says_what_an_operator_may_do() {
         visits.contains("pop.residents (on patient_id = person_id)"),
         "{visits}"
     );
+    // Links chain: visits → residents ← insurance.
+    assert!(
+        visits.contains("hrss.social_insurance (on patient_id = person_id)"),
+        "{visits}"
+    );
+    assert!(p.share_units("wjw.outpatient_visits", "hrss.social_insurance"));
+    assert!(!p.share_units("wjw.outpatient_visits", "samr.enterprises"));
 }
 
 #[test]
