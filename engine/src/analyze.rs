@@ -364,24 +364,34 @@ impl<'a> Ctx<'a> {
     /// grouping by (or filtering on) that identifier. Call after the walk,
     /// when every join condition is known.
     fn require_joined(&self, c: &SourceColumn, u: Use) -> Result<&Column> {
-        let mut class = vec![c.clone()];
-        let mut i = 0;
-        while i < class.len() {
-            for (l, r) in &self.joins {
-                for (x, y) in [(l, r), (r, l)] {
-                    if *x == class[i] && !class.contains(y) {
-                        class.push(y.clone());
-                    }
-                }
-            }
-            i += 1;
-        }
-        for other in &class[1..] {
+        for other in self.joined_class(c).iter().skip(1) {
             if !self.dataset(other).is_public() {
                 self.require(other, u)?;
             }
         }
         self.require(c, u)
+    }
+
+    /// `c` and every column the join conditions equate it with, `c` first.
+    fn joined_class(&self, c: &SourceColumn) -> Vec<SourceColumn> {
+        reachable(c.clone(), |x| {
+            self.joins
+                .iter()
+                .filter_map(|(l, r)| match (l == x, r == x) {
+                    (true, _) => Some(r.clone()),
+                    (_, true) => Some(l.clone()),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// Whether a column is a private table's privacy-unit column.
+    fn is_private_unit(&self, c: &SourceColumn) -> bool {
+        c.source != DERIVED && {
+            let d = self.dataset(c);
+            !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == c.name)
+        }
     }
 
     /// The source column behind a column of the certified plan's relations.
@@ -579,11 +589,7 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 }
-                let unit = keys.iter().any(|k| {
-                    let d = self.sources[k.source].dataset;
-                    !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == k.name)
-                });
-                if !unit {
+                if !keys.iter().any(|k| self.is_private_unit(k)) {
                     return Err(EngineError::rejected(
                         Rule::UnsupportedShape,
                         "a CTE or subquery may aggregate only per privacy unit (GROUP BY the unit column, e.g. patient_id); aggregate across units in the outer query",
@@ -704,27 +710,18 @@ impl<'a> Ctx<'a> {
             .iter()
             .position(|s| !s.dataset.is_public())
             .ok_or_else(|| EngineError::Internal("no private source".into()))?;
-        // Connected components of tables, and equivalence classes of columns.
-        let mut tables = UnionFind::new(self.sources.len());
-        let mut columns: Vec<SourceColumn> = Vec::new();
-        let mut index = |c: &SourceColumn| match columns.iter().position(|x| x == c) {
-            Some(i) => i,
-            None => {
-                columns.push(c.clone());
-                columns.len() - 1
-            }
-        };
-        let pairs: Vec<(usize, usize)> = self
-            .joins
-            .iter()
-            .map(|(l, r)| (index(l), index(r)))
-            .collect();
-        let mut classes = UnionFind::new(columns.len());
-        for ((l, r), (a, b)) in self.joins.iter().zip(&pairs) {
-            tables.union(l.source, r.source);
-            classes.union(*a, *b);
-        }
-        if let Some(lonely) = (0..self.sources.len()).find(|&i| tables.find(i) != tables.find(0)) {
+        // Every table joined, directly or not, to the first.
+        let connected = reachable(0, |t| {
+            self.joins
+                .iter()
+                .filter_map(|(l, r)| match (l.source == *t, r.source == *t) {
+                    (true, _) => Some(r.source),
+                    (_, true) => Some(l.source),
+                    _ => None,
+                })
+                .collect()
+        });
+        if let Some(lonely) = (0..self.sources.len()).find(|i| !connected.contains(i)) {
             return Err(EngineError::rejected(
                 Rule::JoinNotAllowed,
                 format!(
@@ -742,17 +739,12 @@ impl<'a> Ctx<'a> {
         let Some(primary_unit) = unit_of(primary) else {
             return Err(EngineError::Internal("private dataset without unit".into()));
         };
+        let unit_class = self.joined_class(&primary_unit);
         for other in (0..self.sources.len())
             .filter(|&i| i != primary && !self.sources[i].dataset.is_public())
         {
             let Some(unit) = unit_of(other) else { continue };
-            let joined = match (
-                columns.iter().position(|c| *c == primary_unit),
-                columns.iter().position(|c| *c == unit),
-            ) {
-                (Some(a), Some(b)) => classes.find(a) == classes.find(b),
-                _ => false,
-            };
+            let joined = unit_class.contains(&unit);
             let (p, o) = (self.sources[primary].dataset, self.sources[other].dataset);
             if !joined || !self.policy.share_units(&p.id, &o.id) {
                 return Err(EngineError::rejected(
@@ -771,26 +763,19 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// Disjoint sets over `0..n`.
-struct UnionFind(Vec<usize>);
-
-impl UnionFind {
-    fn new(n: usize) -> Self {
-        UnionFind((0..n).collect())
-    }
-
-    fn find(&mut self, mut i: usize) -> usize {
-        while self.0[i] != i {
-            self.0[i] = self.0[self.0[i]];
-            i = self.0[i];
+/// Everything reachable from `start` along `next`, `start` first.
+fn reachable<T: Clone + PartialEq>(start: T, next: impl Fn(&T) -> Vec<T>) -> Vec<T> {
+    let mut seen = vec![start];
+    let mut i = 0;
+    while i < seen.len() {
+        for n in next(&seen[i]) {
+            if !seen.contains(&n) {
+                seen.push(n);
+            }
         }
-        i
+        i += 1;
     }
-
-    fn union(&mut self, a: usize, b: usize) {
-        let (a, b) = (self.find(a), self.find(b));
-        self.0[a] = b;
-    }
+    seen
 }
 
 /// Checks a planned query against the grant and extracts its shape.
@@ -987,10 +972,7 @@ fn resolve_per_unit(ctx: &mut Ctx<'_>, primary: usize) -> Result<Option<PerUnit>
     let unit = inner
         .keys
         .iter()
-        .find(|k| {
-            let d = ctx.sources[k.source].dataset;
-            !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == k.name)
-        })
+        .find(|k| ctx.is_private_unit(k))
         .map(|k| ctx.label(k))
         .ok_or_else(|| EngineError::Internal("per-unit aggregate without unit".into()))?;
     let mut values = Vec::new();
@@ -1168,13 +1150,7 @@ fn aggregate_call(e: &Expr, ctx: &Ctx<'_>, primary: usize) -> Result<AggregateCa
         // Every private table is joined on the unit (checked), so any
         // private table's unit column counts the same units.
         let is_unit = |c: &datafusion::common::Column| {
-            ctx.source_column(c).is_ok_and(|c| {
-                if c.source == DERIVED {
-                    return false;
-                }
-                let d = ctx.dataset(&c);
-                !d.is_public() && d.unit.as_ref().is_some_and(|u| u.column == c.name)
-            })
+            ctx.source_column(c).is_ok_and(|c| ctx.is_private_unit(&c))
         };
         return match (name.as_str(), params.args.as_slice()) {
             ("COUNT", [Expr::Column(c)]) if is_unit(c) => Ok(AggregateCall::CountDistinctUnit),

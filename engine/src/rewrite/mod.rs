@@ -397,14 +397,7 @@ pub(crate) struct RewriteContext<'a> {
 impl<'a> RewriteContext<'a> {
     /// The policy of the column a label names.
     pub fn column(&self, label: &str) -> Result<&'a Column> {
-        if let Some(d) = self.query.derived(label) {
-            return Ok(&d.column);
-        }
-        let c = self.query.source_column(label)?;
-        self.sources[c.source]
-            .0
-            .column(&c.name)
-            .ok_or_else(|| EngineError::Internal(format!("column `{label}` vanished")))
+        column_policy(self.query, &self.sources, label)
     }
 
     /// The column a label names, over its source's relation.
@@ -414,21 +407,7 @@ impl<'a> RewriteContext<'a> {
 
     /// The file schema type of the column a label names.
     pub fn data_type(&self, label: &str) -> Result<DataType> {
-        if let Some(d) = self.query.derived(label) {
-            return Ok(match d.call {
-                AggregateCall::Avg(_) => DataType::Float64,
-                AggregateCall::Sum(_) => {
-                    DataType::Decimal128(DECIMAL_PRECISION, d.column.precision as i8)
-                }
-                _ => DataType::Int64,
-            });
-        }
-        let c = self.query.source_column(label)?;
-        self.sources[c.source]
-            .1
-            .field_with_name(&c.name)
-            .map(|f| f.data_type().clone())
-            .map_err(|e| EngineError::Internal(e.to_string()))
+        column_type(self.query, &self.sources, label)
     }
 
     /// Whether source `s` is read before a per-unit aggregate (always, when
@@ -456,6 +435,47 @@ impl<'a> RewriteContext<'a> {
             ))),
         }
     }
+}
+
+/// The policy of the column a label names: a source column's, or the
+/// bounds a per-unit aggregate derives.
+fn column_policy<'a>(
+    query: &'a PrivateQuery,
+    sources: &[(&'a Dataset, SchemaRef)],
+    label: &str,
+) -> Result<&'a Column> {
+    if let Some(d) = query.derived(label) {
+        return Ok(&d.column);
+    }
+    let c = query.source_column(label)?;
+    sources[c.source]
+        .0
+        .column(&c.name)
+        .ok_or_else(|| EngineError::Internal(format!("column `{label}` vanished")))
+}
+
+/// The type of the column a label names: the file's, or what a per-unit
+/// aggregate computes.
+fn column_type(
+    query: &PrivateQuery,
+    sources: &[(&Dataset, SchemaRef)],
+    label: &str,
+) -> Result<DataType> {
+    if let Some(d) = query.derived(label) {
+        return Ok(match d.call {
+            AggregateCall::Avg(_) => DataType::Float64,
+            AggregateCall::Sum(_) => {
+                DataType::Decimal128(DECIMAL_PRECISION, d.column.precision as i8)
+            }
+            _ => DataType::Int64,
+        });
+    }
+    let c = query.source_column(label)?;
+    sources[c.source]
+        .1
+        .field_with_name(&c.name)
+        .map(|f| f.data_type().clone())
+        .map_err(|e| EngineError::Internal(e.to_string()))
 }
 
 /// One stage of the rewrite.
@@ -552,16 +572,7 @@ pub fn certify(
         };
         scans.push(scan.build().map_err(df)?);
     }
-    let policy_column = |label: &str| -> Result<&Column> {
-        if let Some(d) = query.derived(label) {
-            return Ok(&d.column);
-        }
-        let c = query.source_column(label)?;
-        sources[c.source]
-            .0
-            .column(&c.name)
-            .ok_or_else(|| EngineError::Internal("column vanished".into()))
-    };
+    let policy_column = |label: &str| column_policy(&query, &sources, label);
     // Each group key's public domain: declared in the policy, the buckets of
     // its bounds, or, for a column of a public table, the values it holds.
     let mut key_domains = Vec::new();
@@ -657,14 +668,7 @@ pub fn certify(
             Err(keys)
         }
         None => {
-            let data_type = |label: &str| {
-                let c = query.source_column(label)?;
-                sources[c.source]
-                    .1
-                    .field_with_name(&c.name)
-                    .map(|f| f.data_type().clone())
-                    .map_err(df_arrow)
-            };
+            let data_type = |label: &str| column_type(&query, &sources, label);
             let delta = selection_delta(&query, &key_domains, grant, dp, data_type)?;
             Ok((index_of(&mut count_kinds, CountKind::DistinctUnits), delta))
         }
@@ -1007,10 +1011,6 @@ fn key_product(key_domains: &[Option<Vec<DomainValue>>]) -> Result<Option<Vec<Ve
             .collect();
     }
     Ok(Some(keys))
-}
-
-fn df_arrow(e: datafusion::arrow::error::ArrowError) -> EngineError {
-    EngineError::Internal(e.to_string())
 }
 
 pub(crate) fn df(e: datafusion::error::DataFusionError) -> EngineError {
