@@ -62,6 +62,8 @@ pub fn canonical(raw: &RawPolicy) -> RawPolicy {
     }
     r.escalations
         .sort_by(|a, b| (&a.datasets, &a.level).cmp(&(&b.datasets, &b.level)));
+    r.truncated_joins
+        .sort_by(|a, b| (&a.datasets, &a.on).cmp(&(&b.datasets, &b.on)));
     r
 }
 

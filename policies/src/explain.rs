@@ -274,6 +274,23 @@ pub fn explain_dataset(
                 .unwrap_or_default()
         );
     }
+    for t in &policy.truncated_joins {
+        let [(a, ka), (b, kb)] = &t.sides;
+        let (key, other, other_key) = match () {
+            _ if a == dataset => (ka, b, kb),
+            _ if b == dataset => (kb, a, ka),
+            _ => continue,
+        };
+        let _ = writeln!(
+            out,
+            "  may be joined with {other} on {key} = {other_key}, each side truncated to {} rows per key (截断关联){}",
+            t.max_matches,
+            t.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
     let grants: Vec<&Grant> = policy
         .grants
         .iter()

@@ -395,6 +395,20 @@ pub struct Escalation {
     pub reason: Option<String>,
 }
 
+/// Two private datasets that may be joined on a key other than their privacy
+/// unit (截断关联): before the join, each side keeps at most `max_matches`
+/// rows per key value (and each unit at most its declared rows), so one
+/// unit changes a bounded number of joined rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TruncatedJoin {
+    /// `(dataset, key column)` of each side.
+    pub sides: [(String, String); 2],
+    /// Rows of each side kept per key value.
+    pub max_matches: u32,
+    /// Why, as written.
+    pub reason: Option<String>,
+}
+
 /// Daily hours in which a grant may be used (Beijing time, UTC+8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DailyHours {
@@ -449,6 +463,16 @@ impl UnitKind {
             "row" => UnitKind::Row,
             _ => return None,
         })
+    }
+
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitKind::NaturalPerson => "natural_person",
+            UnitKind::LegalPerson => "legal_person",
+            UnitKind::Household => "household",
+            UnitKind::Row => "row",
+        }
     }
 }
 
@@ -809,6 +833,8 @@ pub struct Policy {
     pub grants: Vec<Grant>,
     /// Combinations of datasets graded higher.
     pub escalations: Vec<Escalation>,
+    /// Joins of private datasets on other keys than the unit.
+    pub truncated_joins: Vec<TruncatedJoin>,
 }
 
 /// Hashes a bearer token the way policies store it (`sha256:<hex>`).
@@ -952,6 +978,16 @@ impl Policy {
         self.escalations_for(datasets)
             .map(|e| e.level.def().min_group_size)
             .fold(self.min_group_size(grant), u32::max)
+    }
+
+    /// The truncated join declared for the equality `a = b` of two
+    /// `(dataset, column)` pairs, in either order.
+    pub fn truncated_join(&self, a: (&str, &str), b: (&str, &str)) -> Option<&TruncatedJoin> {
+        self.truncated_joins.iter().find(|t| {
+            let [(xd, xc), (yd, yc)] = &t.sides;
+            let (x, y) = ((xd.as_str(), xc.as_str()), (yd.as_str(), yc.as_str()));
+            (x, y) == (a, b) || (x, y) == (b, a)
+        })
     }
 
     /// Whether two datasets' privacy units are one ID space, directly or

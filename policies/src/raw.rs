@@ -27,6 +27,29 @@ pub struct RawPolicy {
     /// `[[escalation]]`: combinations of datasets whose joint output is graded higher.
     #[serde(default, rename = "escalation", skip_serializing_if = "Vec::is_empty")]
     pub escalations: Vec<RawEscalation>,
+    /// `[[truncated_join]]`: private datasets that may be joined on a key
+    /// other than their privacy unit, each side truncated per key value.
+    #[serde(
+        default,
+        rename = "truncated_join",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub truncated_joins: Vec<RawTruncatedJoin>,
+}
+
+/// `[[truncated_join]]` (截断关联).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTruncatedJoin {
+    /// The two private datasets (the same one twice for a self-join).
+    pub datasets: Vec<String>,
+    /// The key column of each dataset, in the same order.
+    pub on: Vec<String>,
+    /// Rows of each side kept per key value (截断阈值).
+    pub max_matches: u32,
+    /// Why the join is needed.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// `[[escalation]]`.

@@ -234,6 +234,27 @@ rule!(
     )]
 );
 rule!(
+    truncated_join_with_a_public_dataset,
+    [(
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n",
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n\n[[truncated_join]]\ndatasets = [\"hrss.social_insurance\", \"samr.enterprises\"]\non = [\"employer_uscc\", \"uscc\"]\nmax_matches = 3\n"
+    )]
+);
+rule!(
+    truncated_join_unknown_column_with_suggestion,
+    [(
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n",
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n\n[[truncated_join]]\ndatasets = [\"hrss.social_insurance\", \"wjw.outpatient_visits\"]\non = [\"district\", \"districts\"]\nmax_matches = 3\n"
+    )]
+);
+rule!(
+    truncated_join_without_a_bound,
+    [(
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n",
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n\n[[truncated_join]]\ndatasets = [\"hrss.social_insurance\", \"wjw.outpatient_visits\"]\non = [\"district\", \"district\"]\nmax_matches = 0\n"
+    )]
+);
+rule!(
     unknown_aggregate_with_suggestion,
     [("agg_functions = [\"COUNT\"]", "agg_functions = [\"CONT\"]")]
 );
@@ -528,6 +549,30 @@ proptest! {
             let _ = e.render(false);
         }
     }
+}
+
+#[test]
+fn a_truncated_join_is_declared_looked_up_and_explained() {
+    let text = edited(&[(
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n",
+        "reason = \"社保与就诊记录关联可推断个人健康与就业状况\"\n\n[[truncated_join]]\ndatasets = [\"hrss.social_insurance\", \"wjw.outpatient_visits\"]\non = [\"employer_uscc\", \"district\"]\nmax_matches = 3\nreason = \"测试\"\n",
+    )]);
+    let p = Policy::from_toml(&text).expect("valid");
+    let insurance = ("hrss.social_insurance", "employer_uscc");
+    let visits = ("wjw.outpatient_visits", "district");
+    for (a, b) in [(insurance, visits), (visits, insurance)] {
+        assert_eq!(p.truncated_join(a, b).map(|t| t.max_matches), Some(3));
+    }
+    assert!(
+        p.truncated_join(insurance, ("wjw.outpatient_visits", "patient_id"))
+            .is_none()
+    );
+    let now = at("2026-11-27T12:00:00+08:00");
+    let shown = explain::explain_dataset(&p, "wjw.outpatient_visits", now).expect("known");
+    assert!(
+        shown.contains("may be joined with hrss.social_insurance on district = employer_uscc, each side truncated to 3 rows per key (截断关联): 测试"),
+        "{shown}"
+    );
 }
 
 #[test]

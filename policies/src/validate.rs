@@ -164,6 +164,7 @@ pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
     }
     check_overlaps(&mut c, &grants);
     let escalations = resolve_escalations(&mut c, raw, &datasets);
+    let truncated_joins = resolve_truncated_joins(&mut c, raw, &datasets);
     if !c.problems.is_empty() {
         return Err(c.problems);
     }
@@ -176,6 +177,7 @@ pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
         operators,
         grants: grants.into_iter().map(|(_, g)| g).collect(),
         escalations,
+        truncated_joins,
     })
 }
 
@@ -378,6 +380,84 @@ fn resolve_escalations(
     }
     out
 }
+
+/// Truncated joins: two private datasets with units of one kind, a declared
+/// key column on each side, and a small positive truncation threshold.
+fn resolve_truncated_joins(
+    c: &mut Checker,
+    raw: &RawPolicy,
+    datasets: &BTreeMap<String, Dataset>,
+) -> Vec<TruncatedJoin> {
+    let mut out = Vec::new();
+    for (i, t) in raw.truncated_joins.iter().enumerate() {
+        let at = path!("truncated_join", i);
+        if t.datasets.len() != 2 || t.on.len() != 2 {
+            c.err(
+                at.at("datasets"),
+                "a truncated join names two datasets and one key column of each",
+            )
+            .help = Some(
+                "write datasets = [\"a.x\", \"b.y\"] and on = [\"key_of_a\", \"key_of_b\"]".into(),
+            );
+            continue;
+        }
+        let mut kinds = Vec::new();
+        for (j, (d, column)) in t.datasets.iter().zip(&t.on).enumerate() {
+            let Some(dataset) = datasets.get(d) else {
+                unknown_dataset(c, at.at("datasets").at(j), d, datasets);
+                continue;
+            };
+            match &dataset.unit {
+                Some(u) if !dataset.is_public() => kinds.push(u.kind),
+                _ => {
+                    c.err(
+                        at.at("datasets").at(j),
+                        format!("`{d}` is public: joins with public datasets need no truncation"),
+                    );
+                }
+            }
+            if dataset.column(column).is_none() {
+                let d = c.err(at.at("on").at(j), format!("`{d}` has no column `{column}`"));
+                d.help = suggest(column, dataset.columns.iter().map(|c| c.name.as_str()))
+                    .map(|s| format!("did you mean `{s}`?"));
+            }
+        }
+        if let [a, b] = kinds[..]
+            && a != b
+        {
+            c.err(
+                at.at("datasets"),
+                format!(
+                    "the datasets protect different kinds of units ({} and {}); a truncated join bounds one kind of unit",
+                    a.as_str(),
+                    b.as_str()
+                ),
+            );
+        }
+        if !(1..=MAX_MATCHES).contains(&t.max_matches) {
+            c.err(
+                at.at("max_matches"),
+                format!("max_matches must be between 1 and {MAX_MATCHES}"),
+            )
+            .help = Some(
+                "each unit's influence on the joined rows grows with max_matches; keep it small"
+                    .into(),
+            );
+        }
+        out.push(TruncatedJoin {
+            sides: [
+                (t.datasets[0].clone(), t.on[0].clone()),
+                (t.datasets[1].clone(), t.on[1].clone()),
+            ],
+            max_matches: t.max_matches,
+            reason: t.reason.clone(),
+        });
+    }
+    out
+}
+
+/// The largest truncation threshold a policy may declare.
+const MAX_MATCHES: u32 = 1000;
 
 fn unknown_dataset(
     c: &mut Checker,
