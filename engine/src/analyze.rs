@@ -119,6 +119,9 @@ pub struct PrivateQuery {
     /// A per-unit inner aggregate (a CTE or subquery grouped by the unit),
     /// whose outputs the outer aggregate reads.
     pub per_unit: Option<PerUnit>,
+    /// Two private tables joined on another key than the unit, under a
+    /// policy's `[[truncated_join]]`.
+    pub truncated: Option<Truncation>,
     /// GROUP BY keys, in order (columns by label).
     pub group_keys: Vec<GroupKey>,
     /// Aggregates, in the Aggregate node's order (columns by label).
@@ -128,6 +131,16 @@ pub struct PrivateQuery {
     /// The operator's whole plan; everything above the Aggregate node is
     /// post-processing of noisy values.
     pub plan: LogicalPlan,
+}
+
+/// A join of two private tables on a declared key other than their unit:
+/// each side is truncated to `max_matches` rows per key value before the join.
+#[derive(Debug, Clone)]
+pub struct Truncation {
+    /// The source and key column of each side.
+    pub sides: [(usize, String); 2],
+    /// Rows of each side kept per key value.
+    pub max_matches: u32,
 }
 
 /// The `source` of a [`SourceColumn`] that a per-unit aggregate computes.
@@ -260,6 +273,8 @@ struct Ctx<'a> {
     inner: Option<Inner>,
     /// The per-unit aggregates' policies, once resolved.
     derived: Vec<Derived>,
+    /// A truncated join, once the joins are checked.
+    truncated: Option<Truncation>,
 }
 
 /// A per-unit aggregate as the walk finds it.
@@ -746,20 +761,53 @@ impl<'a> Ctx<'a> {
             let Some(unit) = unit_of(other) else { continue };
             let joined = unit_class.contains(&unit);
             let (p, o) = (self.sources[primary].dataset, self.sources[other].dataset);
-            if !joined || !self.policy.share_units(&p.id, &o.id) {
-                return Err(EngineError::rejected(
+            if joined && self.policy.share_units(&p.id, &o.id) {
+                continue;
+            }
+            self.truncated = Some(self.truncation(primary, other).map_err(|why| {
+                EngineError::rejected(
                     Rule::JoinNotAllowed,
                     format!(
-                        "`{}` and `{}` are both private, so they may be joined only on their privacy units (`{}.{}` = `{}.{}`, units of the same kind linked by a shared name or a declared foreign key), which lets veil bound each unit's rows after the join; other joins of private tables need a truncation bound, which veil does not support yet",
+                        "`{}` and `{}` are both private, so they may be joined only on their privacy units (`{}.{}` = `{}.{}`, units of the same kind linked by a shared name or a declared foreign key), which lets veil bound each unit's rows after the join; {why}",
                         p.id, o.id, p.id, primary_unit.name, o.id, unit.name
                     ),
-                ));
-            }
+                )
+            })?);
         }
         for (l, r) in &self.joins {
             self.check_join_condition(l, r)?;
         }
         Ok(primary)
+    }
+}
+
+impl Ctx<'_> {
+    /// The truncated join of sources `a` and `b`: the policy declares one of
+    /// the equalities between them, and the query reads nothing else (another
+    /// table's rows would be multiplied past the truncation's bound). The
+    /// error says why not.
+    fn truncation(&self, a: usize, b: usize) -> std::result::Result<Truncation, String> {
+        let id = |c: &SourceColumn| self.dataset(c).id.as_str();
+        let declared = self.joins.iter().find_map(|(l, r)| {
+            let between = (l.source, r.source) == (a, b) || (l.source, r.source) == (b, a);
+            let t = self
+                .policy
+                .truncated_join((id(l), &l.name), (id(r), &r.name))
+                .filter(|_| between)?;
+            Some(Truncation {
+                sides: [(l.source, l.name.clone()), (r.source, r.name.clone())],
+                max_matches: t.max_matches,
+            })
+        });
+        match declared {
+            None => Err(
+                "other joins of private tables need a `[[truncated_join]]` declaration in the policy for one of their key equalities, and none covers this one".into(),
+            ),
+            Some(_) if self.sources.len() > 2 || self.inner.is_some() => Err(
+                "a truncated join (截断关联) reads exactly its two tables, with no other table and no per-unit aggregate".into(),
+            ),
+            Some(t) => Ok(t),
+        }
     }
 }
 
@@ -828,6 +876,7 @@ pub fn analyze(plan: LogicalPlan, policy: &Policy, grant: &Grant) -> Result<Anal
         joins: Vec::new(),
         inner: None,
         derived: Vec::new(),
+        truncated: None,
     };
     analyze_private(plan, &mut ctx)
 }
@@ -909,6 +958,14 @@ fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
         let a = ctx.canonical(&strip_aliases(a), input, &origins)?;
         aggregates.push(aggregate_call(&a, ctx, primary)?);
     }
+    // Rows of a truncated join belong to two units each: it releases row
+    // statistics, not distinct units.
+    if ctx.truncated.is_some() && aggregates.contains(&AggregateCall::CountDistinctUnit) {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            "COUNT(DISTINCT <unit>) is not supported over a truncated join (截断关联); count rows with COUNT(*)",
+        ));
+    }
     let mut columns = std::collections::BTreeMap::new();
     for (i, source) in ctx.sources.iter().enumerate() {
         for f in source.schema.fields() {
@@ -951,6 +1008,7 @@ fn analyze_private(plan: LogicalPlan, ctx: &mut Ctx<'_>) -> Result<Analyzed> {
         columns,
         predicates,
         per_unit,
+        truncated: ctx.truncated.take(),
         group_keys,
         aggregates,
         aggregate_schema: aggregate.schema.clone(),

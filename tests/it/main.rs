@@ -19,3 +19,4 @@ mod reload;
 mod selection;
 mod slt;
 mod support;
+mod truncated_joins;

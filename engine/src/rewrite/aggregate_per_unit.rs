@@ -58,7 +58,7 @@ impl RewriteStage for AggregatePerUnit {
         let mut joined: Vec<bool> = (0..ctx.query.sources.len())
             .map(|s| ctx.below_aggregate(s))
             .collect();
-        let aggregated = join_sources(aggregated, ctx, &mut joined, outside)?;
+        let aggregated = join_sources(aggregated, ctx, &ctx.scans, &mut joined, outside)?;
         let mut predicates = per_unit
             .predicates
             .iter()

@@ -377,6 +377,8 @@ pub(crate) struct RewriteContext<'a> {
     /// The grant's mandatory row filters, over the sources' relations, with
     /// the index of the source each filters.
     pub row_filters: Vec<(usize, Expr)>,
+    /// The most rows one unit may have in each source (0 for public ones).
+    pub unit_rows: Vec<u64>,
     /// Each group key's public domain, if it has one.
     pub key_domains: Vec<Option<Vec<DomainValue>>>,
     pub sums: Vec<Summand<'a>>,
@@ -667,6 +669,12 @@ pub fn certify(
             }
             Err(keys)
         }
+        None if query.truncated.is_some() => {
+            return Err(EngineError::rejected(
+                Rule::UnsupportedShape,
+                "group keys over a truncated join (截断关联) need public domains: group by columns with a declared domain or buckets",
+            ));
+        }
         None => {
             let data_type = |label: &str| column_type(&query, &sources, label);
             let delta = selection_delta(&query, &key_domains, grant, dp, data_type)?;
@@ -682,10 +690,26 @@ pub fn certify(
         + usize::from(selection.is_ok());
     let share = cost.as_rational() / dashu::rational::RBig::from(statistics.max(1) as u64);
     // Every private table is joined on the unit: the loosest of their
-    // declarations serves them all (see `contribution_bounds`).
-    let (max_groups, max_rows) =
-        crate::analyze::contribution_bounds(sources.iter().map(|(d, _)| *d));
-    let max_groups = dp.max_groups.map_or(max_groups, |g| g.min(max_groups));
+    // declarations serves them all (see `contribution_bounds`); a truncated
+    // join bounds the joined rows a unit changes instead (`truncation_bounds`).
+    // The most rows one unit may have in each table: its declared groups
+    // (tightened by the grant) times rows per group.
+    let unit_rows: Vec<u64> = sources
+        .iter()
+        .map(|(d, _)| {
+            d.unit.as_ref().map_or(0, |u| {
+                let groups = dp.max_groups.map_or(u.max_groups, |g| g.min(u.max_groups));
+                u64::from(groups) * u64::from(u.max_rows)
+            })
+        })
+        .collect();
+    let (max_groups, max_rows) = match &query.truncated {
+        Some(t) => truncation_bounds(t, &unit_rows)?,
+        None => {
+            let (g, r) = crate::analyze::contribution_bounds(sources.iter().map(|(d, _)| *d));
+            (dp.max_groups.map_or(g, |cap| cap.min(g)), r)
+        }
+    };
     let mut counts = Vec::new();
     for kind in &count_kinds {
         // A unit adds at most max_rows rows to a group, and itself once.
@@ -795,8 +819,10 @@ pub fn certify(
         sources,
         scans,
         unit,
-        rows_are_units: unit.kind == UnitKind::Row && query.sources.len() == 1,
+        rows_are_units: query.truncated.is_some()
+            || (unit.kind == UnitKind::Row && query.sources.len() == 1),
         row_filters,
+        unit_rows,
         key_domains,
         sums: sum_columns.clone(),
         counts: count_kinds.clone(),
@@ -859,6 +885,35 @@ pub fn certify(
             cost,
         },
     })
+}
+
+/// The contribution bounds of a truncated join, as `(1, S)`: one unit
+/// changes at most `S` joined rows, in any groups.
+///
+/// Before the join each side keeps at most `C` rows per unit (its
+/// `max_groups · max_rows`) and then at most `M` rows per key value, both
+/// chosen by a keyed hash of the row. Removing a unit removes at most `C`
+/// rows of a side; each one removed from a key's kept rows lets at most one
+/// other row in, so the side's kept rows change by at most `2C`. Each kept
+/// row meets at most `M` rows of the other side, so the joined rows change
+/// by at most `S = 2M(C₁ + C₂)` (a self-join counts the unit on both sides).
+/// Counts then move by at most `S` in total and sums by `S` times the
+/// largest bound: exactly the sensitivities of one group with `max_rows =
+/// S`. Quantiles spend their share as if all `S` rows fell in one group;
+/// their privacy loss grows at least linearly in the rows changed, so
+/// spreading them over groups costs no more. The joined rows are released
+/// as they are (each its own contribution), with public group keys only.
+fn truncation_bounds(t: &crate::analyze::Truncation, unit_rows: &[u64]) -> Result<(u32, u32)> {
+    let [(a, _), (b, _)] = &t.sides;
+    let rows = (unit_rows[*a] + unit_rows[*b])
+        .checked_mul(2 * u64::from(t.max_matches))
+        .and_then(|s| u32::try_from(s).ok())
+        .ok_or_else(|| {
+            EngineError::Unavailable(
+                "the truncated join's bound on a unit's joined rows overflows; the security officer must lower max_matches or the units' bounds".into(),
+            )
+        })?;
+    Ok((1, rows))
 }
 
 /// A bounded column's declared bounds, and the same in fixed-point units
