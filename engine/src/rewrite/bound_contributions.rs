@@ -30,7 +30,6 @@ use crate::keyed_hash::KeyedHash;
 /// See the module documentation.
 pub struct BoundContributions;
 
-const ROW_PRIORITY: &str = "__veil_row_priority";
 const ROWS: &str = "__veil_rows";
 const SAMPLE: &str = "__veil_sample";
 const GROUP_PRIORITY: &str = "__veil_group_priority";
@@ -145,24 +144,15 @@ impl RewriteStage for BoundContributions {
         // A row's priority hashes the values the sample keeps: within one
         // (unit, group) they tell rows apart, and rows with equal values are
         // interchangeable (the unit and keys, equal within the pair, and the
-        // columns no statistic reads need not be hashed).
-        let mut with_priority: Vec<Expr> = input
-            .schema()
-            .columns()
-            .into_iter()
-            .map(Expr::Column)
-            .collect();
+        // columns no statistic reads need not be hashed). The sample hashes
+        // them itself, only in pairs with more than `k` rows.
         if !sample.outputs.is_empty() {
-            with_priority
-                .push(KeyedHash::call(ctx.keys.rows, sample.values.clone()).alias(ROW_PRIORITY));
             contributions.push(
-                BoundedSample::call(k, col(ROW_PRIORITY), sample.values, sample.outputs)
-                    .alias(SAMPLE),
+                BoundedSample::call(k, ctx.keys.rows, sample.values, sample.outputs).alias(SAMPLE),
             );
         }
         let per_pair = input
-            .project(with_priority)
-            .and_then(|b| b.aggregate(unit_and_groups.clone(), contributions))
+            .aggregate(unit_and_groups.clone(), contributions)
             .and_then(|b| b.project(per_pair_exprs))
             .map_err(df)?;
         if ctx.key_space <= ctx.max_groups as usize {
