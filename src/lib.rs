@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use veil_engine::Engine;
+use veil_engine::audit_log::{AuditLog, Cadence};
 use veil_engine::catalog::Catalog;
 use veil_engine::ledger::Ledger;
 use veil_policy::Policy;
@@ -48,7 +49,13 @@ pub fn open_engine(policy: &Path, data: &Path, state: &Path) -> Result<Arc<Engin
     let policy = Policy::load(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
     let catalog = Catalog::open(&policy, data)?;
     let ledger = Ledger::open(state)?;
-    Ok(Arc::new(Engine::new(Arc::new(policy), catalog, ledger)))
+    let audit = AuditLog::open(state, Cadence::default())?;
+    Ok(Arc::new(Engine::new(
+        Arc::new(policy),
+        catalog,
+        ledger,
+        audit,
+    )))
 }
 
 /// Watches a policy file and reloads the engine's policy when it changes.

@@ -92,6 +92,9 @@ pub struct VeilFlightSql {
     results: Mutex<HashMap<Vec<u8>, (String, Answer, Instant)>>,
 }
 
+/// The gRPC header carrying a client-chosen request id (idempotent retries).
+pub const REQUEST_ID_HEADER: &str = "x-veil-request-id";
+
 impl VeilFlightSql {
     /// A service over shared state.
     pub fn new(shared: Arc<Shared>) -> Self {
@@ -221,15 +224,29 @@ impl FlightSqlService for VeilFlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let operator = self.operator(request.metadata())?;
         let now = chrono::Utc::now().fixed_offset();
+        // A client-chosen request id makes a retry return the same answer
+        // without a new charge.
+        let request_id = match request.metadata().get(REQUEST_ID_HEADER) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument("the request id header is not ASCII"))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
         // On its own task: a panic while answering fails this call only.
         let engine = self.shared.engine.clone();
         let op = operator.clone();
-        let answer = tokio::spawn(async move { engine.run(&op, &query.query, now).await })
-            .await
-            .map_err(|_| {
-                Status::internal("[INTERNAL] veil failed to answer; the server log has the details")
-            })?
-            .map_err(|e| status_of(&e))?;
+        let answer = tokio::spawn(async move {
+            engine
+                .run_request(&op, &query.query, now, request_id.as_deref())
+                .await
+        })
+        .await
+        .map_err(|_| {
+            Status::internal("[INTERNAL] veil failed to answer; the server log has the details")
+        })?
+        .map_err(|e| status_of(&e))?;
         let schema = answer.schema.clone();
         let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
         let handle = self.store(operator, answer)?;

@@ -284,6 +284,44 @@ pub fn plan_noise(mechanism: Mechanism, sensitivity: RBig, share: &RBig) -> Resu
     })
 }
 
+/// A charge in unit `from` as a draw on a budget kept in unit `to` (at δ
+/// `delta` for an ε budget), never below what the release spends in `to`:
+///
+/// - the same unit: unchanged;
+/// - ε → ρ: pure ε-DP implies (ε²/2)-zCDP (Bun & Steinke 2016, Prop. 1.4),
+///   so ρ = ε²/2, computed exactly in micro-units and rounded up;
+/// - ρ → ε: ρ-zCDP implies (ρ + 2√(ρ·ln(1/δ)), δ)-DP for every δ > 0
+///   (Prop. 1.3), so ε = ρ + 2√(ρ·ln(1/δ)), rounded up with one micro-unit
+///   to spare for floating-point error.
+///
+/// The δ of an approximate-DP release (partition selection) is not part of
+/// the conversion: the ledger keeps ε and ρ, and the grant's δ bounds each
+/// query's δ.
+pub fn convert(cost: Budget, from: &str, to: &str, delta: f64) -> Result<Budget> {
+    match (from, to) {
+        (a, b) if a == b => Ok(cost),
+        ("epsilon", "rho") => {
+            let micro = u128::from(cost.micro());
+            let rho = (micro * micro).div_ceil(2 * u128::from(MICRO));
+            u64::try_from(rho)
+                .map(Budget::from_micro)
+                .map_err(|_| EngineError::Internal("converted charge overflows".into()))
+        }
+        ("rho", "epsilon") if delta > 0.0 && delta < 1.0 => {
+            let rho = cost.as_f64();
+            let epsilon = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
+            let micro = (epsilon * MICRO as f64).ceil() + 1.0;
+            if !(micro.is_finite() && micro < u64::MAX as f64 / 2.0) {
+                return Err(EngineError::Internal("converted charge overflows".into()));
+            }
+            Ok(Budget::from_micro(micro as u64))
+        }
+        _ => Err(EngineError::Unavailable(format!(
+            "a charge in {from} cannot be drawn on a budget in {to} without a δ; the security officer must declare one"
+        ))),
+    }
+}
+
 pub(crate) fn opendp_err(e: opendp::error::Error) -> EngineError {
     EngineError::Internal(format!("opendp: {:?}", e.variant))
 }
@@ -291,6 +329,18 @@ pub(crate) fn opendp_err(e: opendp::error::Error) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversions_follow_the_documented_rule() {
+        // ε = 0.5 → ρ = 0.125 exactly; ε = 1e-6 → ρ = 5e-13, rounded up to 1e-6.
+        let c = |x: u64, from, to, d| convert(Budget::from_micro(x), from, to, d).expect("ok");
+        assert_eq!(c(500_000, "epsilon", "rho", 0.0).micro(), 125_000);
+        assert_eq!(c(1, "epsilon", "rho", 0.0).micro(), 1);
+        // ρ = 0.1 at δ = 1e-6: 0.1 + 2√(0.1·ln 1e6) = 2.4506…
+        let eps = c(100_000, "rho", "epsilon", 1e-6).as_f64();
+        assert!((2.4506..2.4508).contains(&eps), "{eps}");
+        assert!(convert(Budget::from_micro(1), "rho", "epsilon", 0.0).is_err());
+    }
 
     #[test]
     fn charges_round_up_and_totals_round_down() {
@@ -419,6 +469,21 @@ mod properties {
             let plan = plan_noise(mechanism, sensitivity, &share).expect("plan");
             prop_assert!(RBig::try_from(plan.spent).expect("finite") <= share);
             prop_assert!(plan.half_width(0.05).expect("accuracy") > 0.0);
+        }
+
+        /// Converted charges are never below the tight conversion, keep
+        /// their order, and a unit converts to itself unchanged.
+        #[test]
+        fn conversions_are_conservative_and_monotone(a in 1u64..5_000_000, b in 1u64..5_000_000, delta in 1e-12f64..0.5) {
+            let (a, b) = (Budget::from_micro(a.min(b)), Budget::from_micro(a.max(b)));
+            let to_rho = |x: Budget| convert(x, "epsilon", "rho", 0.0).expect("ε→ρ");
+            let to_eps = |x: Budget| convert(x, "rho", "epsilon", delta).expect("ρ→ε");
+            let eps = a.as_f64();
+            prop_assert!(to_rho(a).as_f64() >= eps * eps / 2.0);
+            let rho = a.as_f64();
+            prop_assert!(to_eps(a).as_f64() >= rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt());
+            prop_assert!(to_rho(a) <= to_rho(b) && to_eps(a) <= to_eps(b));
+            prop_assert_eq!(convert(a, "rho", "rho", 0.0).expect("same"), a);
         }
 
         /// A charge is never below the policy's per-query cost, and a total

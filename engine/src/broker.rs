@@ -18,11 +18,12 @@ use veil_policy::{Grant, Policy};
 
 use crate::accounting::Budget;
 use crate::analyze::{Analyzed, analyze, dataset_id};
+use crate::audit_log::AuditLog;
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
 use crate::execute::execute_certified;
 use crate::gate::gate;
-use crate::ledger::{ChargeState, Ledger, ReserveError};
+use crate::ledger::{Charge, ChargeState, Draw, Ledger, ReserveError, Reserved, Window};
 use crate::mechanisms::{BoundingKeys, Release, release};
 use crate::rewrite::{CertifiedPlan, KeySet, certify};
 
@@ -66,6 +67,10 @@ pub mod meta {
     pub const CLAMPED: &str = "veil.clamped_values";
     /// Field: aggregate computed.
     pub const AGGREGATE: &str = "veil.aggregate";
+    /// Schema: the index of the query's audit entry (its receipt).
+    pub const AUDIT_INDEX: &str = "veil.audit_index";
+    /// Schema: the latest signed audit checkpoint, as JSON.
+    pub const AUDIT_CHECKPOINT: &str = "veil.audit_checkpoint";
 }
 
 /// What a query returns.
@@ -109,6 +114,7 @@ pub struct Estimate {
 pub struct Engine {
     current: RwLock<Arc<Snapshot>>,
     ledger: Ledger,
+    audit: AuditLog,
 }
 
 /// A policy and the catalog built for it.
@@ -132,10 +138,11 @@ enum Planned {
 
 impl Engine {
     /// Assembles an engine.
-    pub fn new(policy: Arc<Policy>, catalog: Catalog, ledger: Ledger) -> Engine {
+    pub fn new(policy: Arc<Policy>, catalog: Catalog, ledger: Ledger, audit: AuditLog) -> Engine {
         Engine {
             current: RwLock::new(Arc::new(Snapshot { policy, catalog })),
             ledger,
+            audit,
         }
     }
 
@@ -173,25 +180,50 @@ impl Engine {
         &self.ledger
     }
 
-    /// Remaining budget of each grant of an operator: (grant, unit, remaining, total).
+    /// Remaining budget of each grant of an operator in its current window:
+    /// (grant, unit, remaining, total).
     pub fn budgets(&self, operator: &str) -> Result<Vec<(String, &'static str, f64, f64)>> {
         let snap = self.snapshot();
+        let now = chrono::Utc::now().timestamp_millis();
         let mut out = Vec::new();
         for g in snap.policy.grants_of(operator) {
-            if let Some(dp) = &g.dp {
-                let unit = crate::accounting::Mechanism::for_grant(dp).unit();
-                let total = Budget::total(dp.budget)?;
-                let spent = self.ledger.spent(&g.id, unit)?;
+            if let Some(draw) = grant_draw(g, Budget::from_micro(1))? {
+                let remaining = self.remaining(&draw, now)?;
                 out.push((
                     g.id.clone(),
-                    unit,
-                    total.micro().saturating_sub(spent.micro()) as f64
-                        / crate::accounting::MICRO as f64,
-                    total.as_f64(),
+                    draw.unit,
+                    remaining.as_f64(),
+                    draw.total.as_f64(),
                 ));
             }
         }
         Ok(out)
+    }
+
+    /// What a grant has spent in its current window, and in which unit.
+    pub fn spent(&self, grant: &str) -> Result<(&'static str, Budget)> {
+        let snap = self.snapshot();
+        let g = snap
+            .policy
+            .grants
+            .iter()
+            .find(|g| g.id == grant)
+            .ok_or_else(|| EngineError::Internal(format!("no grant `{grant}`")))?;
+        let draw = grant_draw(g, Budget::from_micro(1))?
+            .ok_or_else(|| EngineError::Internal(format!("grant `{grant}` has no budget")))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        let usage = self.ledger.usage(&draw.key, draw.unit, draw.window, now)?;
+        Ok((draw.unit, usage.spent))
+    }
+
+    /// What remains of a budget in its current window.
+    fn remaining(&self, draw: &Draw, now_ms: i64) -> Result<Budget> {
+        let usage = self
+            .ledger
+            .usage(&draw.key, draw.unit, draw.window, now_ms)?;
+        Ok(Budget::from_micro(
+            draw.total.micro().saturating_sub(usage.spent.micro()),
+        ))
     }
 
     /// Runs one query for an authenticated operator.
@@ -201,8 +233,40 @@ impl Engine {
         sql: &str,
         now: DateTime<FixedOffset>,
     ) -> Result<Answer> {
-        let request_id = crate::mechanisms::request_id()?;
-        let outcome = self.run_inner(operator, sql, now, &request_id).await;
+        self.run_request(operator, sql, now, None).await
+    }
+
+    /// Runs one query under a request id the client chose, so that a retry
+    /// with the same id and query returns the recorded outcome (the same
+    /// answer once released) without a new charge; `None` draws a fresh id.
+    pub async fn run_request(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+        request: Option<&str>,
+    ) -> Result<Answer> {
+        let request_id = match request {
+            Some(id) => client_request_id(operator, id)?,
+            None => crate::mechanisms::request_id()?,
+        };
+        // Fail closed: nothing is admitted while the ledger or the audit
+        // log cannot record it.
+        if let Some(why) = self.ledger.failure() {
+            return Err(EngineError::Unavailable(format!(
+                "privacy-budget ledger: {why}; no query is admitted until it is fixed"
+            )));
+        }
+        if let Some(why) = self.audit.failure() {
+            return Err(EngineError::Unavailable(format!(
+                "audit log: {why}; no query is admitted until it is fixed"
+            )));
+        }
+        let mut trail = Trail::default();
+        let outcome = self
+            .run_inner(operator, sql, now, &request_id, &mut trail)
+            .await;
+        let outcome = self.record(operator, sql, now, &request_id, trail, outcome);
         match &outcome {
             Ok(_) => {
                 tracing::info!(request = %request_id, operator, decision = "released", "query answered")
@@ -220,13 +284,18 @@ impl Engine {
         sql: &str,
         now: DateTime<FixedOffset>,
         request_id: &str,
+        trail: &mut Trail,
     ) -> Result<Answer> {
         let snap = self.snapshot();
+        trail.policy = snap.policy.hash.clone();
         match self
             .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
             .await?
         {
             Planned::Public { plan, grant } => {
+                trail.grant = Some(grant.id.clone());
+                trail.purpose = Some(grant.purpose.to_string());
+                trail.datasets = crate::analyze::scanned_datasets(&plan)?;
                 self.run_public(&snap, *plan, &grant, request_id).await
             }
             Planned::Private {
@@ -234,10 +303,85 @@ impl Engine {
                 planning,
                 grant,
             } => {
-                self.run_private(&snap, *certified, &planning, &grant, operator, request_id)
+                trail.grant = Some(grant.id.clone());
+                trail.purpose = Some(grant.purpose.to_string());
+                let mut datasets: Vec<String> = certified
+                    .spec()
+                    .query
+                    .sources
+                    .iter()
+                    .map(|s| s.dataset.clone())
+                    .collect();
+                datasets.sort();
+                datasets.dedup();
+                trail.datasets = datasets;
+                let query = Query {
+                    operator,
+                    sql,
+                    now,
+                    request_id,
+                };
+                self.run_private(&snap, *certified, &planning, &grant, &query, trail)
                     .await
             }
         }
+    }
+
+    /// Appends the audit entry of a query, admitted or refused, and puts its
+    /// receipt in the answer's metadata. An answer whose entry cannot be
+    /// written is not returned (its charge stands).
+    fn record(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+        request_id: &str,
+        trail: Trail,
+        outcome: Result<Answer>,
+    ) -> Result<Answer> {
+        use sha2::Digest;
+        let (decision, rule, result_hash) = match &outcome {
+            Ok(answer) => (
+                if trail.replayed {
+                    "replayed"
+                } else {
+                    "released"
+                },
+                None,
+                Some(hex::encode(sha2::Sha256::digest(encode_answer(answer)?))),
+            ),
+            Err(e) => ("refused", Some(e.code().to_owned()), None),
+        };
+        let entry = crate::audit_log::Entry {
+            time: now.to_rfc3339(),
+            operator: operator.to_owned(),
+            grant: trail.grant,
+            purpose: trail.purpose,
+            policy: trail.policy,
+            datasets: trail.datasets,
+            query_hash: query_hash(sql),
+            query: Some(sql.to_owned()),
+            decision: decision.to_owned(),
+            rule,
+            cost: trail.cost,
+            unit: trail.unit.to_owned(),
+            request: request_id.to_owned(),
+            result_hash,
+            sandbox: SANDBOX_LEVEL.to_owned(),
+        };
+        let receipt = self.audit.append(entry)?;
+        let mut answer = outcome?;
+        let mut metadata = answer.schema.metadata().clone();
+        metadata.insert(meta::AUDIT_INDEX.to_owned(), receipt.index.to_string());
+        metadata.insert(
+            meta::AUDIT_CHECKPOINT.to_owned(),
+            serde_json::to_string(&receipt.checkpoint)
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
+        );
+        let schema = Arc::new(answer.schema.as_ref().clone().with_metadata(metadata));
+        answer.batches = with_schema(answer.batches, &schema)?;
+        answer.schema = schema;
+        Ok(answer)
     }
 
     /// Test hook: the certified plan of a private query and its exact bounded
@@ -335,8 +479,25 @@ impl Engine {
                 certified, grant, ..
             } => {
                 let spec = certified.spec();
-                let (unit, total) = budget_of(&grant, spec)?;
-                let spent = self.ledger.spent(&grant.id, unit)?;
+                let now_ms = now.timestamp_millis();
+                let mut remaining = None;
+                let mut warnings = Vec::new();
+                for draw in draws(&snap.policy, &grant, spec)? {
+                    let left = self.remaining(&draw, now_ms)?;
+                    if draw.key.starts_with("grant:") {
+                        remaining = Some(left);
+                    } else if left < draw.amount {
+                        warnings.push(format!(
+                            "the global budget of `{}` has {} {} left, less than this query's {} {}: it would be refused",
+                            draw.key.trim_start_matches("dataset:"),
+                            left.as_f64(),
+                            draw.unit,
+                            draw.amount.as_f64(),
+                            draw.unit
+                        ));
+                    }
+                }
+                let unit = spec.mechanism.unit();
                 // Name each estimate after the output column that shows it.
                 let groups = spec.group_columns.len();
                 let out_schema = spec.query.plan.schema();
@@ -357,14 +518,16 @@ impl Engine {
                     grant: grant.id.clone(),
                     cost: spec.cost.as_f64(),
                     unit,
-                    remaining: total.micro().saturating_sub(spent.micro()) as f64
-                        / crate::accounting::MICRO as f64,
+                    remaining: remaining.map_or(0.0, Budget::as_f64),
                     rows: spec.keys.known_len(),
                     threshold: match &spec.keys {
                         KeySet::Selected(selection) => Some(selection.threshold()),
                         KeySet::Public(_) => None,
                     },
-                    warnings: selection_warnings(spec, snap.catalog.declared_rows(&spec.dataset)),
+                    warnings: selection_warnings(spec, snap.catalog.declared_rows(&spec.dataset))
+                        .into_iter()
+                        .chain(warnings)
+                        .collect(),
                     aggregates,
                 })
             }
@@ -546,44 +709,66 @@ impl Engine {
         certified: CertifiedPlan,
         planning: &SessionState,
         grant: &Grant,
-        operator: &str,
-        request_id: &str,
+        query: &Query<'_>,
+        trail: &mut Trail,
     ) -> Result<Answer> {
         let spec = certified.spec();
-        let (unit, total) = budget_of(grant, spec)?;
-        // 1. Durable charge before any data is read.
-        let reservation = self
-            .ledger
-            .reserve(
-                request_id,
-                &grant.id,
-                operator,
-                &snap.policy.hash,
-                unit,
-                total,
-                spec.cost,
-            )
-            .map_err(|e| match e {
-                ReserveError::Exhausted { spent } => EngineError::BudgetExhausted {
-                    grant: grant.id.clone(),
-                    cost: spec.cost.as_f64(),
-                    remaining: total.micro().saturating_sub(spent.micro()) as f64
+        let request_id = query.request_id;
+        // 1. Durable charge on every budget before any data is read.
+        let draws = draws(&snap.policy, grant, spec)?;
+        let charge = Charge {
+            request_id,
+            operator: query.operator,
+            grant: &grant.id,
+            policy_hash: &snap.policy.hash,
+            query_hash: &query_hash(query.sql),
+            draws: draws.clone(),
+            now_ms: query.now.timestamp_millis(),
+        };
+        let reservation = match self.ledger.reserve(&charge) {
+            Ok(Reserved::New(r)) => {
+                trail.cost = spec.cost.as_f64();
+                trail.unit = spec.mechanism.unit();
+                r
+            }
+            Ok(Reserved::Replay { state, answer }) => {
+                trail.replayed = true;
+                return replay(request_id, state, answer);
+            }
+            Err(ReserveError::Exhausted { draw, spent }) => {
+                return Err(EngineError::BudgetExhausted {
+                    owner: match draw.key.strip_prefix("dataset:") {
+                        Some(d) => format!("the global budget of dataset `{d}`"),
+                        None => format!("grant `{}`", grant.id),
+                    },
+                    cost: draw.amount.as_f64(),
+                    remaining: draw.total.micro().saturating_sub(spent.micro()) as f64
                         / crate::accounting::MICRO as f64,
-                    budget: total.as_f64(),
-                    unit,
-                },
-                ReserveError::Ledger(m) => EngineError::Unavailable(format!(
-                    "privacy-budget ledger: {m}; no query is admitted until it is fixed"
-                )),
-            })?;
+                    budget: draw.total.as_f64(),
+                    unit: draw.unit,
+                });
+            }
+            Err(ReserveError::Conflict) => {
+                return Err(EngineError::rejected(
+                    crate::error::Rule::InvalidSql,
+                    "this request id was already used for another query; use a new request id for a new query",
+                ));
+            }
+            Err(ReserveError::Ledger(why) | ReserveError::Step(why)) => {
+                return Err(EngineError::Unavailable(format!(
+                    "privacy-budget ledger: {why}; no query is admitted until it is fixed"
+                )));
+            }
+        };
         // 2. Execute; failures keep the charge.
-        self.ledger.advance(request_id, ChargeState::Dispatched)?;
+        self.ledger
+            .advance(request_id, ChargeState::Dispatched, None)?;
         let state = snap.catalog.execution_state()?;
         let exact = match execute_certified(&certified, &state, request_id).await {
             Ok(x) => x,
             Err(e) => {
                 self.ledger
-                    .advance(request_id, ChargeState::FailedAfterDispatch)?;
+                    .advance(request_id, ChargeState::FailedAfterDispatch, None)?;
                 return Err(e);
             }
         };
@@ -592,13 +777,17 @@ impl Engine {
         let released = release(spec, &exact, aggregate_schema)?;
         drop(exact);
         let (schema, batches) = post_process(&released, &certified, planning).await?;
-        self.ledger.advance(request_id, ChargeState::Released)?;
+        let grant_spent = reservation.spent[0];
+        let total = draws[0].total;
         let mut metadata: HashMap<String, String> = HashMap::new();
         metadata.insert(meta::COST.to_owned(), fmt_budget(spec.cost.as_f64()));
-        metadata.insert(meta::UNIT.to_owned(), unit.to_owned());
+        metadata.insert(meta::UNIT.to_owned(), draws[0].unit.to_owned());
         metadata.insert(
             meta::REMAINING.to_owned(),
-            fmt_budget(reservation.remaining().as_f64()),
+            fmt_budget(
+                total.micro().saturating_sub(grant_spent.micro()) as f64
+                    / crate::accounting::MICRO as f64,
+            ),
         );
         metadata.insert(meta::TOTAL.to_owned(), fmt_budget(total.as_f64()));
         metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
@@ -618,12 +807,175 @@ impl Engine {
         }
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
         let batches = with_schema(batches, &schema)?;
-        Ok(Answer {
+        let answer = Answer {
             schema,
             batches,
             request_id: request_id.to_owned(),
-        })
+        };
+        // 4. The release is recorded with the answer a retry gets.
+        self.ledger.advance(
+            request_id,
+            ChargeState::Released,
+            Some(&encode_answer(&answer)?),
+        )?;
+        Ok(answer)
     }
+}
+
+/// What the audit entry of a query records beside its outcome, filled in
+/// as the query proceeds.
+#[derive(Debug, Default)]
+struct Trail {
+    grant: Option<String>,
+    purpose: Option<String>,
+    policy: String,
+    datasets: Vec<String>,
+    cost: f64,
+    unit: &'static str,
+    replayed: bool,
+}
+
+/// Where queries run, as recorded in the audit log: in the broker's process
+/// until the sandboxed executors exist.
+const SANDBOX_LEVEL: &str = "in-process";
+
+/// One query as the operator sent it.
+struct Query<'a> {
+    operator: &'a str,
+    sql: &'a str,
+    now: DateTime<FixedOffset>,
+    request_id: &'a str,
+}
+
+/// The ledger id of a request id the client chose: checked (1 to 128
+/// characters of `A-Z a-z 0-9 . _ : -`) and namespaced by operator, so that
+/// operators cannot collide or probe each other's requests.
+fn client_request_id(operator: &str, id: &str) -> Result<String> {
+    let valid = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+    if !valid {
+        return Err(EngineError::rejected(
+            crate::error::Rule::InvalidSql,
+            "a request id is 1 to 128 characters of letters, digits, `.`, `_`, `:` and `-`",
+        ));
+    }
+    Ok(format!("{operator}/{id}"))
+}
+
+/// SHA-256 of the query text with runs of whitespace collapsed: a retry must
+/// repeat the query.
+pub fn query_hash(sql: &str) -> String {
+    use sha2::Digest;
+    let normalized = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    hex::encode(sha2::Sha256::digest(normalized.as_bytes()))
+}
+
+/// The outcome recorded for a request id seen before.
+fn replay(request_id: &str, state: ChargeState, answer: Option<Vec<u8>>) -> Result<Answer> {
+    match (state, answer) {
+        (ChargeState::Released, Some(bytes)) => decode_answer(&bytes, request_id),
+        (ChargeState::FailedAfterDispatch, _) => Err(EngineError::ExecutionFailed {
+            request: request_id.to_owned(),
+        }),
+        _ => Err(EngineError::Unavailable(format!(
+            "request {request_id} is still running or was interrupted after its data was read; its charge stands. Retry later, or send the query under a new request id"
+        ))),
+    }
+}
+
+/// An answer as an Arrow IPC stream, metadata included.
+fn encode_answer(answer: &Answer) -> Result<Vec<u8>> {
+    let internal = |e: datafusion::arrow::error::ArrowError| EngineError::Internal(e.to_string());
+    let mut out = Vec::new();
+    let mut writer =
+        datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &answer.schema)
+            .map_err(internal)?;
+    for b in &answer.batches {
+        writer.write(b).map_err(internal)?;
+    }
+    writer.finish().map_err(internal)?;
+    drop(writer);
+    Ok(out)
+}
+
+fn decode_answer(bytes: &[u8], request_id: &str) -> Result<Answer> {
+    let internal = |e: datafusion::arrow::error::ArrowError| EngineError::Internal(e.to_string());
+    let reader =
+        datafusion::arrow::ipc::reader::StreamReader::try_new(bytes, None).map_err(internal)?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    Ok(Answer {
+        schema,
+        batches,
+        request_id: request_id.to_owned(),
+    })
+}
+
+/// The grant's budget, as a draw of `amount` (`None` without DP settings):
+/// in the grant's unit, refreshed per window from the grant's start.
+fn grant_draw(grant: &Grant, amount: Budget) -> Result<Option<Draw>> {
+    let Some(dp) = &grant.dp else { return Ok(None) };
+    let unit = crate::accounting::Mechanism::for_grant(dp).unit();
+    Ok(Some(Draw {
+        key: format!("grant:{}", grant.id),
+        unit,
+        total: Budget::total(dp.budget)?,
+        window: dp
+            .window
+            .as_deref()
+            .and_then(veil_policy::iso_duration_days)
+            .map(|days| Window::days(grant.valid_from.timestamp_millis(), days)),
+        amount,
+    }))
+}
+
+/// Start of dataset budget windows: midnight, 1970-01-01, Beijing time.
+const DATASET_WINDOW_ANCHOR_MS: i64 = -8 * 3_600_000;
+
+/// The budgets a private query draws on: its grant's first, then the global
+/// budget of every private dataset it reads, its cost converted to each
+/// budget's unit ([`crate::accounting::convert`]).
+fn draws(policy: &Policy, grant: &Grant, spec: &crate::rewrite::ReleaseSpec) -> Result<Vec<Draw>> {
+    let mut out = vec![
+        grant_draw(grant, spec.cost)?
+            .ok_or_else(|| EngineError::Internal("private query without DP".into()))?,
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for source in spec.query.sources.iter().filter(|s| s.private) {
+        if !seen.insert(source.dataset.as_str()) {
+            continue;
+        }
+        let Some(b) = policy
+            .datasets
+            .get(&source.dataset)
+            .and_then(|d| d.budget.as_ref())
+        else {
+            continue;
+        };
+        let unit = match b.accounting {
+            veil_policy::Accounting::Epsilon { .. } => "epsilon",
+            veil_policy::Accounting::Rho { .. } => "rho",
+        };
+        out.push(Draw {
+            key: format!("dataset:{}", source.dataset),
+            unit,
+            total: Budget::total(b.total)?,
+            window: b
+                .window_days
+                .map(|days| Window::days(DATASET_WINDOW_ANCHOR_MS, days)),
+            amount: crate::accounting::convert(
+                spec.cost,
+                spec.mechanism.unit(),
+                unit,
+                b.accounting.delta(),
+            )?,
+        });
+    }
+    Ok(out)
 }
 
 /// Warns when partition selection can release few or no groups: a unit
@@ -649,14 +1001,6 @@ fn selection_warnings(spec: &crate::rewrite::ReleaseSpec, rows: Option<u64>) -> 
 }
 
 /// The unit and total budget a certified query is charged against.
-fn budget_of(grant: &Grant, spec: &crate::rewrite::ReleaseSpec) -> Result<(&'static str, Budget)> {
-    let dp = grant
-        .dp
-        .as_ref()
-        .ok_or_else(|| EngineError::Internal("private query without DP".into()))?;
-    Ok((spec.mechanism.unit(), Budget::total(dp.budget)?))
-}
-
 fn fmt_budget(x: f64) -> String {
     format!("{x:.6}")
 }

@@ -79,11 +79,11 @@ pub enum EngineError {
     NoGrant(#[from] veil_policy::GrantRefusal),
     /// The grant's privacy budget cannot pay for the query.
     #[error(
-        "[BUDGET_EXHAUSTED] grant `{grant}` cannot pay {cost} {unit}: {remaining} {unit} of {budget} remain; the budget is kept, ask the data owner for more or wait for the window to refresh"
+        "[BUDGET_EXHAUSTED] {owner} cannot pay {cost} {unit}: {remaining} {unit} of {budget} remain; the budget is kept, ask the data owner for more or wait for the window to refresh"
     )]
     BudgetExhausted {
-        /// Grant id.
-        grant: String,
+        /// Whose budget: ``grant `G` `` or ``the global budget of dataset `D` ``.
+        owner: String,
         /// Cost of the query.
         cost: f64,
         /// Remaining budget.

@@ -8,10 +8,13 @@
 //! 3. [`analyze`]: every column's use checked against the grant;
 //! 4. [`rewrite::certify`]: contributions bounded, values clamped, sums exact,
 //!    producing a [`rewrite::CertifiedPlan`];
-//! 5. [`ledger`]: the cost reserved durably before any data is read;
+//! 5. [`ledger`]: the cost reserved durably on every budget before any data
+//!    is read;
 //! 6. [`execute`]: the certified plan run (the only raw-data access);
 //! 7. [`mechanisms`]: opendp noise over every public key, a
-//!    [`mechanisms::Release`] with 95% intervals.
+//!    [`mechanisms::Release`] with 95% intervals;
+//! 8. [`audit_log`]: every query, admitted or refused, appended to a hash
+//!    chain and Merkle tree with signed checkpoints.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), veil_engine::EngineError> {
@@ -19,7 +22,8 @@
 //! let policy = Arc::new(veil_policy::Policy::load("examples/beijing/policy.toml".as_ref()).unwrap());
 //! let catalog = veil_engine::catalog::Catalog::open(&policy, "examples/beijing/data".as_ref())?;
 //! let ledger = veil_engine::ledger::Ledger::open("/tmp/veil-state".as_ref())?;
-//! let engine = veil_engine::Engine::new(policy, catalog, ledger);
+//! let audit = veil_engine::audit_log::AuditLog::open("/tmp/veil-state".as_ref(), Default::default())?;
+//! let engine = veil_engine::Engine::new(policy, catalog, ledger, audit);
 //! let now = chrono::Utc::now().fixed_offset();
 //! let answer = engine
 //!     .run("op-univ-07", "SELECT district, COUNT(*) FROM pop.residents GROUP BY district", now)
@@ -32,6 +36,7 @@ pub mod accounting;
 pub mod analyze;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod audit;
+pub mod audit_log;
 mod bounded_sample;
 pub mod broker;
 pub mod catalog;

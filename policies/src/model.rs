@@ -518,6 +518,19 @@ pub struct Dataset {
     pub foreign_keys: Vec<ForeignKey>,
     /// Columns.
     pub columns: Vec<Column>,
+    /// The global budget of every query reading the dataset.
+    pub budget: Option<DatasetBudget>,
+}
+
+/// A dataset's global privacy budget (全局隐私预算), over every operator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetBudget {
+    /// Unit, and δ for converting zCDP charges to ε.
+    pub accounting: Accounting,
+    /// The budget per window (or overall).
+    pub total: f64,
+    /// Refresh period in days, if any.
+    pub window_days: Option<u32>,
 }
 
 impl Dataset {

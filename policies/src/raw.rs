@@ -145,6 +145,26 @@ pub struct RawDataset {
     /// `[[dataset.column]]`.
     #[serde(default, rename = "column")]
     pub columns: Vec<RawColumn>,
+    /// The dataset's global privacy budget over every operator and grant.
+    #[serde(default)]
+    pub budget: Option<RawDatasetBudget>,
+}
+
+/// A dataset's global privacy budget (全局隐私预算): every query that reads
+/// the dataset draws on it, whoever runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatasetBudget {
+    /// `epsilon` or `rho`: the unit of `total`.
+    pub accounting: String,
+    /// The budget per window (or overall).
+    pub total: f64,
+    /// For `epsilon`: the δ at which zCDP charges are converted to ε.
+    #[serde(default)]
+    pub delta: Option<f64>,
+    /// Refresh window (ISO 8601 duration in days or weeks).
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 /// Catalog code and version.

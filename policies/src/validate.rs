@@ -163,6 +163,7 @@ pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
         }
     }
     check_overlaps(&mut c, &grants);
+    check_budget_units(&mut c, &grants, &datasets);
     let escalations = resolve_escalations(&mut c, raw, &datasets);
     let truncated_joins = resolve_truncated_joins(&mut c, raw, &datasets);
     if !c.problems.is_empty() {
@@ -346,6 +347,40 @@ fn check_overlaps(c: &mut Checker, grants: &[(usize, Grant)]) {
                     ),
                 )
                 .help = Some("end one grant before the other begins, or merge them into one grant".into());
+            }
+        }
+    }
+}
+
+/// A zCDP grant can draw on a dataset's ε budget only through a conversion
+/// at a δ the budget declares.
+fn check_budget_units(
+    c: &mut Checker,
+    grants: &[(usize, Grant)],
+    datasets: &BTreeMap<String, Dataset>,
+) {
+    for (i, g) in grants {
+        let Some(Accounting::Rho { .. }) = g.dp.as_ref().map(|d| d.accounting) else {
+            continue;
+        };
+        for s in &g.scopes {
+            if let Some(DatasetBudget {
+                accounting: Accounting::Epsilon { delta },
+                ..
+            }) = datasets.get(&s.dataset).and_then(|d| d.budget.as_ref())
+                && *delta <= 0.0
+            {
+                c.err(
+                    path!("grant", *i, "dp", "accounting"),
+                    format!(
+                        "grant `{}` is accounted in rho, but the budget of `{}` is in epsilon without delta; a zCDP charge converts to ε only at some δ > 0",
+                        g.id, s.dataset
+                    ),
+                )
+                .help = Some(format!(
+                    "add `delta` (e.g. 1e-7) to the budget of `{}`, or account it in rho",
+                    s.dataset
+                ));
             }
         }
     }
@@ -724,6 +759,60 @@ fn resolve_dataset(c: &mut Checker, at: &TomlPath, d: &RawDataset) -> Option<Dat
         unit,
         foreign_keys,
         columns,
+        budget: d
+            .budget
+            .as_ref()
+            .and_then(|b| resolve_dataset_budget(c, at.at("budget"), b)),
+    })
+}
+
+/// A dataset's global budget: a unit, a positive total, a window, and δ
+/// for an ε budget that zCDP grants draw on.
+fn resolve_dataset_budget(
+    c: &mut Checker,
+    at: TomlPath,
+    b: &RawDatasetBudget,
+) -> Option<DatasetBudget> {
+    let delta = b.delta.unwrap_or(0.0);
+    if !(delta.is_finite() && (0.0..1.0).contains(&delta)) {
+        c.err(at.at("delta"), "delta must be in [0, 1)");
+    }
+    if !(b.total.is_finite() && b.total.is_normal() && b.total > 0.0) {
+        c.err(
+            at.at("total"),
+            "the budget must be a positive finite number",
+        );
+    }
+    let window_days = match &b.window {
+        Some(w) => {
+            let days = iso_duration_days(w);
+            if days.is_none() {
+                c.err(
+                    at.at("window"),
+                    format!("window `{w}` is not an ISO 8601 duration in days or weeks"),
+                )
+                .help = Some("for example \"P30D\", \"P365D\" or \"P4W\"".into());
+            }
+            days
+        }
+        None => None,
+    };
+    let accounting = match b.accounting.as_str() {
+        "epsilon" => Accounting::Epsilon { delta },
+        "rho" => Accounting::Rho { delta },
+        other => {
+            c.err(at.at("accounting"), format!("unknown accounting `{other}`"))
+                .help = Some(
+                "accounting is `epsilon` (pure/approximate DP) or `rho` (zero-concentrated DP)"
+                    .into(),
+            );
+            return None;
+        }
+    };
+    Some(DatasetBudget {
+        accounting,
+        total: b.total,
+        window_days,
     })
 }
 

@@ -57,8 +57,9 @@ async fn the_charge_is_durable_before_execution_and_stands_when_execution_fails(
     let reopened = veil_engine::ledger::Ledger::open(&f.dir.path().join("state")).expect("reopen");
     assert_eq!(
         reopened
-            .spent("G-2026-002", "epsilon")
+            .usage("grant:G-2026-002", "epsilon", None, 0)
             .expect("spent")
+            .spent
             .micro(),
         500_000
     );

@@ -72,6 +72,8 @@ const VARYING: &[&str] = &[
     meta::REMAINING,
     meta::SUPPRESSED,
     meta::CLAMPED,
+    // Signed over entries that hold the time and the noisy answer's hash.
+    meta::AUDIT_CHECKPOINT,
 ];
 
 fn observe(result: Result<Answer, veil_engine::EngineError>) -> Observed {

@@ -76,11 +76,9 @@ impl Fixture {
 
     /// Budget spent on a grant, in micro-units.
     pub fn spent(&self, grant: &str, unit: &str) -> u64 {
-        self.engine
-            .ledger()
-            .spent(grant, unit)
-            .expect("ledger")
-            .micro()
+        let (spent_unit, spent) = self.engine.spent(grant).expect("ledger");
+        assert_eq!(spent_unit, unit);
+        spent.micro()
     }
 }
 
