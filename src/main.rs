@@ -84,6 +84,72 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Privacy budgets: an operator's remaining budget, from a server; or,
+    /// for security officers, every grant's and dataset's consumption, read
+    /// from the state directory (safe while the server runs).
+    ///
+    /// Example: veil budget --endpoint http://127.0.0.1:50051 --token demo-token-op-univ-07
+    ///
+    /// Example: veil budget --policy examples/beijing/policy.toml --state state
+    Budget {
+        /// Server endpoint (operators).
+        #[arg(long, env = "VEIL_ENDPOINT", conflicts_with = "state")]
+        endpoint: Option<String>,
+        /// Operator token.
+        #[arg(long, env = "VEIL_TOKEN", requires = "endpoint")]
+        token: Option<String>,
+        /// Policy file (officers).
+        #[arg(long, requires = "state")]
+        policy: Option<PathBuf>,
+        /// State directory (officers).
+        #[arg(long, requires = "policy")]
+        state: Option<PathBuf>,
+    },
+    /// The audit log (审计日志) of a state directory.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain, the Merkle tree and every checkpoint signature;
+    /// exit 1 on any sign of tampering.
+    ///
+    /// Example: veil audit verify --state state
+    Verify {
+        /// State directory.
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Print the inclusion proof (JSON) of one entry in the latest checkpoint.
+    ///
+    /// Example: veil audit prove --state state 41
+    Prove {
+        /// State directory.
+        #[arg(long)]
+        state: PathBuf,
+        /// The entry's index (a response's `veil.audit_index`).
+        index: u64,
+    },
+    /// Export entries for the supervising agency, after verifying the log.
+    ///
+    /// Example: veil audit export --state state --since 2026-11-01T00:00:00+08:00 --format parquet -o audit.parquet
+    Export {
+        /// State directory.
+        #[arg(long)]
+        state: PathBuf,
+        /// Only entries at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// `jsonl` or `parquet`.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Output file (standard output for jsonl when absent).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -226,6 +292,139 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => policy_command(command),
+        Command::Budget {
+            endpoint,
+            token,
+            policy,
+            state,
+        } => budget_command(endpoint, token, policy, state),
+        Command::Audit { command } => audit_command(command),
+    }
+}
+
+fn budget_command(
+    endpoint: Option<String>,
+    token: Option<String>,
+    policy: Option<PathBuf>,
+    state: Option<PathBuf>,
+) -> Result<ExitCode> {
+    if let (Some(endpoint), Some(token)) = (&endpoint, &token) {
+        let budget = runtime()?.block_on(veil::client::budget(endpoint, token))?;
+        println!("operator {}", budget.operator_id);
+        for g in budget.grants {
+            println!(
+                "  grant {:<14} {:>12.6} of {:>12.6} {} remaining",
+                g.grant_id, g.remaining, g.total, g.unit
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(policy), Some(state)) = (policy, state) else {
+        anyhow::bail!(
+            "give --endpoint and --token (an operator's budget) or --policy and --state (every budget)"
+        );
+    };
+    let p = load_policy(&policy)?;
+    let view = veil_engine::ledger::LedgerView::open(&state)?;
+    let now = chrono::Utc::now().timestamp_millis();
+    println!(
+        "{:<40} {:>14} {:>14}  unit     refreshes",
+        "budget", "spent", "total"
+    );
+    for line in veil_engine::broker::budget_report(&p, &view, None, now)? {
+        println!(
+            "{:<40} {:>14.6} {:>14.6}  {:<8} {}",
+            line.budget,
+            line.spent,
+            line.total,
+            line.unit,
+            line.refreshes.as_deref().unwrap_or("never")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_command(command: AuditCommand) -> Result<ExitCode> {
+    use veil_engine::audit_log;
+    match command {
+        AuditCommand::Verify { state } => match audit_log::verify(&state) {
+            Ok(v) => {
+                println!(
+                    "ok — {} entries, {} signed checkpoints, root {}",
+                    v.size, v.checkpoints, v.root
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(why) => {
+                eprintln!("TAMPERED: {why}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        AuditCommand::Prove { state, index } => match audit_log::prove(&state, index) {
+            Ok(proof) => {
+                println!("{}", serde_json::to_string_pretty(&proof)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(why) => {
+                eprintln!("no proof: {why}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        AuditCommand::Export {
+            state,
+            since,
+            format,
+            out,
+        } => {
+            if let Err(why) = audit_log::verify(&state) {
+                eprintln!("TAMPERED: {why}; nothing exported");
+                return Ok(ExitCode::from(1));
+            }
+            let since = since
+                .map(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&s).context("--since is not RFC 3339")
+                })
+                .transpose()?;
+            let entries: Vec<audit_log::Stored> = audit_log::entries(&state)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .into_iter()
+                .map(|(stored, _)| stored)
+                .filter(|s| {
+                    since.is_none_or(|since| {
+                        chrono::DateTime::parse_from_rfc3339(&s.entry.time)
+                            .is_ok_and(|t| t >= since)
+                    })
+                })
+                .collect();
+            match format.as_str() {
+                "jsonl" => {
+                    let mut text = String::new();
+                    for e in &entries {
+                        text.push_str(&serde_json::to_string(e)?);
+                        text.push('\n');
+                    }
+                    match out {
+                        Some(path) => std::fs::write(&path, text)?,
+                        None => print!("{text}"),
+                    }
+                }
+                "parquet" => {
+                    let path = out.context("--format parquet needs -o FILE")?;
+                    let batch = audit_log::export_batch(&entries)?;
+                    let file = std::fs::File::create(&path)?;
+                    let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(
+                        file,
+                        batch.schema(),
+                        None,
+                    )?;
+                    w.write(&batch)?;
+                    w.close()?;
+                }
+                other => anyhow::bail!("unknown format `{other}`: jsonl or parquet"),
+            }
+            eprintln!("exported {} entries", entries.len());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

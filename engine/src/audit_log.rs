@@ -649,6 +649,60 @@ pub fn check_proof(proof: &InclusionProof) -> bool {
     root_from_path(proof.index, proof.checkpoint.size, &leaf, &path) == Some(root)
 }
 
+/// Entries as one Arrow batch (for Parquet export), one row per entry.
+pub fn export_batch(entries: &[Stored]) -> Result<datafusion::arrow::array::RecordBatch> {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, Float64Array, StringArray, UInt64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let text = |f: &dyn Fn(&Stored) -> Option<String>| -> ArrayRef {
+        Arc::new(StringArray::from(entries.iter().map(f).collect::<Vec<_>>()))
+    };
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        (
+            "index",
+            Arc::new(UInt64Array::from_iter_values(
+                entries.iter().map(|e| e.index),
+            )),
+        ),
+        ("prev", text(&|e| Some(e.prev.clone()))),
+        ("time", text(&|e| Some(e.entry.time.clone()))),
+        ("operator", text(&|e| Some(e.entry.operator.clone()))),
+        ("grant", text(&|e| e.entry.grant.clone())),
+        ("purpose", text(&|e| e.entry.purpose.clone())),
+        ("policy", text(&|e| Some(e.entry.policy.clone()))),
+        ("datasets", text(&|e| Some(e.entry.datasets.join(",")))),
+        ("query_hash", text(&|e| Some(e.entry.query_hash.clone()))),
+        ("query", text(&|e| e.entry.query.clone())),
+        ("decision", text(&|e| Some(e.entry.decision.clone()))),
+        ("rule", text(&|e| e.entry.rule.clone())),
+        (
+            "cost",
+            Arc::new(Float64Array::from_iter_values(
+                entries.iter().map(|e| e.entry.cost),
+            )),
+        ),
+        ("unit", text(&|e| Some(e.entry.unit.clone()))),
+        ("request", text(&|e| Some(e.entry.request.clone()))),
+        ("result_hash", text(&|e| e.entry.result_hash.clone())),
+        ("sandbox", text(&|e| Some(e.entry.sandbox.clone()))),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(name, a)| {
+                let nullable = a.null_count() > 0 || *a.data_type() == DataType::Utf8;
+                Field::new(*name, a.data_type().clone(), nullable)
+            })
+            .collect::<Vec<_>>(),
+    );
+    datafusion::arrow::array::RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .map_err(|e| EngineError::Internal(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -949,33 +949,92 @@ fn draws(policy: &Policy, grant: &Grant, spec: &crate::rewrite::ReleaseSpec) -> 
         if !seen.insert(source.dataset.as_str()) {
             continue;
         }
-        let Some(b) = policy
-            .datasets
-            .get(&source.dataset)
-            .and_then(|d| d.budget.as_ref())
-        else {
+        let Some(d) = policy.datasets.get(&source.dataset) else {
             continue;
         };
-        let unit = match b.accounting {
-            veil_policy::Accounting::Epsilon { .. } => "epsilon",
-            veil_policy::Accounting::Rho { .. } => "rho",
-        };
-        out.push(Draw {
-            key: format!("dataset:{}", source.dataset),
-            unit,
-            total: Budget::total(b.total)?,
-            window: b
-                .window_days
-                .map(|days| Window::days(DATASET_WINDOW_ANCHOR_MS, days)),
-            amount: crate::accounting::convert(
-                spec.cost,
-                spec.mechanism.unit(),
-                unit,
-                b.accounting.delta(),
-            )?,
-        });
+        if let Some(mut draw) = dataset_draw(d, Budget::from_micro(1))? {
+            let delta = d.budget.as_ref().map_or(0.0, |b| b.accounting.delta());
+            draw.amount =
+                crate::accounting::convert(spec.cost, spec.mechanism.unit(), draw.unit, delta)?;
+            out.push(draw);
+        }
     }
     Ok(out)
+}
+
+/// A dataset's global budget as a draw of `amount`, in its own unit
+/// (`None` when it declares none).
+fn dataset_draw(dataset: &veil_policy::Dataset, amount: Budget) -> Result<Option<Draw>> {
+    let Some(b) = &dataset.budget else {
+        return Ok(None);
+    };
+    Ok(Some(Draw {
+        key: format!("dataset:{}", dataset.id),
+        unit: match b.accounting {
+            veil_policy::Accounting::Epsilon { .. } => "epsilon",
+            veil_policy::Accounting::Rho { .. } => "rho",
+        },
+        total: Budget::total(b.total)?,
+        window: b
+            .window_days
+            .map(|days| Window::days(DATASET_WINDOW_ANCHOR_MS, days)),
+        amount,
+    }))
+}
+
+/// One budget's consumption in its current window.
+#[derive(Debug, Clone)]
+pub struct BudgetLine {
+    /// `grant:<id>` or `dataset:<id>`.
+    pub budget: String,
+    /// `epsilon` or `rho`.
+    pub unit: &'static str,
+    /// Spent in the current window.
+    pub spent: f64,
+    /// The budget per window (or overall).
+    pub total: f64,
+    /// When the current window ends (RFC 3339), for budgets that refresh.
+    pub refreshes: Option<String>,
+}
+
+/// The consumption of every budget of a policy (`operator`: only that
+/// operator's grants, and no dataset budgets), read from a ledger view.
+pub fn budget_report(
+    policy: &Policy,
+    view: &crate::ledger::LedgerView,
+    operator: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<BudgetLine>> {
+    let one = Budget::from_micro(1);
+    let mut draws = Vec::new();
+    for g in policy
+        .grants
+        .iter()
+        .filter(|g| operator.is_none_or(|o| g.grantee == o))
+    {
+        draws.extend(grant_draw(g, one)?);
+    }
+    if operator.is_none() {
+        for d in policy.datasets.values() {
+            draws.extend(dataset_draw(d, one)?);
+        }
+    }
+    draws
+        .into_iter()
+        .map(|d| {
+            let usage = view.usage(&d.key, d.unit, d.window, now_ms)?;
+            Ok(BudgetLine {
+                budget: d.key,
+                unit: d.unit,
+                spent: usage.spent.as_f64(),
+                total: d.total.as_f64(),
+                refreshes: d.window.and_then(|w| {
+                    chrono::DateTime::from_timestamp_millis(w.end_ms(usage.window))
+                        .map(|t| t.to_rfc3339())
+                }),
+            })
+        })
+        .collect()
 }
 
 /// Warns when partition selection can release few or no groups: a unit

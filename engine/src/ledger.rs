@@ -205,8 +205,63 @@ pub struct Usage {
 /// The ledger; see the module documentation.
 pub struct Ledger {
     writer: Mutex<Connection>,
-    reader: Mutex<Connection>,
+    view: LedgerView,
     failed: Mutex<Option<String>>,
+}
+
+/// A read-only view of a ledger: what `veil budget` reads while a server
+/// runs, without taking part in writing (it never aborts or migrates).
+pub struct LedgerView {
+    reader: Mutex<Connection>,
+}
+
+impl LedgerView {
+    /// Opens the ledger of a state directory for reading only.
+    pub fn open(state_dir: &Path) -> Result<LedgerView> {
+        let path = state_dir.join("ledger.sqlite");
+        if !path.exists() {
+            return Err(unavailable(format!("{} does not exist", path.display())));
+        }
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable)?;
+        Ok(LedgerView {
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.reader
+            .lock()
+            .map_err(|_| unavailable("the ledger lock is poisoned"))
+    }
+
+    /// Spent on a budget in the window `now_ms` falls in (by the ledger's
+    /// monotone clock).
+    pub fn usage(
+        &self,
+        key: &str,
+        unit: &str,
+        window: Option<Window>,
+        now_ms: i64,
+    ) -> Result<Usage> {
+        let conn = self.lock()?;
+        let latest: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'clock'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(unavailable)?;
+        let now = now_ms.max(latest.unwrap_or(i64::MIN));
+        let index = window.map_or(0, |w| w.index(now));
+        let spent = spent_in(&conn, key, unit, index).map_err(unavailable)?;
+        Ok(Usage {
+            spent: Budget::from_micro(spent),
+            window: index,
+        })
+    }
 }
 
 impl std::fmt::Debug for Ledger {
@@ -306,14 +361,9 @@ impl Ledger {
                 "requests reserved but never dispatched before the last stop were aborted"
             );
         }
-        let reader = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(unavailable)?;
         Ok(Ledger {
             writer: Mutex::new(writer),
-            reader: Mutex::new(reader),
+            view: LedgerView::open(state_dir)?,
             failed: Mutex::new(None),
         })
     }
@@ -514,31 +564,12 @@ impl Ledger {
         window: Option<Window>,
         now_ms: i64,
     ) -> Result<Usage> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| unavailable("the ledger lock is poisoned"))?;
-        let latest: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'clock'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(unavailable)?;
-        let now = now_ms.max(latest.unwrap_or(i64::MIN));
-        let index = window.map_or(0, |w| w.index(now));
-        let spent = spent_in(&conn, key, unit, index).map_err(unavailable)?;
-        Ok(Usage {
-            spent: Budget::from_micro(spent),
-            window: index,
-        })
+        self.view.usage(key, unit, window, now_ms)
     }
 
     /// Number of requests holding draws (not aborted).
     pub fn charges(&self) -> Result<u64> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| unavailable("the ledger lock is poisoned"))?;
+        let conn = self.view.lock()?;
         let n: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM requests WHERE state != 'ABORTED'",
@@ -551,10 +582,7 @@ impl Ledger {
 
     /// State of a request, if recorded.
     pub fn state(&self, request_id: &str) -> Result<Option<ChargeState>> {
-        let conn = self
-            .reader
-            .lock()
-            .map_err(|_| unavailable("the ledger lock is poisoned"))?;
+        let conn = self.view.lock()?;
         let s: Option<String> = conn
             .query_row(
                 "SELECT state FROM requests WHERE request_id = ?1",

@@ -128,8 +128,11 @@ pub(crate) fn corpus_sql() -> Vec<(String, String)> {
 pub(crate) fn corpus_policy() -> String {
     let mut out = String::new();
     for line in example_policy().lines() {
-        if line.trim_start().starts_with("budget = ") {
+        if line.starts_with("  budget = ") {
             out.push_str("  budget = 100000.0");
+        } else if line.starts_with("budget = {") {
+            // Dataset budgets too.
+            out.push_str("budget = { accounting = \"rho\", total = 100000.0 }");
         } else {
             out.push_str(line);
         }
