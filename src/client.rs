@@ -107,6 +107,14 @@ impl Client {
         self.inner.set_token(token.to_owned());
     }
 
+    /// Sends `id` as the request id of the following statements: a retry
+    /// with the same id and statement returns the recorded answer without a
+    /// new charge.
+    pub fn with_request_id(&mut self, id: &str) {
+        self.inner
+            .set_header(crate::server::REQUEST_ID_HEADER, id.to_owned());
+    }
+
     /// Runs a statement: `GetFlightInfo` then `DoGet` on every endpoint.
     pub async fn query(&mut self, sql: &str) -> Result<Fetched, CallError> {
         let info = self

@@ -58,6 +58,10 @@ enum Command {
         /// Show the cost and accuracy without running the query or spending budget.
         #[arg(long)]
         dry_run: bool,
+        /// A request id of your choosing: sending the same query again with
+        /// the same id returns the same answer without a new charge.
+        #[arg(long)]
+        request_id: Option<String>,
         /// The SQL statement.
         sql: String,
     },
@@ -243,6 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             operator,
             format,
             dry_run,
+            request_id,
             sql,
         } => runtime()?.block_on(async {
             if dry_run {
@@ -264,6 +269,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .await
                     .map_err(veil::client::explain)?,
                 None => client.with_bearer(&token),
+            }
+            if let Some(id) = &request_id {
+                client.with_request_id(id);
             }
             match client.query(&sql).await {
                 Ok(fetched) => {

@@ -10,6 +10,7 @@ mod equivalence;
 mod flight;
 mod joins;
 mod leaks;
+mod ledger;
 mod neighbours;
 mod noise;
 mod plans;
