@@ -27,7 +27,7 @@
 //! such a rewrite detectable from outside.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -324,6 +324,8 @@ pub struct Verified {
     pub checkpoints: u64,
     /// The latest checkpoint.
     pub latest: Option<Checkpoint>,
+    /// A partial last line was ignored (a crash while appending).
+    pub torn: bool,
     peaks: Peaks,
     last: Hash,
 }
@@ -338,11 +340,10 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
         None
     };
     let mut ckpts = Vec::new();
-    if checkpoints.exists() {
-        let f = File::open(&checkpoints).map_err(|e| format!("audit.checkpoints: {e}"))?;
-        for (i, line) in BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(|e| format!("audit.checkpoints: {e}"))?;
-            let c: Checkpoint = serde_json::from_str(&line)
+    let (checkpoint_lines, torn_checkpoint) = lines(&checkpoints)?;
+    for (i, line) in checkpoint_lines.iter().enumerate() {
+        {
+            let c: Checkpoint = serde_json::from_slice(line)
                 .map_err(|_| format!("checkpoint {i} is not valid JSON"))?;
             let sig = hex::decode(&c.signature)
                 .ok()
@@ -383,23 +384,10 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
         Ok(())
     };
     check(&peaks, 0, &mut next)?;
-    if log.exists() {
-        let f = File::open(&log).map_err(|e| format!("audit.log: {e}"))?;
-        let mut reader = BufReader::new(f);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| format!("audit.log: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            if line.last() != Some(&b'\n') {
-                return Err(format!("entry {size} is cut short (no line end)"));
-            }
-            line.pop();
-            let stored: Stored = serde_json::from_slice(&line)
+    let (entry_lines, torn_entry) = lines(&log)?;
+    {
+        for line in &entry_lines {
+            let stored: Stored = serde_json::from_slice(line)
                 .map_err(|_| format!("entry {size} is not a valid entry"))?;
             if stored.index != size {
                 return Err(format!(
@@ -412,8 +400,8 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
                     "entry {size} does not follow the entry before it: the hash chain is broken"
                 ));
             }
-            last = Sha256::digest(&line).into();
-            peaks.push(leaf_hash(&line));
+            last = Sha256::digest(line).into();
+            peaks.push(leaf_hash(line));
             size += 1;
             check(&peaks, size, &mut next)?;
         }
@@ -429,9 +417,45 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
         root: hex::encode(peaks.root()),
         checkpoints: ckpts.len() as u64,
         latest: ckpts.last().cloned(),
+        torn: torn_entry || torn_checkpoint,
         peaks,
         last,
     })
+}
+
+/// A file's complete lines (without their line ends), and whether it ends
+/// in a partial line: what a crash in the middle of an append leaves. That
+/// line was never synced, so no answer or checkpoint depends on it.
+fn lines(path: &Path) -> std::result::Result<(Vec<Vec<u8>>, bool), String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], false)),
+        Err(e) => return Err(format!("{name}: {e}")),
+    };
+    let mut out: Vec<Vec<u8>> = bytes.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect();
+    // After the last line end: empty, or a partial line.
+    let tail = out.pop().unwrap_or_default();
+    Ok((out, !tail.is_empty()))
+}
+
+/// Cuts a partial last line off a file (see [`lines`]).
+fn drop_partial_line(path: &Path) -> std::io::Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if keep < bytes.len() {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 fn now_rfc3339() -> String {
@@ -467,6 +491,13 @@ impl AuditLog {
         }
         let verified =
             verify(dir).map_err(|why| unavailable(format!("tampering detected: {why}")))?;
+        if verified.torn {
+            tracing::warn!(
+                "the audit log ended in a partial line (a crash while appending); it was cut off"
+            );
+            drop_partial_line(&log).map_err(unavailable)?;
+            drop_partial_line(&checkpoints).map_err(unavailable)?;
+        }
         let append = |p: &Path| {
             OpenOptions::new()
                 .create(true)
@@ -596,19 +627,16 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Every entry of a state directory's log, in order, with its line.
 pub fn entries(dir: &Path) -> std::result::Result<Vec<(Stored, Vec<u8>)>, String> {
-    let log = dir.join("audit.log");
-    if !log.exists() {
-        return Ok(vec![]);
-    }
-    let f = File::open(&log).map_err(|e| format!("audit.log: {e}"))?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
-        let line = line.map_err(|e| format!("audit.log: {e}"))?;
-        let stored: Stored =
-            serde_json::from_slice(&line).map_err(|_| format!("entry {i} is not a valid entry"))?;
-        out.push((stored, line));
-    }
-    Ok(out)
+    let (lines, _) = lines(&dir.join("audit.log"))?;
+    lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let stored: Stored = serde_json::from_slice(&line)
+                .map_err(|_| format!("entry {i} is not a valid entry"))?;
+            Ok((stored, line))
+        })
+        .collect()
 }
 
 /// An inclusion proof of entry `index` in the latest checkpoint that covers
@@ -831,6 +859,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_partial_last_line_from_a_crash_is_cut_off_but_a_cut_entry_is_not() {
+        let (dir, _) = log_with(4, Cadence::default());
+        let path = dir.path().join("audit.log");
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"{\"index\":4,\"prev\":\"ab").expect("partial");
+        drop(f);
+        let v = verify(dir.path()).expect("a crash artifact, not tampering");
+        assert!(v.torn && v.size == 4);
+        let log = AuditLog::open(dir.path(), Cadence::default()).expect("repaired");
+        assert_eq!(log.append(entry(4)).expect("append").index, 4);
+        assert!(!verify(dir.path()).expect("intact").torn);
+        // Cutting into a checkpointed entry is tampering.
+        let text = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &text[..text.len() - 10]).expect("cut");
+        assert!(verify(dir.path()).expect_err("cut").contains("cut off"));
     }
 
     #[test]

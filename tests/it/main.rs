@@ -2,6 +2,7 @@
 //! to it over Arrow Flight SQL, as operators would.
 
 mod arithmetic;
+mod audit;
 mod bounding;
 mod budget;
 mod cli;
