@@ -6,6 +6,7 @@ mod audit;
 mod bounding;
 mod budget;
 mod cli;
+mod crash;
 mod dry_run;
 mod equivalence;
 mod flight;
