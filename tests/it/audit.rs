@@ -209,3 +209,31 @@ async fn tampering_stops_verification_and_the_server() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn officers_see_every_budget_beside_a_running_server() {
+    let (f, _) = audited().await;
+    let (code, out, err) = veil(&[
+        "budget",
+        "--policy",
+        f.dir.path().join("policy.toml").to_str().expect("utf8"),
+        "--state",
+        f.dir.path().join("state").to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = |budget: &str| {
+        out.lines()
+            .find(|l| l.starts_with(budget))
+            .unwrap_or_else(|| panic!("no {budget} in {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        line("grant:G-2026-002")[1..4],
+        ["0.500000", "2.000000", "epsilon"]
+    );
+    let visits = line("dataset:wjw.outpatient_visits");
+    assert_eq!(visits[1..4], ["0.000000", "20.000000", "rho"]);
+    assert_ne!(visits[4], "never", "a yearly budget says when it refreshes");
+    assert_eq!(line("grant:G-2026-031")[4], "never");
+}
