@@ -267,6 +267,9 @@ impl Engine {
             .run_inner(operator, sql, now, &request_id, &mut trail)
             .await;
         let outcome = self.record(operator, sql, now, &request_id, trail, outcome);
+        if outcome.is_ok() {
+            crash_point("before_response");
+        }
         match &outcome {
             Ok(_) => {
                 tracing::info!(request = %request_id, operator, decision = "released", "query answered")
@@ -760,9 +763,11 @@ impl Engine {
                 )));
             }
         };
+        crash_point("after_reserve");
         // 2. Execute; failures keep the charge.
         self.ledger
             .advance(request_id, ChargeState::Dispatched, None)?;
+        crash_point("after_dispatch");
         let state = snap.catalog.execution_state()?;
         let exact = match execute_certified(&certified, &state, request_id).await {
             Ok(x) => x,
@@ -838,6 +843,22 @@ struct Trail {
 /// Where queries run, as recorded in the audit log: in the broker's process
 /// until the sandboxed executors exist.
 const SANDBOX_LEVEL: &str = "in-process";
+
+/// A point where the crash tests kill the server (`VEIL_TEST_CRASH_AT`):
+/// it says so on standard error and waits for its SIGKILL. Compiled only
+/// with the `test-hooks` feature, which release builds never enable.
+#[cfg(feature = "test-hooks")]
+fn crash_point(name: &str) {
+    if std::env::var("VEIL_TEST_CRASH_AT").as_deref() == Ok(name) {
+        eprintln!("VEIL_TEST_CRASH_POINT {name}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn crash_point(_: &str) {}
 
 /// One query as the operator sent it.
 struct Query<'a> {

@@ -454,7 +454,7 @@ impl Ledger {
                 let spent = spent_in(tx, &d.key, d.unit, window).map_err(ledger)?;
                 let after = spent
                     .checked_add(d.amount.micro())
-                    .ok_or_else(|| ReserveError::Ledger("budget overflow".into()))?;
+                    .ok_or_else(|| ReserveError::Step("the charge overflows the budget".into()))?;
                 if after > d.total.micro() {
                     return Err(ReserveError::Exhausted {
                         draw: d.clone(),

@@ -34,6 +34,16 @@ impl Drop for Server {
 /// Starts `veil serve` (under `sh -c "<prefix> exec veil serve …"` when a
 /// shell prefix is given) and waits until it accepts connections.
 async fn serve(dir: &Path, prefix: Option<&str>) -> Server {
+    serve_with(dir, prefix, None).await.0
+}
+
+/// [`serve`], set to stop at a crash point: the receiver fires when the
+/// server has reached it (and waits there for its SIGKILL).
+async fn serve_with(
+    dir: &Path,
+    prefix: Option<&str>,
+    crash_at: Option<&str>,
+) -> (Server, std::sync::mpsc::Receiver<()>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
@@ -66,21 +76,38 @@ async fn serve(dir: &Path, prefix: Option<&str>) -> Server {
             c
         }
     };
+    if let Some(point) = crash_at {
+        command.env("VEIL_TEST_CRASH_AT", point);
+    }
     let mut child = command
         .env("VEIL_LOG", "error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn veil serve");
+    let (reached, on_reach) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("VEIL_TEST_CRASH_POINT") {
+                let _ = reached.send(());
+            }
+        }
+    });
     for _ in 0..400 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return Server {
+            let server = Server {
                 child,
                 endpoint: format!("http://127.0.0.1:{port}"),
             };
+            return (server, on_reach);
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("veil serve exited: {status}");
@@ -183,6 +210,74 @@ async fn killed_at_random_points_the_server_keeps_every_charge() {
         in_flight
     );
     assert!(!received_all.is_empty());
+}
+
+/// SIGKILL at each step of a request, then a retry under the same request
+/// id on the restarted server: one charge in every case, and the retry gets
+/// what the step allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_step_a_retry_under_the_same_id_costs_nothing_more() {
+    for point in [
+        "after_reserve",
+        "after_dispatch",
+        "before_response",
+        "after_response",
+    ] {
+        let dir = workspace();
+        let crash_at = (point != "after_response").then_some(point);
+        let (server, reached) = serve_with(dir.path(), None, crash_at).await;
+        let mut client = Client::connect(&server.endpoint).await.expect("connect");
+        client.with_bearer("demo-token-op-ndrc");
+        client.with_request_id("the-request");
+        let first = tokio::spawn(async move { client.query(COUNT).await });
+        let first = if crash_at.is_some() {
+            tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(60)))
+                .await
+                .expect("wait")
+                .expect("the crash point is reached");
+            drop(server); // SIGKILL
+            assert!(first.await.expect("client").is_err(), "{point}: no answer");
+            None
+        } else {
+            let answer = first.await.expect("client").expect("answered");
+            drop(server); // SIGKILL after the response
+            Some(answer)
+        };
+        let server = serve(dir.path(), None).await;
+        let mut client = Client::connect(&server.endpoint).await.expect("connect");
+        client.with_bearer("demo-token-op-ndrc");
+        client.with_request_id("the-request");
+        let retry = client.query(COUNT).await;
+        match point {
+            // Never dispatched: aborted at restart, so the retry runs afresh.
+            "after_reserve" => assert!(retry.is_ok(), "{point}: {retry:?}"),
+            // Data may have been read: the charge stands, nothing to replay.
+            "after_dispatch" => {
+                let e = retry.expect_err(point);
+                assert_eq!(e.code, Code::Unavailable, "{point}: {}", e.message);
+                assert!(e.message.contains("interrupted"), "{}", e.message);
+            }
+            // Released before the kill: the retry gets the recorded answer.
+            _ => {
+                let retry = retry.expect(point);
+                if let Some(first) = first {
+                    let columns = |f: &veil::client::Fetched| -> Vec<_> {
+                        f.batches.iter().map(|b| b.columns().to_vec()).collect()
+                    };
+                    assert_eq!(columns(&first), columns(&retry), "{point}: the same answer");
+                }
+            }
+        }
+        let state = dir.path().join("state");
+        let spent = veil_engine::ledger::LedgerView::open(&state)
+            .expect("view")
+            .usage("grant:G-2026-002", "epsilon", None, 0)
+            .expect("usage")
+            .spent
+            .micro();
+        assert_eq!(spent, 500_000, "{point}: exactly one charge");
+        veil_engine::audit_log::verify(&state).expect("the log verifies");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
