@@ -3,28 +3,13 @@
 //! export round-trips; and every kind of tampering stops `veil audit verify`
 //! and the server's start.
 
-#![allow(clippy::disallowed_methods)] // tests drive the binary as a user would
-
 use std::path::Path;
-use std::process::Command;
 
 use tonic::Code;
 use veil_engine::audit_log::{self, Checkpoint, InclusionProof};
 use veil_engine::meta;
 
 use crate::support::*;
-
-fn veil(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A fixture after three queries: released, refused, public.
 async fn audited() -> (Fixture, Vec<u64>) {
@@ -73,11 +58,11 @@ async fn every_query_is_audited_and_receipts_prove_inclusion() {
     assert_eq!(entries[1].rule.as_deref(), Some("PROJECT_PRIVATE_COLUMN"));
     assert!(entries.iter().all(|e| e.policy == f.engine.policy().hash));
 
-    let (code, out, err) = veil(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+    let (code, out, err) = veil_cli(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("3 entries, 3 signed checkpoints"), "{out}");
     for i in receipts {
-        let (code, out, err) = veil(&[
+        let (code, out, err) = veil_cli(&[
             "audit",
             "prove",
             "--state",
@@ -113,7 +98,7 @@ async fn export_round_trips_as_jsonl_and_parquet() {
     let state = f.dir.path().join("state");
     let s = state.to_str().expect("utf8");
     let jsonl = f.dir.path().join("audit.jsonl");
-    let (code, _, err) = veil(&[
+    let (code, _, err) = veil_cli(&[
         "audit",
         "export",
         "--state",
@@ -130,7 +115,7 @@ async fn export_round_trips_as_jsonl_and_parquet() {
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[2].index, 2);
     let parquet = f.dir.path().join("audit.parquet");
-    let (code, _, err) = veil(&[
+    let (code, _, err) = veil_cli(&[
         "audit",
         "export",
         "--state",
@@ -151,7 +136,7 @@ async fn export_round_trips_as_jsonl_and_parquet() {
     let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
     assert_eq!(rows, 3);
     // --since in the future exports nothing.
-    let (code, out, _) = veil(&[
+    let (code, out, _) = veil_cli(&[
         "audit",
         "export",
         "--state",
@@ -198,7 +183,8 @@ async fn tampering_stops_verification_and_the_server() {
         let (f, _) = audited().await;
         let state = f.dir.path().join("state");
         tamper(&state, attack);
-        let (code, _, err) = veil(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
+        let (code, _, err) =
+            veil_cli(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
         assert_eq!(code, 1, "{name}: verify must fail");
         assert!(err.contains("TAMPERED"), "{name}: {err}");
         let refused = veil::open_engine(&f.dir.path().join("policy.toml"), &f.data(), &state)
@@ -213,7 +199,7 @@ async fn tampering_stops_verification_and_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn officers_see_every_budget_beside_a_running_server() {
     let (f, _) = audited().await;
-    let (code, out, err) = veil(&[
+    let (code, out, err) = veil_cli(&[
         "budget",
         "--policy",
         f.dir.path().join("policy.toml").to_str().expect("utf8"),

@@ -1,22 +1,6 @@
 //! The security officer's tools, through the real `veil` binary.
 
-#![allow(clippy::disallowed_methods)] // tests drive the binary as a user would
-
-use std::process::Command;
-
-use crate::support::example_policy;
-
-fn veil(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::{example_policy, veil_cli};
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);
@@ -28,7 +12,7 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 fn policy_check_accepts_the_example_and_reports_every_problem_of_a_broken_file() {
     let dir = tempfile::tempdir().expect("tmp");
     let good = write(&dir, "good.toml", &example_policy());
-    let (code, out, _) = veil(&["policy", "check", &good]);
+    let (code, out, _) = veil_cli(&["policy", "check", &good]);
     assert_eq!(code, 0);
     assert!(
         out.contains("ok — policy bj-public-data") && out.contains("sha256 "),
@@ -46,7 +30,7 @@ fn policy_check_accepts_the_example_and_reports_every_problem_of_a_broken_file()
             )
             .replacen("price_cny = 3.20", "price_cny = 9.20", 1),
     );
-    let (code, _, err) = veil(&["policy", "check", &broken]);
+    let (code, _, err) = veil_cli(&["policy", "check", &broken]);
     assert_eq!(code, 1);
     assert!(err.contains("did you mean `purpose_detail`?"), "{err}");
     assert!(err.contains("above the published cap"), "{err}");
@@ -61,7 +45,7 @@ fn policy_check_accepts_the_example_and_reports_every_problem_of_a_broken_file()
 fn explain_schema_and_diff() {
     let dir = tempfile::tempdir().expect("tmp");
     let old = write(&dir, "old.toml", &example_policy());
-    let (code, out, _) = veil(&[
+    let (code, out, _) = veil_cli(&[
         "policy",
         "explain",
         "--policy",
@@ -74,7 +58,7 @@ fn explain_schema_and_diff() {
         out.contains("G-2026-017") && out.contains("小微企业信贷风险评估"),
         "{out}"
     );
-    let (code, out, _) = veil(&[
+    let (code, out, _) = veil_cli(&[
         "policy",
         "explain",
         "--policy",
@@ -88,7 +72,7 @@ fn explain_schema_and_diff() {
         "{out}"
     );
 
-    let (code, out, _) = veil(&["policy", "schema"]);
+    let (code, out, _) = veil_cli(&["policy", "schema"]);
     assert_eq!(code, 0);
     let schema: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert!(schema["properties"]["grant"].is_object(), "{out}");
@@ -98,7 +82,7 @@ fn explain_schema_and_diff() {
         "new.toml",
         &example_policy().replacen("budget = 10.0", "budget = 12.0", 1),
     );
-    let (code, out, _) = veil(&["policy", "diff", &old, &new]);
+    let (code, out, _) = veil_cli(&["policy", "diff", &old, &new]);
     assert_eq!(code, 0);
     assert!(
         out.contains("+ widened   grant G-2026-031 (op-univ-07) privacy budget: 10 → 12"),

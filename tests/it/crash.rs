@@ -126,11 +126,7 @@ fn workspace() -> tempfile::TempDir {
         veil::generate::DEFAULT_SEED,
     )
     .expect("generate");
-    let policy = example_policy().replacen(
-        "  budget = 2.0\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\"",
-        "  budget = 100000.0\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\"",
-        1,
-    );
+    let policy = example_policy_with_ndrc_budget("100000.0");
     std::fs::write(dir.path().join("policy.toml"), policy).expect("policy");
     dir
 }

@@ -11,13 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::array::{AsArray, Float64Array, RecordBatch};
+use datafusion::arrow::datatypes::DataType;
 use proptest::prelude::*;
 use veil_engine::mechanisms::{BoundingKeys, release};
 use veil_sandbox::KeyValue;
 
-use crate::support::certified_over;
+use crate::support::{batch, certified_over, ints, texts};
 
 /// The loosest of the joined tables' declarations: events' (2, 3).
 const MAX_GROUPS: usize = 2;
@@ -145,55 +145,32 @@ type Event = (i64, &'static str, Option<f64>);
 /// A person row: unit, region (a unit may have none, or two rows).
 type Person = (i64, &'static str);
 
-fn text(values: impl Iterator<Item = String>) -> Arc<StringArray> {
-    Arc::new(StringArray::from_iter_values(values))
-}
-
 fn files(events: &[Event], people: &[Person]) -> Vec<(&'static str, RecordBatch)> {
-    let batch = |fields: Vec<Field>, columns: Vec<datafusion::arrow::array::ArrayRef>| {
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
-    };
     vec![
         (
             "events.parquet",
-            batch(
-                vec![
-                    Field::new("pid", DataType::Int64, false),
-                    Field::new("kind", DataType::Utf8, false),
-                    Field::new("v", DataType::Float64, true),
-                ],
-                vec![
-                    Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.0))),
-                    text(events.iter().map(|e| e.1.to_owned())),
+            batch(vec![
+                ("pid", ints(events.iter().map(|e| e.0))),
+                ("kind", texts(events.iter().map(|e| e.1))),
+                (
+                    "v",
                     Arc::new(Float64Array::from_iter(events.iter().map(|e| e.2))),
-                ],
-            ),
+                ),
+            ]),
         ),
         (
             "people.parquet",
-            batch(
-                vec![
-                    Field::new("person", DataType::Int64, false),
-                    Field::new("region", DataType::Utf8, false),
-                ],
-                vec![
-                    Arc::new(Int64Array::from_iter_values(people.iter().map(|p| p.0))),
-                    text(people.iter().map(|p| p.1.to_owned())),
-                ],
-            ),
+            batch(vec![
+                ("person", ints(people.iter().map(|p| p.0))),
+                ("region", texts(people.iter().map(|p| p.1))),
+            ]),
         ),
         (
             "kinds.parquet",
-            batch(
-                vec![
-                    Field::new("code", DataType::Utf8, false),
-                    Field::new("label", DataType::Utf8, false),
-                ],
-                vec![
-                    text(KINDS.iter().map(|k| k.0.to_owned())),
-                    text(KINDS.iter().map(|k| k.1.to_owned())),
-                ],
-            ),
+            batch(vec![
+                ("code", texts(KINDS.iter().map(|k| k.0))),
+                ("label", texts(KINDS.iter().map(|k| k.1))),
+            ]),
         ),
     ]
 }

@@ -24,14 +24,7 @@ const COUNT: &str = "SELECT COUNT(*) AS n FROM hrss.social_insurance";
 
 /// G-2026-002 (op-ndrc): 0.5 ε per query; a budget of 5.0 admits ten.
 fn ten_query_policy() -> String {
-    let p = example_policy();
-    let edited = p.replacen(
-        "  budget = 2.0\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\"",
-        "  budget = 5.0\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\"",
-        1,
-    );
-    assert_ne!(edited, p, "the example policy changed");
-    edited
+    example_policy_with_ndrc_budget("5.0")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

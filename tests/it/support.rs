@@ -273,3 +273,62 @@ pub fn assert_refused(
         }
     }
 }
+
+/// A record batch of named, nullable columns.
+pub fn batch(
+    columns: Vec<(&str, datafusion::arrow::array::ArrayRef)>,
+) -> datafusion::arrow::array::RecordBatch {
+    use datafusion::arrow::datatypes::{Field, Schema};
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    );
+    datafusion::arrow::array::RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .expect("batch")
+}
+
+/// A text column.
+pub fn texts<'a>(values: impl Iterator<Item = &'a str>) -> datafusion::arrow::array::ArrayRef {
+    Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+        values,
+    ))
+}
+
+/// An Int64 column.
+pub fn ints(values: impl Iterator<Item = i64>) -> datafusion::arrow::array::ArrayRef {
+    Arc::new(datafusion::arrow::array::Int64Array::from_iter_values(
+        values,
+    ))
+}
+
+/// Runs the `veil` binary: exit code, standard output, standard error.
+#[allow(clippy::disallowed_methods)] // tests drive the binary as a user would
+pub fn veil_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(args)
+        .output()
+        .expect("run veil");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The example policy with op-ndrc's grant (G-2026-002, 0.5 ε per query)
+/// given another total budget.
+pub fn example_policy_with_ndrc_budget(budget: &str) -> String {
+    let p = example_policy();
+    let edited = p.replacen(
+        "  budget = 2.0\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\"",
+        &format!("  budget = {budget}\n  per_query_max = 0.5\n  [grant.pricing]\n  model = \"free\"\n\n[[grant]]\nid = \"G-2025-009\""),
+        1,
+    );
+    assert_ne!(edited, p, "the example policy changed");
+    edited
+}

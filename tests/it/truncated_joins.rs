@@ -12,15 +12,13 @@
 //!   without a public domain.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::array::RecordBatch;
 use proptest::prelude::*;
 use veil_engine::mechanisms::BoundingKeys;
 use veil_sandbox::KeyValue;
 
-use crate::support::{certified_over, try_certified_over};
+use crate::support::{batch, certified_over, ints, texts, try_certified_over};
 
 /// Rows kept per key value on each side.
 const M: i64 = 2;
@@ -138,46 +136,24 @@ type Job = (i64, &'static str, i64);
 /// A visit: unit, hospital, district (`d3` is cut by the grant's row filter).
 type Visit = (i64, &'static str, &'static str);
 
-fn text(values: impl Iterator<Item = String>) -> Arc<StringArray> {
-    Arc::new(StringArray::from_iter_values(values))
-}
-
 fn files(jobs: &[Job], visits: &[Visit]) -> Vec<(&'static str, RecordBatch)> {
-    let batch = |fields: Vec<Field>, columns: Vec<datafusion::arrow::array::ArrayRef>| {
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
-    };
     vec![
         (
             "jobs.parquet",
-            batch(
-                vec![
-                    Field::new("person", DataType::Int64, false),
-                    Field::new("employer", DataType::Utf8, false),
-                    Field::new("wage", DataType::Int64, false),
-                ],
-                vec![
-                    Arc::new(Int64Array::from_iter_values(jobs.iter().map(|j| j.0))),
-                    text(jobs.iter().map(|j| j.1.to_owned())),
-                    Arc::new(Int64Array::from_iter_values(jobs.iter().map(|j| j.2))),
-                ],
-            ),
+            batch(vec![
+                ("person", ints(jobs.iter().map(|j| j.0))),
+                ("employer", texts(jobs.iter().map(|j| j.1))),
+                ("wage", ints(jobs.iter().map(|j| j.2))),
+            ]),
         ),
         (
             "visits.parquet",
-            batch(
-                vec![
-                    Field::new("patient", DataType::Int64, false),
-                    Field::new("hospital", DataType::Utf8, false),
-                    Field::new("district", DataType::Utf8, false),
-                    Field::new("ward", DataType::Utf8, false),
-                ],
-                vec![
-                    Arc::new(Int64Array::from_iter_values(visits.iter().map(|v| v.0))),
-                    text(visits.iter().map(|v| v.1.to_owned())),
-                    text(visits.iter().map(|v| v.2.to_owned())),
-                    text(visits.iter().map(|_| "w".to_owned())),
-                ],
-            ),
+            batch(vec![
+                ("patient", ints(visits.iter().map(|v| v.0))),
+                ("hospital", texts(visits.iter().map(|v| v.1))),
+                ("district", texts(visits.iter().map(|v| v.2))),
+                ("ward", texts(visits.iter().map(|_| "w"))),
+            ]),
         ),
     ]
 }
