@@ -262,7 +262,16 @@ impl Engine {
                 "audit log: {why}; no query is admitted until it is fixed"
             )));
         }
-        let mut trail = Trail::default();
+        // A refusal before the grant is known keeps the text only if every
+        // grant of the operator would.
+        let mut trail = Trail {
+            withhold_text: self
+                .snapshot()
+                .policy
+                .grants_of(operator)
+                .any(|g| !g.audit_query_text),
+            ..Trail::default()
+        };
         let outcome = self
             .run_inner(operator, sql, now, &request_id, &mut trail)
             .await;
@@ -298,6 +307,7 @@ impl Engine {
             Planned::Public { plan, grant } => {
                 trail.grant = Some(grant.id.clone());
                 trail.purpose = Some(grant.purpose.to_string());
+                trail.withhold_text = !grant.audit_query_text;
                 trail.datasets = crate::analyze::scanned_datasets(&plan)?;
                 self.run_public(&snap, *plan, &grant, request_id).await
             }
@@ -308,6 +318,7 @@ impl Engine {
             } => {
                 trail.grant = Some(grant.id.clone());
                 trail.purpose = Some(grant.purpose.to_string());
+                trail.withhold_text = !grant.audit_query_text;
                 let mut datasets: Vec<String> = certified
                     .spec()
                     .query
@@ -333,6 +344,7 @@ impl Engine {
     /// Appends the audit entry of a query, admitted or refused, and puts its
     /// receipt in the answer's metadata. An answer whose entry cannot be
     /// written is not returned (its charge stands).
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         operator: &str,
@@ -363,7 +375,7 @@ impl Engine {
             policy: trail.policy,
             datasets: trail.datasets,
             query_hash: query_hash(sql),
-            query: Some(sql.to_owned()),
+            query: (!trail.withhold_text).then(|| sql.to_owned()),
             decision: decision.to_owned(),
             rule,
             cost: trail.cost,
@@ -838,6 +850,7 @@ struct Trail {
     cost: f64,
     unit: &'static str,
     replayed: bool,
+    withhold_text: bool,
 }
 
 /// Where queries run, as recorded in the audit log: in the broker's process

@@ -762,6 +762,9 @@ pub struct Grant {
     pub dp: Option<DpSettings>,
     /// Pricing.
     pub pricing: Pricing,
+    /// Whether the audit log keeps the text of the grant's queries (their
+    /// hash is always kept).
+    pub audit_query_text: bool,
 }
 
 impl Grant {

@@ -346,6 +346,10 @@ pub struct RawGrant {
     /// `[grant.pricing]`.
     #[serde(default)]
     pub pricing: Option<RawPricing>,
+    /// Whether the audit log keeps the text of this grant's queries
+    /// (default true); their hash is always kept.
+    #[serde(default)]
+    pub audit_query_text: Option<bool>,
 }
 
 /// `[[grant.scope]]`.

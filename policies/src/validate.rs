@@ -1154,6 +1154,7 @@ fn resolve_grant(
         max_result_rows: limits.max_result_rows.unwrap_or(10_000),
         dp,
         pricing,
+        audit_query_text: g.audit_query_text.unwrap_or(true),
     })
 }
 

@@ -223,3 +223,18 @@ async fn officers_see_every_budget_beside_a_running_server() {
     assert_ne!(visits[4], "never", "a yearly budget says when it refreshes");
     assert_eq!(line("grant:G-2026-031")[4], "never");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_may_keep_its_query_text_out_of_the_log() {
+    let f = Fixture::start().await;
+    let sql = "SELECT district, SUM(wage_base) FROM hrss.social_insurance GROUP BY district";
+    f.query("op-credit-01", sql).await.expect("released");
+    let (entry, _) = audit_log::entries(&f.dir.path().join("state"))
+        .expect("entries")
+        .remove(0);
+    assert_eq!(
+        entry.entry.query, None,
+        "G-2026-017 says audit_query_text = false"
+    );
+    assert_eq!(entry.entry.query_hash, veil_engine::broker::query_hash(sql));
+}
