@@ -50,11 +50,12 @@ impl Veil for VeilApi {
             .budgets(&operator)
             .map_err(|e| status_of(&e))?
             .into_iter()
-            .map(|(grant_id, unit, remaining, total)| GrantBudget {
-                grant_id,
-                unit: unit.to_owned(),
-                remaining,
-                total,
+            .map(|line| GrantBudget {
+                grant_id: line.budget.trim_start_matches("grant:").to_owned(),
+                unit: line.unit.to_owned(),
+                remaining: (line.total - line.spent).max(0.0),
+                total: line.total,
+                refreshes: line.refreshes,
             })
             .collect();
         Ok(Response::new(GetBudgetResponse {

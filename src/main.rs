@@ -321,8 +321,14 @@ fn budget_command(
         println!("operator {}", budget.operator_id);
         for g in budget.grants {
             println!(
-                "  grant {:<14} {:>12.6} of {:>12.6} {} remaining",
-                g.grant_id, g.remaining, g.total, g.unit
+                "  grant {:<14} {:>12.6} of {:>12.6} {} remaining{}",
+                g.grant_id,
+                g.remaining,
+                g.total,
+                g.unit,
+                g.refreshes
+                    .map(|t| format!(", refreshes {t}"))
+                    .unwrap_or_default()
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -180,24 +180,14 @@ impl Engine {
         &self.ledger
     }
 
-    /// Remaining budget of each grant of an operator in its current window:
-    /// (grant, unit, remaining, total).
-    pub fn budgets(&self, operator: &str) -> Result<Vec<(String, &'static str, f64, f64)>> {
-        let snap = self.snapshot();
-        let now = chrono::Utc::now().timestamp_millis();
-        let mut out = Vec::new();
-        for g in snap.policy.grants_of(operator) {
-            if let Some(draw) = grant_draw(g, Budget::from_micro(1))? {
-                let remaining = self.remaining(&draw, now)?;
-                out.push((
-                    g.id.clone(),
-                    draw.unit,
-                    remaining.as_f64(),
-                    draw.total.as_f64(),
-                ));
-            }
-        }
-        Ok(out)
+    /// The budget of each grant of an operator in its current window.
+    pub fn budgets(&self, operator: &str) -> Result<Vec<BudgetLine>> {
+        budget_report(
+            &self.snapshot().policy,
+            self.ledger.view(),
+            Some(operator),
+            chrono::Utc::now().timestamp_millis(),
+        )
     }
 
     /// What a grant has spent in its current window, and in which unit.

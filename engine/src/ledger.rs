@@ -567,6 +567,11 @@ impl Ledger {
         self.view.usage(key, unit, window, now_ms)
     }
 
+    /// The read-only view the ledger reads through.
+    pub fn view(&self) -> &LedgerView {
+        &self.view
+    }
+
     /// Number of requests holding draws (not aborted).
     pub fn charges(&self) -> Result<u64> {
         let conn = self.view.lock()?;

@@ -222,6 +222,33 @@ async fn officers_see_every_budget_beside_a_running_server() {
     assert_eq!(visits[1..4], ["0.000000", "20.000000", "rho"]);
     assert_ne!(visits[4], "never", "a yearly budget says when it refreshes");
     assert_eq!(line("grant:G-2026-031")[4], "never");
+    // Operators ask the server (veil.v1 GetBudget).
+    let endpoint = f.server.endpoint();
+    let (code, out, err) = veil_cli(&[
+        "budget",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "demo-token-op-ndrc",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("grant G-2026-002")
+            && out.contains("1.500000 of     2.000000 epsilon remaining\n"),
+        "{out}"
+    );
+    let (code, out, err) = veil_cli(&[
+        "budget",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "demo-token-op-credit-01",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("grant G-2026-017") && out.contains(", refreshes 20"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
