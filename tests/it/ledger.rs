@@ -1,7 +1,7 @@
 //! The privacy-budget ledger under load, retries and restarts.
 //!
-//! - Concurrency: 64 clients race for a budget that admits exactly 10
-//!   queries, 100 times over.
+//! - Concurrency: 64 Flight SQL clients race for a budget that admits
+//!   exactly 10 queries, 100 times over.
 //! - Idempotency: a retry under the same request id (Flight header) gets the
 //!   same answer and no new charge.
 //! - Global dataset budgets bind every operator together.
@@ -34,20 +34,35 @@ async fn sixty_four_clients_racing_for_ten_queries_get_exactly_ten() {
     for round in 0..100 {
         let state = tempfile::tempdir().expect("state");
         let engine = veil::open_engine(&policy, &f.data(), state.path()).expect("engine");
-        let now = chrono::Utc::now().fixed_offset();
+        let server = veil::start(Arc::clone(&engine), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("server");
+        // 64 Flight SQL clients, connected first, then released together.
+        let start = Arc::new(tokio::sync::Barrier::new(64));
         let tasks: Vec<_> = (0..64)
             .map(|_| {
-                let engine = Arc::clone(&engine);
-                tokio::spawn(async move { engine.run("op-ndrc", COUNT, now).await })
+                let (endpoint, start) = (server.endpoint(), Arc::clone(&start));
+                tokio::spawn(async move {
+                    let mut client = veil::client::Client::connect(&endpoint)
+                        .await
+                        .expect("connect");
+                    client.with_bearer("demo-token-op-ndrc");
+                    start.wait().await;
+                    client.query(COUNT).await
+                })
             })
             .collect();
         let mut admitted = 0;
         for t in tasks {
             match t.await.expect("task") {
                 Ok(_) => admitted += 1,
-                Err(e) => assert_eq!(e.code(), "BUDGET_EXHAUSTED", "round {round}: {e}"),
+                Err(e) => assert!(
+                    e.code == Code::ResourceExhausted && e.message.contains("BUDGET_EXHAUSTED"),
+                    "round {round}: {e:?}"
+                ),
             }
         }
+        server.stop().await.expect("stop");
         assert_eq!(admitted, 10, "round {round}");
         assert_eq!(engine.ledger().charges().expect("charges"), 10);
         assert_eq!(
