@@ -42,7 +42,7 @@ use siphasher::sip::SipHasher13;
 use crate::rewrite::DECIMAL_PRECISION;
 
 /// One statistic of the sample, over one of its value columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Output {
     /// The number of kept rows whose value is not NULL (`Int64`).
     Count(usize),
@@ -74,13 +74,22 @@ impl BoundedSample {
     /// `veil_bounded_sample(values…)` keeping the `k` rows per group of
     /// smallest priority under `key` and computing `outputs` over them.
     pub fn call(k: u32, key: [u8; 16], values: Vec<Expr>, outputs: Vec<Output>) -> Expr {
-        let udaf = AggregateUDF::new_from_impl(BoundedSample {
+        Self::udaf(k, key, outputs).call(values)
+    }
+
+    /// The function keeping `k` rows per group under `key`.
+    pub(crate) fn udaf(k: u32, key: [u8; 16], outputs: Vec<Output>) -> Arc<AggregateUDF> {
+        Arc::new(AggregateUDF::new_from_impl(BoundedSample {
             k: k as usize,
             key,
             outputs,
             signature: Signature::variadic_any(Volatility::Immutable),
-        });
-        Arc::new(udaf).call(values)
+        }))
+    }
+
+    /// `k`, the key and the outputs (for the plan codec only).
+    pub(crate) fn parameters(&self) -> (u32, [u8; 16], Vec<Output>) {
+        (self.k as u32, self.key, self.outputs.clone())
     }
 
     /// The struct field holding the `n`-th output.

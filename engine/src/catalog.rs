@@ -311,6 +311,23 @@ impl Catalog {
                 LocalFileSystem::new_with_prefix(&self.data_dir).map_err(internal)?,
             )),
         };
+        // Only the functions a certified plan may name: plans arrive as
+        // bytes (`plan_codec`) and resolve built-ins here by name.
+        let scalar = SessionStateDefaults::default_scalar_functions()
+            .into_iter()
+            .filter(|f| {
+                ALLOWED_SCALAR_FUNCTIONS.contains(&f.name())
+                    || crate::plan_codec::EXECUTOR_SCALAR_FUNCTIONS.contains(&f.name())
+            })
+            .collect();
+        let aggregate = SessionStateDefaults::default_aggregate_functions()
+            .into_iter()
+            .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
+            .collect();
+        let window = SessionStateDefaults::default_window_functions()
+            .into_iter()
+            .filter(|f| crate::plan_codec::EXECUTOR_WINDOW_FUNCTIONS.contains(&f.name()))
+            .collect();
         Ok(SessionStateBuilder::new()
             .with_config(session_config())
             .with_runtime_env(
@@ -319,6 +336,9 @@ impl Catalog {
                     .build_arc()
                     .map_err(internal)?,
             )
+            .with_scalar_functions(scalar)
+            .with_aggregate_functions(aggregate)
+            .with_window_functions(window)
             .with_table_function_list(vec![])
             .build())
     }
@@ -495,6 +515,41 @@ mod tests {
                 .is_err(),
             "planning sessions reach no file system"
         );
+    }
+
+    #[test]
+    fn the_executor_session_registers_only_what_certified_plans_name() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let policy = veil_policy::Policy::from_toml("[policy]\nid = \"p\"\nversion = \"1\"\n")
+            .expect("policy");
+        let state = Catalog::open(&policy, dir.path())
+            .expect("catalog")
+            .execution_state()
+            .expect("state");
+        let scalar = sorted(state.scalar_functions().keys().cloned());
+        assert_eq!(
+            scalar,
+            [
+                "abs",
+                "ceil",
+                "coalesce",
+                "floor",
+                "get_field",
+                "greatest",
+                "isnan",
+                "least",
+                "nullif",
+                "round",
+                "trunc"
+            ]
+        );
+        let aggregate = sorted(state.aggregate_functions().keys().cloned());
+        assert!(
+            aggregate.contains(&"sum".to_owned()) && !aggregate.contains(&"array_agg".to_owned())
+        );
+        let window = sorted(state.window_functions().keys().cloned());
+        assert_eq!(window, ["rank", "row_number"]);
+        assert!(state.table_functions().is_empty());
     }
 
     #[test]

@@ -43,17 +43,20 @@ async fn execute_inner(
     let failed = || EngineError::ExecutionFailed {
         request: request.to_owned(),
     };
-    let physical = state
-        .create_physical_plan(plan.executable())
-        .await
-        .map_err(|e| {
-            tracing::warn!(
-                request,
-                error_kind = error_kind(&e),
-                "planning the certified plan failed"
-            );
-            failed()
-        })?;
+    // The plan crosses to the executor as bytes, and only as bytes.
+    let bytes = crate::plan_codec::encode(plan.executable())?;
+    let executable = crate::plan_codec::decode(&bytes, &state.task_ctx()).map_err(|e| {
+        tracing::warn!(request, error = %e, "the certified plan did not decode");
+        failed()
+    })?;
+    let physical = state.create_physical_plan(&executable).await.map_err(|e| {
+        tracing::warn!(
+            request,
+            error_kind = error_kind(&e),
+            "planning the certified plan failed"
+        );
+        failed()
+    })?;
     let batches = collect(physical, state.task_ctx()).await.map_err(|e| {
         tracing::warn!(
             request,

@@ -37,11 +37,20 @@ impl fmt::Debug for KeyedHash {
 impl KeyedHash {
     /// An expression hashing `args` under `key`.
     pub fn call(key: [u8; 16], args: Vec<Expr>) -> Expr {
-        let udf = ScalarUDF::new_from_impl(KeyedHash {
+        Self::udf(key).call(args)
+    }
+
+    /// The function hashing under `key`.
+    pub(crate) fn udf(key: [u8; 16]) -> Arc<ScalarUDF> {
+        Arc::new(ScalarUDF::new_from_impl(KeyedHash {
             key,
             signature: Signature::variadic_any(Volatility::Immutable),
-        });
-        Arc::new(udf).call(args)
+        }))
+    }
+
+    /// The key (for the plan codec only).
+    pub(crate) fn key(&self) -> [u8; 16] {
+        self.key
     }
 
     fn hash_arrays(&self, arrays: &[ArrayRef]) -> Result<UInt64Array> {

@@ -47,6 +47,7 @@ pub mod gate;
 mod keyed_hash;
 pub mod ledger;
 pub mod mechanisms;
+pub mod plan_codec;
 pub mod quantile_grid;
 pub mod rewrite;
 

@@ -33,7 +33,7 @@ use datafusion::logical_expr::{
 pub const MAX_CANDIDATES: i128 = 1000;
 
 /// Evenly spaced candidates over a column's bounds, in fixed-point units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct QuantileGrid {
     /// The first candidate: the lower bound.
     pub lo_fp: i128,
@@ -80,22 +80,44 @@ impl QuantileGrid {
 
     /// `veil_quantile_rank(value)`: the rank of a clamped decimal value.
     pub fn rank_of(self, value: Expr) -> Expr {
+        self.rank_udf().call(vec![value])
+    }
+
+    /// The function behind [`Self::rank_of`].
+    pub(crate) fn rank_udf(self) -> Arc<ScalarUDF> {
         Arc::new(ScalarUDF::new_from_impl(RankOf {
             grid: self,
             signature: Signature::any(1, Volatility::Immutable),
         }))
-        .call(vec![value])
     }
 
     /// `veil_rank_histogram(ranks)`: per group, how many ranks fall in each
     /// bin; `ranks` is one rank or a list of them per row.
     pub fn histogram(self, ranks: Expr) -> Expr {
-        Arc::new(AggregateUDF::new_from_impl(RankHistogram {
-            bins: self.bins(),
-            signature: Signature::any(1, Volatility::Immutable),
-        }))
-        .call(vec![ranks])
+        histogram_udaf(self.bins()).call(vec![ranks])
     }
+}
+
+/// The function behind [`QuantileGrid::histogram`], over `bins` bins.
+pub(crate) fn histogram_udaf(bins: usize) -> Arc<AggregateUDF> {
+    Arc::new(AggregateUDF::new_from_impl(RankHistogram {
+        bins,
+        signature: Signature::any(1, Volatility::Immutable),
+    }))
+}
+
+/// The grid of a `veil_quantile_rank` function (for the plan codec).
+pub(crate) fn rank_grid(f: &ScalarUDF) -> Option<QuantileGrid> {
+    (f.inner().as_ref() as &dyn std::any::Any)
+        .downcast_ref::<RankOf>()
+        .map(|r| r.grid)
+}
+
+/// The bins of a `veil_rank_histogram` function (for the plan codec).
+pub(crate) fn histogram_bins(f: &AggregateUDF) -> Option<usize> {
+    (f.inner().as_ref() as &dyn std::any::Any)
+        .downcast_ref::<RankHistogram>()
+        .map(|h| h.bins)
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
