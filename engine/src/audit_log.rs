@@ -286,10 +286,8 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-fn unavailable(why: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(format!(
-        "audit log: {why}; no query is admitted until it is fixed"
-    ))
+pub(crate) fn unavailable(why: impl std::fmt::Display) -> EngineError {
+    EngineError::closed("audit log", why)
 }
 
 /// The files of a state directory's audit log.

@@ -243,14 +243,10 @@ impl Engine {
         // Fail closed: nothing is admitted while the ledger or the audit
         // log cannot record it.
         if let Some(why) = self.ledger.failure() {
-            return Err(EngineError::Unavailable(format!(
-                "privacy-budget ledger: {why}; no query is admitted until it is fixed"
-            )));
+            return Err(crate::ledger::unavailable(why));
         }
         if let Some(why) = self.audit.failure() {
-            return Err(EngineError::Unavailable(format!(
-                "audit log: {why}; no query is admitted until it is fixed"
-            )));
+            return Err(crate::audit_log::unavailable(why));
         }
         // A refusal before the grant is known keeps the text only if every
         // grant of the operator would.
@@ -760,9 +756,7 @@ impl Engine {
                 ));
             }
             Err(ReserveError::Ledger(why) | ReserveError::Step(why)) => {
-                return Err(EngineError::Unavailable(format!(
-                    "privacy-budget ledger: {why}; no query is admitted until it is fixed"
-                )));
+                return Err(crate::ledger::unavailable(why));
             }
         };
         crash_point("after_reserve");

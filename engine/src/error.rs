@@ -110,6 +110,14 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A store the engine cannot record in (`what`: the ledger or the audit
+    /// log), which admits nothing until it is fixed: fail closed.
+    pub fn closed(what: &str, why: impl std::fmt::Display) -> EngineError {
+        EngineError::Unavailable(format!(
+            "{what}: {why}; no query is admitted until it is fixed"
+        ))
+    }
+
     /// Shorthand for a rejection.
     pub fn rejected(rule: Rule, message: impl Into<String>) -> Self {
         EngineError::Rejected {

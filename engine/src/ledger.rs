@@ -270,10 +270,8 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
-fn unavailable(why: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(format!(
-        "privacy-budget ledger: {why}; no query is admitted until it is fixed"
-    ))
+pub(crate) fn unavailable(why: impl std::fmt::Display) -> EngineError {
+    EngineError::closed("privacy-budget ledger", why)
 }
 
 const SCHEMA: &str = "
