@@ -19,6 +19,8 @@
 //! assert_eq!(BoundedAggregates::decode(&bytes).unwrap(), out);
 //! ```
 
+use std::io::{Read, Write};
+
 use serde::{Deserialize, Serialize};
 
 /// Largest message either side accepts, in bytes.
@@ -65,6 +67,56 @@ pub enum WireError {
     /// The bytes are not a valid message.
     #[error("malformed message")]
     Malformed,
+    /// The stream ended cleanly before a frame.
+    #[error("the other side closed the stream")]
+    Closed,
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a message")]
+    Truncated,
+    /// Reading or writing failed.
+    #[error("transport error: {0}")]
+    Io(std::io::ErrorKind),
+}
+
+/// Writes one frame: its length as 4 big-endian bytes, then the bytes.
+/// Frames larger than [`MAX_MESSAGE_BYTES`] are refused before anything is
+/// written.
+pub fn write_frame(w: &mut impl Write, bytes: &[u8]) -> Result<(), WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let len = u32::try_from(bytes.len()).map_err(|_| WireError::TooLarge(bytes.len()))?;
+    w.write_all(&len.to_be_bytes())
+        .and_then(|()| w.write_all(bytes))
+        .and_then(|()| w.flush())
+        .map_err(|e| WireError::Io(e.kind()))
+}
+
+/// Reads one frame. A length above [`MAX_MESSAGE_BYTES`] is refused before
+/// any of the body is read or allocated: a confused or hostile peer cannot
+/// make the reader allocate more than the limit.
+pub fn read_frame(r: &mut impl Read) -> Result<Vec<u8>, WireError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(WireError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e.kind())),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        kind => WireError::Io(kind),
+    })?;
+    Ok(body)
 }
 
 impl BoundedAggregates {
@@ -102,6 +154,39 @@ mod tests {
         };
         let bytes = out.encode().expect("encodes");
         assert_eq!(BoundedAggregates::decode(&bytes).expect("decodes"), out);
+    }
+
+    #[test]
+    fn frames_round_trip_and_refuse_bad_lengths_before_reading() {
+        let mut wire = Vec::new();
+        for body in [&b""[..], b"plan", &[7u8; 1000]] {
+            write_frame(&mut wire, body).expect("write");
+        }
+        let mut r = &wire[..];
+        assert_eq!(read_frame(&mut r).expect("empty"), b"");
+        assert_eq!(read_frame(&mut r).expect("plan"), b"plan");
+        assert_eq!(read_frame(&mut r).expect("big").len(), 1000);
+        assert!(matches!(read_frame(&mut r), Err(WireError::Closed)));
+        // A length above the limit is refused without reading the body.
+        let huge = (u32::MAX).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]),
+            Err(WireError::TooLarge(_))
+        ));
+        // Cut anywhere inside the second frame (bytes 4..12): truncated,
+        // never a shorter message.
+        for cut in 5..12 {
+            let mut r = &wire[..cut];
+            assert_eq!(read_frame(&mut r).expect("the empty frame"), b"");
+            assert!(
+                matches!(read_frame(&mut r), Err(WireError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(
+            write_frame(&mut Vec::new(), &vec![0u8; MAX_MESSAGE_BYTES + 1]),
+            Err(WireError::TooLarge(_))
+        ));
     }
 
     #[test]
