@@ -313,34 +313,16 @@ impl Catalog {
         };
         // Only the functions a certified plan may name: plans arrive as
         // bytes (`plan_codec`) and resolve built-ins here by name.
-        let scalar = SessionStateDefaults::default_scalar_functions()
-            .into_iter()
-            .filter(|f| {
-                ALLOWED_SCALAR_FUNCTIONS.contains(&f.name())
-                    || crate::plan_codec::EXECUTOR_SCALAR_FUNCTIONS.contains(&f.name())
-            })
-            .collect();
-        let aggregate = SessionStateDefaults::default_aggregate_functions()
-            .into_iter()
-            .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
-            .collect();
         let window = SessionStateDefaults::default_window_functions()
             .into_iter()
             .filter(|f| crate::plan_codec::EXECUTOR_WINDOW_FUNCTIONS.contains(&f.name()))
             .collect();
-        Ok(SessionStateBuilder::new()
-            .with_config(session_config())
-            .with_runtime_env(
-                RuntimeEnvBuilder::new()
-                    .with_object_store_registry(Arc::new(registry))
-                    .build_arc()
-                    .map_err(internal)?,
-            )
-            .with_scalar_functions(scalar)
-            .with_aggregate_functions(aggregate)
-            .with_window_functions(window)
-            .with_table_function_list(vec![])
-            .build())
+        Ok(session_builder(
+            registry,
+            scalar_functions(crate::plan_codec::EXECUTOR_SCALAR_FUNCTIONS),
+            window,
+        )?
+        .build())
     }
 
     /// A table provider that reads a dataset's Parquet file with `schema`
@@ -370,32 +352,51 @@ impl Catalog {
 /// scalar and aggregate functions only, no window or table functions, no
 /// object store, no information_schema.
 pub fn hardened_planning_builder() -> Result<SessionStateBuilder> {
-    let scalar = SessionStateDefaults::default_scalar_functions()
-        .into_iter()
-        .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()))
-        .chain(crate::dp_interval::functions())
-        .collect();
-    let aggregate = SessionStateDefaults::default_aggregate_functions()
-        .into_iter()
-        .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
-        .collect();
     let planners: Vec<Arc<dyn ExprPlanner>> = vec![
         Arc::new(CoreFunctionPlanner::default()),
         Arc::new(AggregateFunctionPlanner),
     ];
+    let scalar = scalar_functions(&[])
+        .into_iter()
+        .chain(crate::dp_interval::functions())
+        .collect();
+    Ok(
+        session_builder(ConfinedStores { data: None }, scalar, vec![])?
+            .with_expr_planners(planners),
+    )
+}
+
+/// The default scalar functions an operator may call, and `extra` ones.
+fn scalar_functions(extra: &[&str]) -> Vec<Arc<datafusion::logical_expr::ScalarUDF>> {
+    SessionStateDefaults::default_scalar_functions()
+        .into_iter()
+        .filter(|f| ALLOWED_SCALAR_FUNCTIONS.contains(&f.name()) || extra.contains(&f.name()))
+        .collect()
+}
+
+/// A hand-built session: veil's configuration, the given object stores and
+/// functions (with the allow-listed aggregates), no table functions.
+fn session_builder(
+    stores: ConfinedStores,
+    scalar: Vec<Arc<datafusion::logical_expr::ScalarUDF>>,
+    window: Vec<Arc<datafusion::logical_expr::WindowUDF>>,
+) -> Result<SessionStateBuilder> {
+    let aggregate = SessionStateDefaults::default_aggregate_functions()
+        .into_iter()
+        .filter(|f| ALLOWED_AGGREGATE_FUNCTIONS.contains(&f.name()))
+        .collect();
     Ok(SessionStateBuilder::new()
         .with_config(session_config())
         .with_runtime_env(
             RuntimeEnvBuilder::new()
-                .with_object_store_registry(Arc::new(ConfinedStores { data: None }))
+                .with_object_store_registry(Arc::new(stores))
                 .build_arc()
                 .map_err(internal)?,
         )
         .with_scalar_functions(scalar)
         .with_aggregate_functions(aggregate)
-        .with_window_functions(vec![])
-        .with_table_function_list(vec![])
-        .with_expr_planners(planners))
+        .with_window_functions(window)
+        .with_table_function_list(vec![]))
 }
 
 fn session_config() -> SessionConfig {
