@@ -44,11 +44,6 @@ async fn serve_with(
     prefix: Option<&str>,
     crash_at: Option<&str>,
 ) -> (Server, std::sync::mpsc::Receiver<()>) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
     let arg = |p: PathBuf| p.to_str().expect("utf8").to_owned();
     let args = vec![
         "serve".to_owned(),
@@ -58,8 +53,10 @@ async fn serve_with(
         arg(dir.join("data")),
         "--state".to_owned(),
         arg(dir.join("state")),
+        // The server picks its port and logs it: a port picked here and
+        // released could be taken by another test's server meanwhile.
         "--listen".to_owned(),
-        format!("127.0.0.1:{port}"),
+        "127.0.0.1:0".to_owned(),
     ];
     let mut command = match prefix {
         None => {
@@ -80,12 +77,14 @@ async fn serve_with(
         command.env("VEIL_TEST_CRASH_AT", point);
     }
     let mut child = command
-        .env("VEIL_LOG", "error")
+        .env("VEIL_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn veil serve");
     let (reached, on_reach) = std::sync::mpsc::channel();
+    let (listening, on_listen) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().expect("stderr");
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -95,13 +94,24 @@ async fn serve_with(
         {
             if line.starts_with("VEIL_TEST_CRASH_POINT") {
                 let _ = reached.send(());
+            } else if line.contains("serving Arrow Flight SQL")
+                && let Some(at) = line.find("127.0.0.1:")
+            {
+                let digits: String = line[at + 10..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                let _ = listening.send(digits.parse::<u16>().expect("port"));
             }
         }
     });
+    let mut port = None;
     for _ in 0..400 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
+        port = port.or_else(|| on_listen.try_recv().ok());
+        if let Some(port) = port
+            && tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
         {
             let server = Server {
                 child,
