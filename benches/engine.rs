@@ -78,6 +78,7 @@ fn bench(c: &mut Criterion) {
             &policy_with_budget(dir.path()),
             &data,
             &dir.path().join("state"),
+            &veil::Execution::InProcess,
         )
         .expect("engine");
 
@@ -166,6 +167,7 @@ fn plan_corpus(c: &mut Criterion) {
         &policy_with_budget(dir.path()),
         &data,
         &dir.path().join("state"),
+        &veil::Execution::InProcess,
     )
     .expect("engine");
     let corpus = slt_corpus();

@@ -37,12 +37,25 @@ pub async fn run(scale: f64) -> Result<()> {
         );
     }
     let state = tempfile::tempdir()?;
-    let engine = crate::open_engine(&dir.join("policy.toml"), &data, state.path())?;
+    // The demo confines its executors like `veil serve`, at whatever level
+    // this kernel allows (`veil doctor` explains it).
+    let mut sandbox = crate::SandboxOptions::this_program()?;
+    sandbox.min_level = veil_sandbox::Level::None;
+    let engine = crate::open_engine(
+        &dir.join("policy.toml"),
+        &data,
+        state.path(),
+        &crate::Execution::Sandboxed(sandbox),
+    )?;
     println!(
         "policy {} v{} (sha256 {}…)",
         engine.policy().id,
         engine.policy().version,
         &engine.policy().hash[..12]
+    );
+    println!(
+        "executors: confined worker processes, sandbox level {} (`veil doctor` explains it)",
+        engine.executor().level()
     );
     let server = crate::start(engine, "127.0.0.1:0".parse()?).await?;
     println!("serving Arrow Flight SQL on {}\n", server.endpoint());

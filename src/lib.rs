@@ -17,18 +17,21 @@ pub mod generate;
 pub mod server;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use veil_engine::Engine;
 use veil_engine::audit_log::{AuditLog, Cadence};
 use veil_engine::catalog::Catalog;
 use veil_engine::ledger::Ledger;
+use veil_engine::{Engine, Executor};
 use veil_policy::Policy;
+use veil_sandbox::pool::{Pool, PoolConfig};
+use veil_sandbox::{Level, Limits};
 
 /// Replaces the default panic message (which can quote values being
 /// processed) with the panic's location only.
@@ -44,17 +47,90 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Loads the policy, the catalog and the ledger.
-pub fn open_engine(policy: &Path, data: &Path, state: &Path) -> Result<Arc<Engine>> {
+/// Where an engine's queries run.
+#[derive(Debug, Clone)]
+pub enum Execution {
+    /// Confined `veil worker` processes: what `veil serve` uses.
+    Sandboxed(SandboxOptions),
+    /// The broker's own process, unconfined: benchmark baselines only.
+    InProcess,
+}
+
+/// How `veil serve` runs its workers.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// The `veil` binary that serves as worker (normally this one).
+    pub program: PathBuf,
+    /// Each worker's resource limits.
+    pub limits: Limits,
+    /// Workers kept ready.
+    pub workers: usize,
+    /// Wall-clock limit of one query's execution, enforced with SIGKILL.
+    pub deadline: Duration,
+    /// The weakest confinement accepted.
+    pub min_level: Level,
+}
+
+impl SandboxOptions {
+    /// Defaults: two ready workers, default limits, a 60 s deadline, level
+    /// `strict`.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        SandboxOptions {
+            program: program.into(),
+            limits: Limits::default(),
+            workers: 2,
+            deadline: Duration::from_secs(60),
+            min_level: Level::Strict,
+        }
+    }
+
+    /// Defaults, with this executable as the worker program.
+    pub fn this_program() -> Result<Self> {
+        Ok(SandboxOptions::new(
+            std::env::current_exe().context("locating the veil binary for workers")?,
+        ))
+    }
+}
+
+/// Loads the policy, the catalog, the ledger and the audit log, and starts
+/// the executors.
+pub fn open_engine(
+    policy: &Path,
+    data: &Path,
+    state: &Path,
+    execution: &Execution,
+) -> Result<Arc<Engine>> {
     let policy = Policy::load(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
     let catalog = Catalog::open(&policy, data)?;
     let ledger = Ledger::open(state)?;
     let audit = AuditLog::open(state, Cadence::default())?;
+    let executor = match execution {
+        Execution::InProcess => Executor::InProcess,
+        Execution::Sandboxed(o) => {
+            let pool = Pool::start(PoolConfig {
+                program: o.program.clone(),
+                subcommand: vec!["worker".into()],
+                data_dir: catalog.data_dir().to_owned(),
+                limits: o.limits,
+                size: o.workers.max(1),
+                deadline: o.deadline,
+                min_level: o.min_level,
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(
+                level = %pool.report().level,
+                workers = o.workers,
+                "executors confined"
+            );
+            Executor::Sandboxed(pool)
+        }
+    };
     Ok(Arc::new(Engine::new(
         Arc::new(policy),
         catalog,
         ledger,
         audit,
+        executor,
     )))
 }
 

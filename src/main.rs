@@ -38,6 +38,46 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// The weakest executor sandbox to accept: strict (Landlock and
+        /// seccomp), landlock, or none. `veil doctor` shows what this
+        /// machine reaches.
+        #[arg(long, default_value = "strict")]
+        min_sandbox: veil_sandbox::Level,
+        /// Executor processes kept ready.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Wall-clock limit of one query's execution, in seconds; the
+        /// executor is killed when it passes.
+        #[arg(long, default_value_t = 60)]
+        query_deadline: u64,
+        /// Memory limit of one executor (address space), in MiB.
+        #[arg(long, default_value_t = 4096)]
+        worker_memory: u64,
+    },
+    /// Show how well this machine confines executors, and why.
+    ///
+    /// Starts one executor the way `veil serve` does, and prints the sandbox
+    /// level it reached with every confinement step and self-test.
+    ///
+    /// Example: veil doctor
+    Doctor {
+        /// Data directory the executor may read (default: an empty one).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// An executor process; `veil serve` starts these itself.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        memory_bytes: u64,
+        #[arg(long)]
+        cpu_seconds: u64,
+        #[arg(long)]
+        max_files: u64,
+        #[arg(long)]
+        parent: u32,
     },
     /// Run one SQL query against a veil server.
     ///
@@ -198,6 +238,28 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     veil::install_panic_hook();
+    if let Command::Worker {
+        data,
+        memory_bytes,
+        cpu_seconds,
+        max_files,
+        parent,
+    } = cli.command
+    {
+        // Nothing before confinement: no logging, no runtime, no files.
+        let args = veil_sandbox::worker::WorkerArgs {
+            data_dir: data,
+            limits: veil_sandbox::Limits {
+                memory_bytes,
+                cpu_seconds,
+                max_files,
+            },
+            parent,
+        };
+        return veil_sandbox::worker::run(&args, |job, plan| {
+            veil_engine::execute::worker_job(&args.data_dir, memory_bytes, job, plan)
+        });
+    }
     let default_level = match cli.command {
         Command::Serve { .. } => "info",
         _ => "warn",
@@ -232,8 +294,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data,
             state,
             listen,
+            min_sandbox,
+            workers,
+            query_deadline,
+            worker_memory,
         } => runtime()?.block_on(async {
-            let engine = veil::open_engine(&policy, &data, &state)?;
+            let mut sandbox = veil::SandboxOptions::this_program()?;
+            sandbox.min_level = min_sandbox;
+            sandbox.workers = workers;
+            sandbox.deadline = std::time::Duration::from_secs(query_deadline);
+            sandbox.limits.memory_bytes = worker_memory << 20;
+            // The CPU limit backs up the deadline: a worker that somehow
+            // outlives its SIGKILL still cannot compute for long.
+            sandbox.limits.cpu_seconds = query_deadline.saturating_mul(2).max(1);
+            let engine =
+                veil::open_engine(&policy, &data, &state, &veil::Execution::Sandboxed(sandbox))?;
             let _watcher = veil::watch_policy(engine.clone(), policy.clone());
             let running = veil::start(engine, listen).await?;
             tracing::info!(addr = %running.addr, "serving Arrow Flight SQL");
@@ -307,7 +382,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             state,
         } => budget_command(endpoint, token, policy, state),
         Command::Audit { command } => audit_command(command),
+        Command::Doctor { data } => doctor(data),
+        Command::Worker { .. } => unreachable!("handled in main"),
     }
+}
+
+fn doctor(data: Option<PathBuf>) -> Result<ExitCode> {
+    let empty = tempfile::tempdir()?;
+    let data = match data {
+        Some(d) => d,
+        None => empty.path().to_owned(),
+    };
+    let sandbox = veil::SandboxOptions::this_program()?;
+    let pool = veil_sandbox::pool::Pool::start(veil_sandbox::pool::PoolConfig {
+        program: sandbox.program,
+        subcommand: vec!["worker".into()],
+        data_dir: data.canonicalize()?,
+        limits: sandbox.limits,
+        size: 1,
+        deadline: sandbox.deadline,
+        min_level: veil_sandbox::Level::None,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let report = pool.report();
+    print!("{}", report.explain());
+    println!(
+        "{}",
+        match report.level {
+            veil_sandbox::Level::Strict =>
+                "`veil serve` runs with its default --min-sandbox strict.",
+            veil_sandbox::Level::Landlock =>
+                "seccomp is unavailable: `veil serve` needs --min-sandbox landlock here.",
+            veil_sandbox::Level::None =>
+                "Landlock is unavailable: executors are not confined to the data directory; `veil serve` needs --min-sandbox none here.",
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn budget_command(

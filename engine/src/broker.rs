@@ -21,7 +21,7 @@ use crate::analyze::{Analyzed, analyze, dataset_id};
 use crate::audit_log::AuditLog;
 use crate::catalog::Catalog;
 use crate::error::{EngineError, Result, Rule};
-use crate::execute::execute_certified;
+use crate::execute::Executor;
 use crate::gate::gate;
 use crate::ledger::{Charge, ChargeState, Draw, Ledger, ReserveError, Reserved, Window};
 use crate::mechanisms::{BoundingKeys, Release, release};
@@ -115,6 +115,7 @@ pub struct Engine {
     current: RwLock<Arc<Snapshot>>,
     ledger: Ledger,
     audit: AuditLog,
+    executor: Executor,
 }
 
 /// A policy and the catalog built for it.
@@ -138,12 +139,24 @@ enum Planned {
 
 impl Engine {
     /// Assembles an engine.
-    pub fn new(policy: Arc<Policy>, catalog: Catalog, ledger: Ledger, audit: AuditLog) -> Engine {
+    pub fn new(
+        policy: Arc<Policy>,
+        catalog: Catalog,
+        ledger: Ledger,
+        audit: AuditLog,
+        executor: Executor,
+    ) -> Engine {
         Engine {
             current: RwLock::new(Arc::new(Snapshot { policy, catalog })),
             ledger,
             audit,
+            executor,
         }
+    }
+
+    /// Where queries run.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -368,7 +381,7 @@ impl Engine {
             unit: trail.unit.to_owned(),
             request: request_id.to_owned(),
             result_hash,
-            sandbox: SANDBOX_LEVEL.to_owned(),
+            sandbox: self.executor.level().to_owned(),
         };
         let receipt = self.audit.append(entry)?;
         let mut answer = outcome?;
@@ -406,8 +419,10 @@ impl Engine {
         };
         match self.plan(&snap, operator, sql, now, keys).await? {
             Planned::Private { certified, .. } => {
-                let exact =
-                    execute_certified(&certified, &snap.catalog.execution_state()?, "test").await?;
+                let exact = self
+                    .executor
+                    .bounded(&snap.catalog, &certified, "test")
+                    .await?;
                 Ok((*certified, exact))
             }
             Planned::Public { .. } => Err(EngineError::Internal("not a private query".into())),
@@ -679,17 +694,7 @@ impl Engine {
             .limit(0, Some(grant.max_result_rows as usize))
             .and_then(|b| b.build())
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let state = snap.catalog.execution_state()?;
-        let failed = || EngineError::ExecutionFailed {
-            request: request_id.to_owned(),
-        };
-        let physical = state
-            .create_physical_plan(&plan)
-            .await
-            .map_err(|_| failed())?;
-        let batches = collect(physical, state.task_ctx())
-            .await
-            .map_err(|_| failed())?;
+        let batches = self.executor.rows(&snap.catalog, &plan, request_id).await?;
         let mut metadata = HashMap::new();
         metadata.insert(meta::GRANT.to_owned(), grant.id.clone());
         metadata.insert(meta::POLICY.to_owned(), snap.policy.hash.clone());
@@ -764,8 +769,11 @@ impl Engine {
         self.ledger
             .advance(request_id, ChargeState::Dispatched, None)?;
         crash_point("after_dispatch");
-        let state = snap.catalog.execution_state()?;
-        let exact = match execute_certified(&certified, &state, request_id).await {
+        let exact = match self
+            .executor
+            .bounded(&snap.catalog, &certified, request_id)
+            .await
+        {
             Ok(x) => x,
             Err(e) => {
                 self.ledger
@@ -836,10 +844,6 @@ struct Trail {
     replayed: bool,
     withhold_text: bool,
 }
-
-/// Where queries run, as recorded in the audit log: in the broker's process
-/// until the sandboxed executors exist.
-const SANDBOX_LEVEL: &str = "in-process";
 
 /// A point where the crash tests kill the server (`VEIL_TEST_CRASH_AT`):
 /// it says so on standard error and waits for its SIGKILL. Compiled only

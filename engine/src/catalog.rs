@@ -25,6 +25,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::execution::SessionStateDefaults;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
@@ -304,25 +305,10 @@ impl Catalog {
             .build())
     }
 
-    /// A session that executes certified plans: reads only the data directory.
+    /// A session that executes certified plans: reads only the data
+    /// directory (see [`execution_state`]).
     pub fn execution_state(&self) -> Result<SessionState> {
-        let registry = ConfinedStores {
-            data: Some(Arc::new(
-                LocalFileSystem::new_with_prefix(&self.data_dir).map_err(internal)?,
-            )),
-        };
-        // Only the functions a certified plan may name: plans arrive as
-        // bytes (`plan_codec`) and resolve built-ins here by name.
-        let window = SessionStateDefaults::default_window_functions()
-            .into_iter()
-            .filter(|f| crate::plan_codec::EXECUTOR_WINDOW_FUNCTIONS.contains(&f.name()))
-            .collect();
-        Ok(session_builder(
-            registry,
-            scalar_functions(crate::plan_codec::EXECUTOR_SCALAR_FUNCTIONS),
-            window,
-        )?
-        .build())
+        execution_state(&self.data_dir, None)
     }
 
     /// A table provider that reads a dataset's Parquet file with `schema`
@@ -348,6 +334,30 @@ impl Catalog {
     }
 }
 
+/// A session that executes certified plans: its only object store is the
+/// data directory, it resolves only the functions a certified plan may name
+/// (plans arrive as bytes, `plan_codec`, and resolve built-ins here by
+/// name), it never spills to disk, and with `memory_limit` its operators
+/// fail cleanly (ResourcesExhausted) instead of growing past it.
+pub fn execution_state(data_dir: &Path, memory_limit: Option<usize>) -> Result<SessionState> {
+    let registry = ConfinedStores {
+        data: Some(Arc::new(
+            LocalFileSystem::new_with_prefix(data_dir).map_err(internal)?,
+        )),
+    };
+    let window = SessionStateDefaults::default_window_functions()
+        .into_iter()
+        .filter(|f| crate::plan_codec::EXECUTOR_WINDOW_FUNCTIONS.contains(&f.name()))
+        .collect();
+    Ok(session_builder(
+        registry,
+        scalar_functions(crate::plan_codec::EXECUTOR_SCALAR_FUNCTIONS),
+        window,
+        memory_limit,
+    )?
+    .build())
+}
+
 /// The hand-built planning session, before tables are added: allow-listed
 /// scalar and aggregate functions only, no window or table functions, no
 /// object store, no information_schema.
@@ -361,7 +371,7 @@ pub fn hardened_planning_builder() -> Result<SessionStateBuilder> {
         .chain(crate::dp_interval::functions())
         .collect();
     Ok(
-        session_builder(ConfinedStores { data: None }, scalar, vec![])?
+        session_builder(ConfinedStores { data: None }, scalar, vec![], None)?
             .with_expr_planners(planners),
     )
 }
@@ -380,6 +390,7 @@ fn session_builder(
     stores: ConfinedStores,
     scalar: Vec<Arc<datafusion::logical_expr::ScalarUDF>>,
     window: Vec<Arc<datafusion::logical_expr::WindowUDF>>,
+    memory_limit: Option<usize>,
 ) -> Result<SessionStateBuilder> {
     let aggregate = SessionStateDefaults::default_aggregate_functions()
         .into_iter()
@@ -388,8 +399,16 @@ fn session_builder(
     Ok(SessionStateBuilder::new()
         .with_config(session_config())
         .with_runtime_env(
-            RuntimeEnvBuilder::new()
-                .with_object_store_registry(Arc::new(stores))
+            memory_limit
+                .into_iter()
+                .fold(
+                    RuntimeEnvBuilder::new()
+                        .with_object_store_registry(Arc::new(stores))
+                        .with_disk_manager_builder(
+                            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+                        ),
+                    |b, limit| b.with_memory_limit(limit, 1.0),
+                )
                 .build_arc()
                 .map_err(internal)?,
         )

@@ -1,85 +1,232 @@
-//! The executor side: runs a [`CertifiedPlan`] and returns bounded aggregates.
+//! Execution: where a certified (or public) plan meets the data.
 //!
-//! This is the only code that reads raw data. Its sole output is
-//! [`BoundedAggregates`]; any failure becomes [`EngineError::ExecutionFailed`]
-//! with no detail, because what failed may depend on the data.
+//! This is the only code that reads raw data. The plan always crosses to it
+//! as `datafusion-proto` bytes ([`crate::plan_codec`]), and its only outputs
+//! are [`BoundedAggregates`] (private queries) or the rows of a public
+//! query, again as bytes. [`Executor::Sandboxed`] runs it in a confined
+//! `veil worker` process ([`veil_sandbox::pool`]); [`Executor::InProcess`]
+//! runs the same code in the broker (benchmark baselines and engine-level
+//! tests). Any failure becomes [`EngineError::ExecutionFailed`] with no
+//! detail, because what failed may depend on the data.
+
+use std::path::Path;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Int64Type};
 use datafusion::execution::session_state::SessionState;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::collect;
-use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
+use serde::{Deserialize, Serialize};
+use veil_sandbox::pool::Pool;
+use veil_sandbox::{BoundedAggregates, GroupAggregate, Job, KeyValue};
 
+use crate::catalog::Catalog;
 use crate::error::{EngineError, Result};
 use crate::rewrite::{CertifiedPlan, count_column, histogram_column, sum_column};
 
-/// Executes a certified plan on `state` (an execution session of the catalog).
-///
-/// Runs on its own task, so that a panic anywhere in planning or execution
-/// becomes the uniform error instead of taking the caller down. `request` is
-/// the correlation id used in the uniform error.
-pub async fn execute_certified(
-    plan: &CertifiedPlan,
-    state: &SessionState,
-    request: &str,
-) -> Result<BoundedAggregates> {
-    let (plan, state, id) = (plan.clone(), state.clone(), request.to_owned());
-    match tokio::spawn(async move { execute_inner(&plan, &state, &id).await }).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(request, "the executor task panicked or was cancelled");
-            Err(EngineError::ExecutionFailed {
-                request: request.to_owned(),
-            })
+/// Where plans run.
+#[derive(Debug)]
+pub enum Executor {
+    /// In the broker's own process: no confinement. For benchmark baselines
+    /// and engine-level tests; `veil serve` never uses it.
+    InProcess,
+    /// In confined worker processes, one per query.
+    Sandboxed(Pool),
+}
+
+/// What a job returns, as its spec says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "output", rename_all = "lowercase")]
+pub enum Output {
+    /// A certified plan's bounded aggregates, with the shape the release
+    /// specification gives.
+    Bounded {
+        /// Group-key columns.
+        keys: usize,
+        /// Count columns.
+        counts: usize,
+        /// Sum columns.
+        sums: usize,
+        /// Quantile histogram columns.
+        quantiles: usize,
+    },
+    /// A public query's rows, as an Arrow IPC stream.
+    Rows,
+}
+
+impl Executor {
+    /// The sandbox level recorded in audit entries: `strict`, `landlock`,
+    /// `none`, or `in-process`.
+    pub fn level(&self) -> &'static str {
+        match self {
+            Executor::InProcess => "in-process",
+            Executor::Sandboxed(pool) => pool.report().level.as_str(),
+        }
+    }
+
+    /// Executes a certified plan and returns its bounded aggregates.
+    pub async fn bounded(
+        &self,
+        catalog: &Catalog,
+        plan: &CertifiedPlan,
+        request: &str,
+    ) -> Result<BoundedAggregates> {
+        let spec = plan.spec();
+        let output = Output::Bounded {
+            keys: spec.group_columns.len(),
+            counts: spec.counts.len(),
+            sums: spec.sums.len(),
+            quantiles: spec.quantiles.len(),
+        };
+        let bytes = self
+            .run(catalog, plan.executable(), &output, request)
+            .await?;
+        BoundedAggregates::decode(&bytes).map_err(|_| {
+            tracing::warn!(request, "the executor's answer did not decode");
+            failed(request)
+        })
+    }
+
+    /// Executes a public query's plan (its scans already over the data
+    /// files) and returns its rows.
+    pub async fn rows(
+        &self,
+        catalog: &Catalog,
+        plan: &LogicalPlan,
+        request: &str,
+    ) -> Result<Vec<RecordBatch>> {
+        let bytes = self.run(catalog, plan, &Output::Rows, request).await?;
+        let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(&bytes[..], None)
+            .map_err(|_| {
+                tracing::warn!(request, "the executor's rows did not decode");
+                failed(request)
+            })?;
+        reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| failed(request))
+    }
+
+    async fn run(
+        &self,
+        catalog: &Catalog,
+        plan: &LogicalPlan,
+        output: &Output,
+        request: &str,
+    ) -> Result<Vec<u8>> {
+        // The plan crosses to the executor as bytes, and only as bytes.
+        let bytes = crate::plan_codec::encode(plan)?;
+        match self {
+            Executor::InProcess => {
+                let state = catalog.execution_state()?;
+                let output = output.clone();
+                // On its own task, so that a panic becomes the uniform error.
+                let task = tokio::spawn(async move { execute_job(&state, &bytes, &output).await });
+                match task.await {
+                    Ok(Ok(answer)) => Ok(answer),
+                    Ok(Err(kind)) => {
+                        tracing::warn!(request, error_kind = kind, "execution failed");
+                        Err(failed(request))
+                    }
+                    Err(_) => {
+                        tracing::warn!(request, "the executor task panicked or was cancelled");
+                        Err(failed(request))
+                    }
+                }
+            }
+            Executor::Sandboxed(pool) => {
+                let job = Job {
+                    request: request.to_owned(),
+                    spec: serde_json::to_string(output)
+                        .map_err(|e| EngineError::Internal(e.to_string()))?,
+                };
+                pool.run(&job, bytes).await.map_err(|failure| {
+                    // Failures name a kind, a signal or a deadline: never data.
+                    tracing::warn!(request, %failure, "execution failed");
+                    failed(request)
+                })
+            }
         }
     }
 }
 
-async fn execute_inner(
-    plan: &CertifiedPlan,
-    state: &SessionState,
-    request: &str,
-) -> Result<BoundedAggregates> {
-    let failed = || EngineError::ExecutionFailed {
+fn failed(request: &str) -> EngineError {
+    EngineError::ExecutionFailed {
         request: request.to_owned(),
-    };
-    // The plan crosses to the executor as bytes, and only as bytes.
-    let bytes = crate::plan_codec::encode(plan.executable())?;
-    let executable = crate::plan_codec::decode(&bytes, &state.task_ctx()).map_err(|e| {
-        tracing::warn!(request, error = %e, "the certified plan did not decode");
-        failed()
-    })?;
-    let physical = state.create_physical_plan(&executable).await.map_err(|e| {
-        tracing::warn!(
-            request,
-            error_kind = error_kind(&e),
-            "planning the certified plan failed"
-        );
-        failed()
-    })?;
-    let batches = collect(physical, state.task_ctx()).await.map_err(|e| {
-        tracing::warn!(
-            request,
-            error_kind = error_kind(&e),
-            "executing the certified plan failed"
-        );
-        failed()
-    })?;
-    let spec = plan.spec();
-    let mut groups = Vec::new();
-    for batch in &batches {
-        read_batch(
-            batch,
-            spec.group_columns.len(),
-            [spec.counts.len(), spec.sums.len(), spec.quantiles.len()],
-            &mut groups,
-        )
-        .ok_or_else(|| {
-            tracing::warn!(request, "bounded aggregate had an unexpected shape");
-            failed()
-        })?;
     }
-    Ok(BoundedAggregates { groups })
+}
+
+/// `veil worker`'s job: runs on a fresh runtime inside the confined
+/// process, with DataFusion's memory pool at half the address-space limit
+/// (the rest is the program, its threads and allocator arenas).
+pub fn worker_job(
+    data_dir: &Path,
+    memory_bytes: u64,
+    job: &Job,
+    plan: Vec<u8>,
+) -> std::result::Result<Vec<u8>, String> {
+    let output: Output = serde_json::from_str(&job.spec).map_err(|_| "spec".to_owned())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(2)
+        .build()
+        .map_err(|_| "runtime".to_owned())?;
+    let limit = usize::try_from(memory_bytes / 2).unwrap_or(usize::MAX);
+    runtime.block_on(async {
+        let state = crate::catalog::execution_state(data_dir, Some(limit))
+            .map_err(|_| "session".to_owned())?;
+        execute_job(&state, &plan, &output)
+            .await
+            .map_err(str::to_owned)
+    })
+}
+
+/// The executor proper, the same in a worker and in process: decodes the
+/// plan, runs it, and encodes its output. Errors are data-independent kinds.
+pub async fn execute_job(
+    state: &SessionState,
+    plan: &[u8],
+    output: &Output,
+) -> std::result::Result<Vec<u8>, &'static str> {
+    let executable =
+        crate::plan_codec::decode(plan, &state.task_ctx()).map_err(|_| "plan_decode")?;
+    let physical = state
+        .create_physical_plan(&executable)
+        .await
+        .map_err(|e| error_kind(&e))?;
+    let batches = collect(physical, state.task_ctx())
+        .await
+        .map_err(|e| error_kind(&e))?;
+    match *output {
+        Output::Bounded {
+            keys,
+            counts,
+            sums,
+            quantiles,
+        } => {
+            let mut groups = Vec::new();
+            for batch in &batches {
+                read_batch(batch, keys, [counts, sums, quantiles], &mut groups)
+                    .ok_or("unexpected_shape")?;
+            }
+            BoundedAggregates { groups }.encode().map_err(|_| "encode")
+        }
+        Output::Rows => {
+            let schema = match batches.first() {
+                Some(b) => b.schema(),
+                None => std::sync::Arc::new(executable.schema().as_arrow().clone()),
+            };
+            let mut out = Vec::new();
+            let mut writer =
+                datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)
+                    .map_err(|_| "encode")?;
+            for b in &batches {
+                writer.write(b).map_err(|_| "encode")?;
+            }
+            writer.finish().map_err(|_| "encode")?;
+            drop(writer);
+            Ok(out)
+        }
+    }
 }
 
 fn read_batch(

@@ -10,7 +10,8 @@
 //!    producing a [`rewrite::CertifiedPlan`];
 //! 5. [`ledger`]: the cost reserved durably on every budget before any data
 //!    is read;
-//! 6. [`execute`]: the certified plan run (the only raw-data access);
+//! 6. [`execute`]: the certified plan run, as bytes, in a confined worker
+//!    process ([`execute::Executor`]; the only raw-data access);
 //! 7. [`mechanisms`]: opendp noise over every public key, a
 //!    [`mechanisms::Release`] with 95% intervals;
 //! 8. [`audit_log`]: every query, admitted or refused, appended to a hash
@@ -23,7 +24,10 @@
 //! let catalog = veil_engine::catalog::Catalog::open(&policy, "examples/beijing/data".as_ref())?;
 //! let ledger = veil_engine::ledger::Ledger::open("/tmp/veil-state".as_ref())?;
 //! let audit = veil_engine::audit_log::AuditLog::open("/tmp/veil-state".as_ref(), Default::default())?;
-//! let engine = veil_engine::Engine::new(policy, catalog, ledger, audit);
+//! // Benchmarks and engine tests run plans in process; `veil serve` uses
+//! // `Executor::Sandboxed` with a pool of confined workers.
+//! let executor = veil_engine::Executor::InProcess;
+//! let engine = veil_engine::Engine::new(policy, catalog, ledger, audit, executor);
 //! let now = chrono::Utc::now().fixed_offset();
 //! let answer = engine
 //!     .run("op-univ-07", "SELECT district, COUNT(*) FROM pop.residents GROUP BY district", now)
@@ -53,3 +57,4 @@ pub mod rewrite;
 
 pub use broker::{Answer, Engine, Estimate, meta};
 pub use error::{EngineError, Result, Rule};
+pub use execute::Executor;

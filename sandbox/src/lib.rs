@@ -5,10 +5,17 @@
 //! every privacy unit's contribution has already been bounded. Nothing else
 //! crosses the broker⇄executor boundary.
 //!
-//! Today the executor runs in the broker's process (see ARCHITECTURE.md); this
-//! crate holds the wire types both sides agree on, so that moving execution
-//! into a confined `veil worker` process changes the transport, not the
-//! contract.
+//! - [`pool`]: the broker's side. It spawns `veil worker` processes ahead of
+//!   time, hands each exactly one job over a socketpair, enforces the
+//!   deadline with SIGKILL and turns every kind of worker death into one
+//!   uniform [`pool::Failure`].
+//! - [`worker`]: the executor's side. It confines itself ([`confine`]) before
+//!   it opens any data, reports the level it achieved, runs one job and
+//!   exits.
+//! - The wire: length-prefixed, size-capped frames ([`write_frame`],
+//!   [`read_frame`]) carrying small JSON headers and opaque bodies (the
+//!   plan as `datafusion-proto` bytes one way, [`BoundedAggregates`] or an
+//!   Arrow IPC stream the other).
 //!
 //! ```
 //! use veil_sandbox::{BoundedAggregates, GroupAggregate, KeyValue};
@@ -18,6 +25,14 @@
 //! let bytes = out.encode().unwrap();
 //! assert_eq!(BoundedAggregates::decode(&bytes).unwrap(), out);
 //! ```
+
+pub mod confine;
+mod fd;
+pub mod pool;
+mod seccomp;
+pub mod worker;
+
+pub use confine::{Level, Limits, Report};
 
 use std::io::{Read, Write};
 
@@ -136,6 +151,42 @@ impl BoundedAggregates {
         }
         serde_json::from_slice(bytes).map_err(|_| WireError::Malformed)
     }
+}
+
+/// The header of a job, sent by the broker and followed by one body frame
+/// (the plan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Correlation id, for data-independent logs.
+    pub request: String,
+    /// What to run, opaque to this crate (the engine's job description).
+    pub spec: String,
+}
+
+/// What a worker sends, in order: one `Hello`, then `Done` (followed by one
+/// body frame) or `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Confinement is done and no data has been opened: the achieved level.
+    Hello(Report),
+    /// The job's result follows in one body frame.
+    Done,
+    /// The job failed; `kind` is a data-independent classification.
+    Failed {
+        /// For example `execution`, `resources_exhausted`, `decode`.
+        kind: String,
+    },
+}
+
+/// Writes one JSON header frame.
+pub fn send_json<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), WireError> {
+    let bytes = serde_json::to_vec(msg).map_err(|_| WireError::Malformed)?;
+    write_frame(w, &bytes)
+}
+
+/// Reads one JSON header frame.
+pub fn recv_json<T: serde::de::DeserializeOwned>(r: &mut impl Read) -> Result<T, WireError> {
+    serde_json::from_slice(&read_frame(r)?).map_err(|_| WireError::Malformed)
 }
 
 #[cfg(test)]

@@ -187,8 +187,13 @@ async fn tampering_stops_verification_and_the_server() {
             veil_cli(&["audit", "verify", "--state", state.to_str().expect("utf8")]);
         assert_eq!(code, 1, "{name}: verify must fail");
         assert!(err.contains("TAMPERED"), "{name}: {err}");
-        let refused = veil::open_engine(&f.dir.path().join("policy.toml"), &f.data(), &state)
-            .expect_err(name);
+        let refused = veil::open_engine(
+            &f.dir.path().join("policy.toml"),
+            &f.data(),
+            &state,
+            &veil::Execution::InProcess,
+        )
+        .expect_err(name);
         assert!(
             refused.to_string().contains("tampering detected"),
             "{name}: {refused}"

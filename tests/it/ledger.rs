@@ -33,7 +33,13 @@ async fn sixty_four_clients_racing_for_ten_queries_get_exactly_ten() {
     let policy = f.dir.path().join("policy.toml");
     for round in 0..100 {
         let state = tempfile::tempdir().expect("state");
-        let engine = veil::open_engine(&policy, &f.data(), state.path()).expect("engine");
+        let engine = veil::open_engine(
+            &policy,
+            &f.data(),
+            state.path(),
+            &crate::support::sandboxed(),
+        )
+        .expect("engine");
         let server = veil::start(Arc::clone(&engine), "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("server");

@@ -18,6 +18,18 @@ pub struct Fixture {
     pub server: Running,
 }
 
+/// How test servers execute queries: in confined workers of the `veil`
+/// binary under test, as `veil serve` does. Any level is accepted here, so
+/// that the suite runs on kernels without Landlock; the sandbox tests check
+/// the level themselves and say so when they skip.
+pub fn sandboxed() -> veil::Execution {
+    let mut o = veil::SandboxOptions::new(env!("CARGO_BIN_EXE_veil"));
+    o.min_level = veil_sandbox::Level::None;
+    o.deadline = std::time::Duration::from_secs(30);
+    o.limits.memory_bytes = 2 << 30;
+    veil::Execution::Sandboxed(o)
+}
+
 pub fn example_policy() -> String {
     std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/beijing/policy.toml"),
@@ -40,7 +52,8 @@ impl Fixture {
         let policy_path = dir.path().join("policy.toml");
         std::fs::write(&policy_path, policy).expect("write policy");
         let engine =
-            veil::open_engine(&policy_path, &data, &dir.path().join("state")).expect("engine");
+            veil::open_engine(&policy_path, &data, &dir.path().join("state"), &sandboxed())
+                .expect("engine");
         let server = veil::start(engine.clone(), "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("server");
@@ -230,6 +243,7 @@ pub fn try_certified_over(
         &dir.path().join("policy.toml"),
         &dir.path().join("data"),
         &dir.path().join("state"),
+        &veil::Execution::InProcess,
     )
     .expect("engine");
     let rt = tokio::runtime::Builder::new_current_thread()
