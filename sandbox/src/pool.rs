@@ -253,6 +253,9 @@ fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) if status.core_dumped() => {
+            format!("killed by signal {signal}, core dumped")
+        }
         (None, Some(signal)) => format!("killed by signal {signal}"),
         _ => status.to_string(),
     }

@@ -19,6 +19,7 @@ mod plans;
 mod quantiles;
 mod rejections;
 mod reload;
+mod sandbox;
 mod selection;
 mod slt;
 mod support;

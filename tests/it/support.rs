@@ -45,15 +45,23 @@ impl Fixture {
 
     /// A policy text, and a hook that may edit the generated data.
     pub async fn with_policy(policy: &str, edit_data: impl FnOnce(&Path)) -> Fixture {
+        Fixture::with_execution(policy, edit_data, &sandboxed()).await
+    }
+
+    /// The same, with executors configured by the test.
+    pub async fn with_execution(
+        policy: &str,
+        edit_data: impl FnOnce(&Path),
+        execution: &veil::Execution,
+    ) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         veil::generate::generate(&data, SCALE, veil::generate::DEFAULT_SEED).expect("generate");
         edit_data(&data);
         let policy_path = dir.path().join("policy.toml");
         std::fs::write(&policy_path, policy).expect("write policy");
-        let engine =
-            veil::open_engine(&policy_path, &data, &dir.path().join("state"), &sandboxed())
-                .expect("engine");
+        let engine = veil::open_engine(&policy_path, &data, &dir.path().join("state"), execution)
+            .expect("engine");
         let server = veil::start(engine.clone(), "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("server");

@@ -1,0 +1,381 @@
+//! The executor sandbox (THREATS.md G): probes of every forbidden action
+//! from inside a confined worker, and robustness of the real server when
+//! workers die.
+//!
+//! Probes use the test-only worker entry point (`probe:<name>` jobs,
+//! compiled into test builds only): each runs after the worker's full
+//! confinement, exactly where a query's plan would run. On a kernel that
+//! cannot confine workers at level `strict`, these tests print
+//! `SKIPPED: …` with the worker's report and return; `.ci/run` prints the
+//! level this machine reaches (`veil doctor`).
+
+use std::io::Read;
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use veil_sandbox::pool::{Failure, Pool, PoolConfig};
+use veil_sandbox::{Job, Level, Limits};
+
+use crate::support::{Fixture, assert_refused, example_policy};
+
+fn pool(data: &Path, limits: Limits, deadline: Duration) -> Option<Pool> {
+    let pool = Pool::start(PoolConfig {
+        program: env!("CARGO_BIN_EXE_veil").into(),
+        subcommand: vec!["worker".into()],
+        data_dir: data.canonicalize().expect("data dir"),
+        limits,
+        size: 1,
+        deadline,
+        min_level: Level::None,
+    })
+    .expect("pool");
+    if pool.report().level < Level::Strict {
+        eprintln!(
+            "SKIPPED: workers reach sandbox level `{}` on this kernel, not `strict`:\n{}",
+            pool.report().level,
+            pool.report().explain()
+        );
+        return None;
+    }
+    Some(pool)
+}
+
+async fn probe(pool: &Pool, what: &str) -> Result<String, Failure> {
+    let job = Job {
+        request: "probe".into(),
+        spec: format!("probe:{what}"),
+    };
+    pool.run(&job, vec![])
+        .await
+        .map(|b| String::from_utf8(b).expect("utf-8"))
+}
+
+fn assert_denied(outcome: Result<String, Failure>, what: &str) -> String {
+    let answer = outcome.unwrap_or_else(|f| panic!("{what}: the worker failed: {f}"));
+    assert!(answer.starts_with("denied"), "{what}: {answer}");
+    answer
+}
+
+struct Probes {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    outside: std::path::PathBuf,
+}
+
+fn dirs() -> Probes {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&data).expect("data");
+    std::fs::create_dir_all(&outside).expect("outside");
+    std::fs::write(data.join("inside.txt"), "readable").expect("inside");
+    std::fs::write(outside.join("secret.txt"), "not for workers").expect("secret");
+    Probes {
+        _dir: dir,
+        data,
+        outside,
+    }
+}
+
+#[tokio::test]
+async fn a_confined_worker_reads_only_the_data_directory() {
+    let d = dirs();
+    let Some(pool) = pool(&d.data, Limits::default(), Duration::from_secs(20)) else {
+        return;
+    };
+    // The positive control: the data directory is readable.
+    let inside = d.data.canonicalize().expect("canonical").join("inside.txt");
+    assert_eq!(
+        probe(&pool, &format!("read:{}", inside.display()))
+            .await
+            .expect("read inside"),
+        "allowed: read 8 bytes"
+    );
+    for path in [
+        "/etc/passwd".to_owned(),
+        d.outside.join("secret.txt").display().to_string(),
+        "/proc/self/environ".to_owned(),
+    ] {
+        assert_denied(probe(&pool, &format!("read:{path}")).await, &path);
+    }
+    // Writing is refused everywhere, the data directory included (spilling
+    // is disabled, so no worker has a writable directory).
+    for dir in [&d.outside, &d.data, &std::env::temp_dir()] {
+        let target = dir.join("escaped.txt");
+        assert_denied(
+            probe(&pool, &format!("write:{}", target.display())).await,
+            "write",
+        );
+        assert!(!target.exists(), "{} was created", target.display());
+    }
+}
+
+#[tokio::test]
+async fn a_confined_worker_cannot_reach_the_network() {
+    let d = dirs();
+    let Some(pool) = pool(&d.data, Limits::default(), Duration::from_secs(20)) else {
+        return;
+    };
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp listener");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    udp.set_nonblocking(true).expect("nonblocking");
+    let tcp_addr = tcp.local_addr().expect("addr");
+    let udp_addr = udp.local_addr().expect("addr");
+    let answer = assert_denied(probe(&pool, &format!("tcp:{tcp_addr}")).await, "tcp");
+    // Refused by seccomp (no socket at all), not by a timeout.
+    assert!(answer.contains("errno 1)"), "{answer}");
+    assert_denied(probe(&pool, &format!("udp:{udp_addr}")).await, "udp");
+    // Whatever the worker said, nothing arrived.
+    assert_eq!(
+        tcp.accept().map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the loopback listener received a connection"
+    );
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        udp.recv_from(&mut buf).map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the UDP socket received a datagram"
+    );
+}
+
+#[tokio::test]
+async fn a_confined_worker_cannot_start_processes_or_read_the_brokers_environment() {
+    let d = dirs();
+    let Some(pool) = pool(&d.data, Limits::default(), Duration::from_secs(20)) else {
+        return;
+    };
+    assert_denied(probe(&pool, "exec:/bin/sh").await, "exec");
+    // A child process (clone without CLONE_THREAD) is refused by seccomp
+    // before any exec is attempted.
+    let fork = assert_denied(probe(&pool, "fork").await, "fork");
+    assert!(fork.contains("errno 1)"), "{fork}");
+    // The test process (the broker here) has a rich environment; the
+    // worker sees none of it, in its own environment or through /proc.
+    assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+    assert_denied(probe(&pool, "env:CARGO_PKG_NAME").await, "env");
+}
+
+#[tokio::test]
+async fn memory_cpu_and_crashes_kill_only_the_worker() {
+    let d = dirs();
+    let limits = Limits {
+        memory_bytes: 512 << 20,
+        cpu_seconds: 1,
+        max_files: 64,
+    };
+    let deadline = Duration::from_secs(20);
+    let Some(pool) = pool(&d.data, limits, deadline) else {
+        return;
+    };
+    // More memory than the address-space limit: the allocation fails and
+    // the worker dies.
+    let r = probe(&pool, &format!("memory:{}", 1u64 << 30)).await;
+    assert!(matches!(r, Err(Failure::Died(_))), "memory: {r:?}");
+    // A spin loop meets RLIMIT_CPU long before the deadline.
+    let started = Instant::now();
+    let r = probe(&pool, "cpu").await;
+    assert!(matches!(r, Err(Failure::Died(_))), "cpu: {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Abort and stack overflow: dead workers, and no core file anywhere.
+    let core_before = Path::new("/core").exists();
+    for what in ["core", "stack"] {
+        match probe(&pool, what).await {
+            Err(Failure::Died(how)) => assert!(!how.contains("core dumped"), "{what}: {how}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        Path::new("/core").exists(),
+        core_before,
+        "a core file appeared"
+    );
+    // The pool goes on with fresh workers.
+    assert!(
+        probe(&pool, "read:/etc/passwd")
+            .await
+            .expect("a fresh worker")
+            .starts_with("denied")
+    );
+}
+
+#[tokio::test]
+async fn the_deadline_kills_the_worker() {
+    let d = dirs();
+    let deadline = Duration::from_millis(800);
+    let Some(pool) = pool(&d.data, Limits::default(), deadline) else {
+        return;
+    };
+    let started = Instant::now();
+    let r = probe(&pool, "sleep:3600").await;
+    let took = started.elapsed();
+    assert_eq!(r, Err(Failure::Deadline(deadline)));
+    assert!(took < deadline + Duration::from_millis(200), "{took:?}");
+}
+
+/// A server whose executors have a short deadline and a small memory
+/// limit, for queries meant to overrun them.
+async fn tight_server(deadline: Duration, memory_bytes: u64) -> Fixture {
+    let mut o = veil::SandboxOptions::new(env!("CARGO_BIN_EXE_veil"));
+    o.min_level = Level::None;
+    o.deadline = deadline;
+    o.limits.memory_bytes = memory_bytes;
+    Fixture::with_execution(&example_policy(), |_| {}, &veil::Execution::Sandboxed(o)).await
+}
+
+const DP_QUERY: &str = "SELECT district, COUNT(*) FROM pop.residents GROUP BY district";
+
+/// Four copies of the public enterprise register: 400⁴ rows to filter (a
+/// plain COUNT(*) of a cross join is answered from statistics).
+const ENDLESS: &str = "SELECT COUNT(*) FROM samr.enterprises a, samr.enterprises b, \
+                       samr.enterprises c, samr.enterprises d \
+                       WHERE a.established_year + b.established_year > c.established_year + d.established_year";
+
+#[tokio::test]
+async fn a_query_past_its_deadline_fails_uniformly_and_the_server_goes_on() {
+    let deadline = Duration::from_secs(2);
+    let f = tight_server(deadline, 1 << 30).await;
+    let started = Instant::now();
+    let e = assert_refused(
+        f.query("op-ndrc", ENDLESS).await,
+        Code::Internal,
+        &["EXECUTION_FAILED"],
+    );
+    let took = started.elapsed();
+    assert!(took >= deadline, "{took:?}: finished before its deadline");
+    assert!(took < deadline + Duration::from_millis(200), "{took:?}");
+    assert!(!e.message.contains("deadline"), "{}", e.message);
+    // The server still answers, with a charge for the DP query only.
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+    assert_eq!(f.charges(), 1);
+}
+
+#[tokio::test]
+async fn a_cross_join_that_exhausts_memory_fails_uniformly_and_the_server_goes_on() {
+    // A long deadline: what stops this query is the memory limit.
+    let deadline = Duration::from_secs(60);
+    let f = tight_server(deadline, 768 << 20).await;
+    let started = Instant::now();
+    // 400³ distinct groups of three texts to hold in a hash table.
+    assert_refused(
+        f.query(
+            "op-ndrc",
+            "SELECT a.uscc, b.uscc, c.uscc, COUNT(*) FROM samr.enterprises a, \
+             samr.enterprises b, samr.enterprises c GROUP BY a.uscc, b.uscc, c.uscc",
+        )
+        .await,
+        Code::Internal,
+        &["EXECUTION_FAILED"],
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+    assert_eq!(f.charges(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_killed_from_outside_fails_its_query_and_nothing_else() {
+    let f = tight_server(Duration::from_secs(30), 1 << 30).await;
+    let mut client = f.client("op-ndrc").await;
+    let query = tokio::spawn(async move { client.query(ENDLESS).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed = kill_workers();
+    assert!(killed > 0, "no worker to kill");
+    let started = Instant::now();
+    let r = query.await.expect("query task");
+    assert_refused(r, Code::Internal, &["EXECUTION_FAILED"]);
+    assert!(started.elapsed() < Duration::from_millis(200));
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+}
+
+#[tokio::test]
+async fn a_private_query_whose_worker_dies_keeps_its_charge() {
+    // 64 MiB of address space: a worker confines itself, but cannot run a
+    // plan. Every private query is charged, dispatched, and fails.
+    let f = tight_server(Duration::from_secs(20), 64 << 20).await;
+    let budget_before = f.spent("G-2026-031", "epsilon");
+    assert_refused(
+        f.query("op-univ-07", DP_QUERY).await,
+        Code::Internal,
+        &["EXECUTION_FAILED"],
+    );
+    assert_eq!(f.charges(), 1);
+    assert_eq!(f.spent("G-2026-031", "epsilon") - budget_before, 500_000);
+    // The ledger is consistent after a restart too: nothing was left
+    // in flight.
+    let again = veil_engine::ledger::Ledger::open(&f.dir.path().join("state")).expect("reopen");
+    assert_eq!(again.charges().expect("charges"), 1);
+}
+
+/// SIGKILLs every `veil worker` child of this process; returns how many.
+fn kill_workers() -> usize {
+    let me = std::process::id().to_string();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let mut stat = String::new();
+        let mut cmdline = Vec::new();
+        let ok = std::fs::File::open(entry.path().join("stat"))
+            .and_then(|mut f| f.read_to_string(&mut stat))
+            .and_then(|_| std::fs::File::open(entry.path().join("cmdline")))
+            .and_then(|mut f| f.read_to_end(&mut cmdline));
+        if ok.is_err() {
+            continue;
+        }
+        // Field 4 of /proc/<pid>/stat is the parent's pid (after the
+        // parenthesised command name).
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned));
+        let is_worker = cmdline.split(|&b| b == 0).nth(1) == Some(&b"worker"[..]);
+        if ppid.as_deref() == Some(&me) && is_worker {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).expect("pid"),
+                rustix::process::Signal::KILL,
+            );
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[tokio::test]
+async fn pathological_query_texts_are_refused_before_any_worker_or_charge() {
+    let f = Fixture::start().await;
+    let flat_or = format!(
+        "SELECT COUNT(*) FROM pop.residents WHERE {}",
+        (0..100_000)
+            .map(|i| format!("birth_year = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    );
+    let deep = format!(
+        "SELECT COUNT(*) FROM pop.residents WHERE birth_year > {}0{}",
+        "(1 + ".repeat(5_000),
+        ")".repeat(5_000)
+    );
+    for sql in [&flat_or, &deep] {
+        let started = Instant::now();
+        assert_refused(
+            f.query("op-univ-07", sql).await,
+            Code::InvalidArgument,
+            &["QUERY_TOO_COMPLEX"],
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    assert_eq!(f.charges(), 0);
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+}
