@@ -12,6 +12,7 @@
 //! ```sh
 //! cargo bench --bench engine              # VEIL_BENCH_ROWS=1m to skip 10M
 //! cargo bench --bench engine -- plan_and_rewrite   # the slt corpus, planning only
+//! cargo bench --bench engine -- sandbox_latency    # confined workers vs in process
 //! ```
 
 #![allow(clippy::disallowed_methods)] // the baseline is a default DataFusion session
@@ -185,5 +186,72 @@ fn plan_corpus(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, plan_corpus);
+/// What the executor sandbox adds to a small DP query: the same query
+/// (about 35,000 rows) through `Engine::run` with in-process execution and
+/// with the pool of confined `veil worker` processes (plan serialized,
+/// socketpair, a fresh worker per query, killed and reaped after it).
+///
+/// Each timed query arrives at an idle server (a 100 ms pause, untimed,
+/// lets the pool replace its used worker), as interactive queries do; the
+/// `back_to_back` variant sends queries without pause, so every query also
+/// competes with the spawning of its predecessor's replacement.
+fn sandbox_latency(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    veil::generate::generate(&data, 0.02, veil::generate::DEFAULT_SEED).expect("generate");
+    let mut sandbox = veil::SandboxOptions::new(env!("CARGO_BIN_EXE_veil"));
+    sandbox.min_level = veil_sandbox::Level::None;
+    let mut group = c.benchmark_group("sandbox_latency");
+    group.sample_size(100);
+    for (name, execution, pause) in [
+        ("in_process", veil::Execution::InProcess, true),
+        (
+            "sandboxed",
+            veil::Execution::Sandboxed(sandbox.clone()),
+            true,
+        ),
+        (
+            "sandboxed_back_to_back",
+            veil::Execution::Sandboxed(sandbox),
+            false,
+        ),
+    ] {
+        let state = tempfile::tempdir().expect("state");
+        let engine = veil::open_engine(
+            &policy_with_budget(dir.path()),
+            &data,
+            state.path(),
+            &execution,
+        )
+        .expect("engine");
+        eprintln!("{name}: sandbox level {}", engine.executor().level());
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let engine = Arc::clone(&engine);
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        if pause {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        let started = std::time::Instant::now();
+                        engine
+                            .run("op-credit-01", QUERY, chrono::Utc::now().fixed_offset())
+                            .await
+                            .expect("answered");
+                        total += started.elapsed();
+                    }
+                    total
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, plan_corpus, sandbox_latency);
 criterion_main!(benches);

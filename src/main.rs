@@ -256,9 +256,11 @@ fn main() -> ExitCode {
             },
             parent,
         };
-        return veil_sandbox::worker::run(&args, |job, plan| {
-            veil_engine::execute::worker_job(&args.data_dir, memory_bytes, job, plan)
-        });
+        return veil_sandbox::worker::run(
+            &args,
+            || veil_engine::execute::worker_prepare(&args.data_dir, memory_bytes),
+            veil_engine::execute::worker_job,
+        );
     }
     let default_level = match cli.command {
         Command::Serve { .. } => "info",

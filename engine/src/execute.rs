@@ -155,25 +155,54 @@ fn failed(request: &str) -> EngineError {
     }
 }
 
-/// `veil worker`'s job: runs on a fresh runtime inside the confined
-/// process, with DataFusion's memory pool at half the address-space limit
-/// (the rest is the program, its threads and allocator arenas).
-pub fn worker_job(
+/// A worker's runtime and execution session, built (and warmed) while it
+/// waits in the pool.
+pub struct WorkerContext {
+    runtime: tokio::runtime::Runtime,
+    state: SessionState,
+}
+
+/// Prepares a confined worker: a two-thread runtime, the execution session
+/// with DataFusion's memory pool at half the address-space limit (the rest
+/// is the program, its threads and allocator arenas), and one small plan
+/// run through the whole path (encode, decode, plan, execute) so that a
+/// query does not pay for first use. Reads no data.
+pub fn worker_prepare(
     data_dir: &Path,
     memory_bytes: u64,
-    job: &Job,
-    plan: Vec<u8>,
-) -> std::result::Result<Vec<u8>, String> {
-    let output: Output = serde_json::from_str(&job.spec).map_err(|_| "spec".to_owned())?;
+) -> std::result::Result<WorkerContext, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(2)
         .build()
         .map_err(|_| "runtime".to_owned())?;
     let limit = usize::try_from(memory_bytes / 2).unwrap_or(usize::MAX);
+    let state =
+        crate::catalog::execution_state(data_dir, Some(limit)).map_err(|_| "session".to_owned())?;
     runtime.block_on(async {
-        let state = crate::catalog::execution_state(data_dir, Some(limit))
-            .map_err(|_| "session".to_owned())?;
+        let warm = state
+            .create_logical_plan(
+                "SELECT k, COUNT(v) AS n, SUM(v) AS s FROM (VALUES (1, 2), (1, 3), (2, 4)) AS t(k, v) GROUP BY k",
+            )
+            .await
+            .map_err(|_| "warm-up plan".to_owned())?;
+        let bytes = crate::plan_codec::encode(&warm).map_err(|_| "warm-up encode".to_owned())?;
+        execute_job(&state, &bytes, &Output::Rows)
+            .await
+            .map_err(str::to_owned)
+    })?;
+    Ok(WorkerContext { runtime, state })
+}
+
+/// `veil worker`'s job, on the prepared context.
+pub fn worker_job(
+    context: std::result::Result<WorkerContext, String>,
+    job: &Job,
+    plan: Vec<u8>,
+) -> std::result::Result<Vec<u8>, String> {
+    let WorkerContext { runtime, state } = context?;
+    let output: Output = serde_json::from_str(&job.spec).map_err(|_| "spec".to_owned())?;
+    runtime.block_on(async {
         execute_job(&state, &plan, &output)
             .await
             .map_err(str::to_owned)
@@ -309,5 +338,17 @@ fn error_kind(e: &datafusion::error::DataFusionError) -> &'static str {
         E::Plan(..) | E::SchemaError(..) | E::NotImplemented(..) => "planning",
         E::Internal(..) => "internal",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_prepares_and_warms_up_without_data() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let prepared = worker_prepare(dir.path(), 1 << 30);
+        assert!(prepared.is_ok(), "{:?}", prepared.err());
     }
 }

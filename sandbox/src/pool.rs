@@ -4,7 +4,10 @@
 //! A dedicated spawner thread keeps `size` workers ready. It is the parent
 //! of every worker and lives as long as the pool, so the workers'
 //! parent-death signal (which the kernel ties to the spawning *thread*)
-//! fires exactly when the pool goes away. A query takes a ready worker,
+//! fires exactly when the pool goes away. It spawns a replacement only when
+//! a used worker has been reaped (one permit per worker slot), so that
+//! starting the next worker does not compete for the CPU with the query
+//! that is still running on the last one. A query takes a ready worker,
 //! sends it the job, and waits for the answer up to the deadline; then the
 //! worker is killed (a no-op if it already exited) and reaped. Whatever
 //! happens to the worker (a crash, a stack overflow, an allocation beyond
@@ -16,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use crate::worker::WorkerArgs;
@@ -67,28 +70,85 @@ pub enum Failure {
     Failed(String),
 }
 
-/// A confined worker, waiting for its one job.
+/// A confined worker, waiting for its one job. Dropping it, however its
+/// job ended (even when the query's future is cancelled), kills and reaps
+/// the process and frees its slot.
 struct Worker {
     child: Child,
-    stream: UnixStream,
+    stream: Option<UnixStream>,
     report: Report,
+    permits: Arc<Permits>,
 }
 
-impl Worker {
-    fn discard(mut self) {
+impl Drop for Worker {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.permits.give();
     }
 }
 
 type Ready = Result<Worker, String>;
+
+/// Worker slots the spawner may fill; closed when the pool is dropped.
+#[derive(Default)]
+struct Permits {
+    state: Mutex<(usize, bool)>,
+    freed: Condvar,
+}
+
+impl Permits {
+    fn give(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 += 1;
+            self.freed.notify_one();
+        }
+    }
+
+    /// Waits for a permit; `false` once the pool is closed.
+    fn take(&self) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        loop {
+            if s.1 {
+                return false;
+            }
+            if s.0 > 0 {
+                s.0 -= 1;
+                return true;
+            }
+            s = match self.freed.wait(s) {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = true;
+            self.freed.notify_all();
+        }
+    }
+}
 
 /// A pool of ready workers.
 pub struct Pool {
     config: Arc<PoolConfig>,
     ready: Arc<Mutex<mpsc::Receiver<Ready>>>,
     first: Mutex<Option<Worker>>,
+    permits: Arc<Permits>,
     report: Report,
+    /// Test builds only: a probe that replaces every job's spec.
+    #[cfg(feature = "test-hooks")]
+    probe: Mutex<Option<String>>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.permits.close();
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -106,18 +166,20 @@ impl Pool {
     /// below `config.min_level`.
     pub fn start(config: PoolConfig) -> Result<Pool, String> {
         let config = Arc::new(config);
-        let (tx, rx) = mpsc::sync_channel::<Ready>(config.size.saturating_sub(1));
+        let (tx, rx) = mpsc::sync_channel::<Ready>(config.size);
+        let permits = Arc::new(Permits::default());
+        for _ in 0..config.size.max(1) {
+            permits.give();
+        }
         let spawner_config = config.clone();
+        let spawner_permits = permits.clone();
         std::thread::Builder::new()
             .name("veil-worker-spawner".into())
             .spawn(move || {
-                loop {
-                    let worker = spawn(&spawner_config);
+                while spawner_permits.take() {
+                    let worker = spawn(&spawner_config, &spawner_permits);
                     let failed = worker.is_err();
-                    if let Err(mpsc::SendError(unsent)) = tx.send(worker) {
-                        if let Ok(w) = unsent {
-                            w.discard();
-                        }
+                    if tx.send(worker).is_err() {
                         break;
                     }
                     if failed {
@@ -131,7 +193,8 @@ impl Pool {
             .map_err(|_| "the first worker did not start".to_owned())??;
         let report = first.report.clone();
         if report.level < config.min_level {
-            first.discard();
+            drop(first);
+            permits.close();
             return Err(format!(
                 "executors reach sandbox level `{}`, below the required `{}`.\n{}\
                  Run `veil doctor` for details; to accept a weaker sandbox, pass --min-sandbox {}.",
@@ -145,13 +208,26 @@ impl Pool {
             config,
             ready: Arc::new(Mutex::new(rx)),
             first: Mutex::new(Some(first)),
+            permits,
             report,
+            #[cfg(feature = "test-hooks")]
+            probe: Mutex::new(None),
         })
     }
 
     /// What the first worker achieved.
     pub fn report(&self) -> &Report {
         &self.report
+    }
+
+    /// Test hook: from now on, workers run `probe` (see
+    /// [`crate::worker`]) instead of the jobs they are sent, until `None`.
+    /// Compiled only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
+    pub fn replace_jobs_with_probe_for_tests(&self, probe: Option<&str>) {
+        if let Ok(mut p) = self.probe.lock() {
+            *p = probe.map(str::to_owned);
+        }
     }
 
     /// The configuration.
@@ -161,23 +237,32 @@ impl Pool {
 
     /// Runs one job on a fresh worker: the job header, then `body`.
     pub async fn run(&self, job: &Job, body: Vec<u8>) -> Result<Vec<u8>, Failure> {
-        let Worker {
-            mut child,
-            stream,
-            report: _,
-        } = self.take().await?;
+        let mut worker = self.take().await?;
+        let stream = worker
+            .stream
+            .take()
+            .ok_or_else(|| Failure::Unavailable("a worker without its socket".into()))?;
         let deadline = self.config.deadline;
-        let job = job.clone();
+        #[allow(unused_mut)]
+        let mut job = job.clone();
+        #[cfg(feature = "test-hooks")]
+        if let Some(p) = self.probe.lock().ok().and_then(|p| p.clone()) {
+            job.spec = format!("probe:{p}");
+        }
         let exchange = tokio::task::spawn_blocking(move || exchange(stream, &job, &body));
         let outcome = tokio::time::timeout(deadline, exchange).await;
         // One job per worker: kill it (nothing happens if it already
         // exited) and reap it. The kill also ends a timed-out exchange,
         // whose read then sees the socket close.
-        let _ = child.kill();
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .ok()
-            .and_then(Result::ok);
+        let _ = worker.child.kill();
+        let status = tokio::task::spawn_blocking(move || {
+            let status = worker.child.wait().ok();
+            drop(worker);
+            status
+        })
+        .await
+        .ok()
+        .flatten();
         match outcome {
             Err(_) => Err(Failure::Deadline(deadline)),
             Ok(Err(_)) => Err(Failure::Died("the exchange task panicked".into())),
@@ -198,6 +283,7 @@ impl Pool {
             .take();
         let ready = self.ready.clone();
         let min = self.config.min_level;
+        let permits = self.permits.clone();
         tokio::task::spawn_blocking(move || {
             let mut next = first.map(Ok);
             loop {
@@ -213,19 +299,25 @@ impl Pool {
                             ))
                         })?,
                 };
-                let mut worker = worker.map_err(Failure::Unavailable)?;
+                let mut worker = match worker {
+                    Ok(w) => w,
+                    Err(why) => {
+                        // A failed spawn used a slot too: free it for
+                        // the next attempt.
+                        permits.give();
+                        return Err(Failure::Unavailable(why));
+                    }
+                };
                 if worker.report.level < min {
                     let level = worker.report.level;
-                    worker.discard();
                     return Err(Failure::Unavailable(format!(
                         "an executor reached sandbox level `{level}`, below the required `{min}`"
                     )));
                 }
                 // A worker that died while waiting (killed from outside)
                 // never saw a job: take the next one.
-                match worker.child.try_wait() {
-                    Ok(None) => return Ok(worker),
-                    _ => worker.discard(),
+                if let Ok(None) = worker.child.try_wait() {
+                    return Ok(worker);
                 }
             }
         })
@@ -261,12 +353,13 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Spawns one worker and waits for its report.
+/// Spawns one worker and waits for its report. A worker holds its slot
+/// (`permits`) until it is dropped.
 #[allow(
     clippy::disallowed_methods,
     reason = "the one place veil starts processes: its workers"
 )]
-fn spawn(config: &PoolConfig) -> Ready {
+fn spawn(config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
     let fail = |e: std::io::Error| format!("cannot start a worker: {e}");
     let (ours, theirs) = UnixStream::pair().map_err(fail)?;
     let theirs_out = theirs.try_clone().map_err(fail)?;
@@ -295,8 +388,9 @@ fn spawn(config: &PoolConfig) -> Ready {
             ours.set_read_timeout(None).map_err(fail)?;
             Ok(Worker {
                 child,
-                stream: ours,
+                stream: Some(ours),
                 report,
+                permits: permits.clone(),
             })
         }
         other => {

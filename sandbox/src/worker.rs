@@ -47,12 +47,20 @@ impl WorkerArgs {
 /// failure kind.
 pub type JobResult = Result<Vec<u8>, String>;
 
-/// Runs a worker: confine, report, answer one job with `execute`, exit.
+/// Runs a worker: confine, `prepare`, report, answer one job with
+/// `execute`, exit.
 ///
-/// `execute` gets the job and its body (the plan) and runs only after
-/// confinement.
-pub fn run(args: &WorkerArgs, execute: impl FnOnce(&Job, Vec<u8>) -> JobResult) -> ExitCode {
+/// `prepare` runs after confinement and before the report, while the
+/// worker waits in the pool: whatever it sets up (a runtime, a session,
+/// warmed code paths) is off the query's path. `execute` gets what it
+/// prepared, the job and its body (the plan).
+pub fn run<T>(
+    args: &WorkerArgs,
+    prepare: impl FnOnce() -> T,
+    execute: impl FnOnce(T, &Job, Vec<u8>) -> JobResult,
+) -> ExitCode {
     let report = crate::confine::confine(&args.data_dir, &args.limits, args.parent);
+    let prepared = prepare();
     let mut input = std::io::stdin().lock();
     let mut output = std::io::stdout().lock();
     if send_json(&mut output, &FromWorker::Hello(report)).is_err() {
@@ -69,10 +77,10 @@ pub fn run(args: &WorkerArgs, execute: impl FnOnce(&Job, Vec<u8>) -> JobResult) 
     #[cfg(feature = "test-hooks")]
     let result = match job.spec.strip_prefix("probe:") {
         Some(what) => Ok(probe::run(what, args.parent)),
-        None => execute(&job, body),
+        None => execute(prepared, &job, body),
     };
     #[cfg(not(feature = "test-hooks"))]
-    let result = execute(&job, body);
+    let result = execute(prepared, &job, body);
     let sent = match result {
         Ok(bytes) => send_json(&mut output, &FromWorker::Done)
             .and_then(|()| write_frame(&mut output, &bytes)),

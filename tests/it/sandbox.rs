@@ -298,22 +298,36 @@ async fn a_worker_killed_from_outside_fails_its_query_and_nothing_else() {
 }
 
 #[tokio::test]
-async fn a_private_query_whose_worker_dies_keeps_its_charge() {
-    // 64 MiB of address space: a worker confines itself, but cannot run a
-    // plan. Every private query is charged, dispatched, and fails.
-    let f = tight_server(Duration::from_secs(20), 64 << 20).await;
-    let budget_before = f.spent("G-2026-031", "epsilon");
-    assert_refused(
+async fn a_private_query_whose_worker_overflows_its_stack_keeps_its_charge() {
+    let f = Fixture::start().await;
+    let veil_engine::Executor::Sandboxed(pool) = f.engine.executor() else {
+        panic!("the test server runs in process");
+    };
+    // The next workers overflow their stack where the plan would run.
+    pool.replace_jobs_with_probe_for_tests(Some("stack"));
+    let e = assert_refused(
         f.query("op-univ-07", DP_QUERY).await,
         Code::Internal,
         &["EXECUTION_FAILED"],
     );
     assert_eq!(f.charges(), 1);
-    assert_eq!(f.spent("G-2026-031", "epsilon") - budget_before, 500_000);
-    // The ledger is consistent after a restart too: nothing was left
-    // in flight.
-    let again = veil_engine::ledger::Ledger::open(&f.dir.path().join("state")).expect("reopen");
-    assert_eq!(again.charges().expect("charges"), 1);
+    assert_eq!(f.spent("G-2026-031", "epsilon"), 500_000);
+    let request = e
+        .message
+        .rsplit("request ")
+        .next()
+        .expect("request id")
+        .trim_end_matches(')');
+    assert_eq!(
+        f.engine.ledger().state(request).expect("ledger"),
+        Some(veil_engine::ledger::ChargeState::FailedAfterDispatch)
+    );
+    // Healthy workers again: the server answers, and charges once more.
+    pool.replace_jobs_with_probe_for_tests(None);
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+    assert_eq!(f.spent("G-2026-031", "epsilon"), 1_000_000);
 }
 
 /// SIGKILLs every `veil worker` child of this process; returns how many.
