@@ -179,17 +179,16 @@ pub fn worker_prepare(
     let limit = usize::try_from(memory_bytes / 2).unwrap_or(usize::MAX);
     let state =
         crate::catalog::execution_state(data_dir, Some(limit)).map_err(|_| "session".to_owned())?;
-    runtime.block_on(async {
-        let warm = state
+    let warm_state = state.clone();
+    on_worker_thread(&runtime, async move {
+        let warm = warm_state
             .create_logical_plan(
                 "SELECT k, COUNT(v) AS n, SUM(v) AS s FROM (VALUES (1, 2), (1, 3), (2, 4)) AS t(k, v) GROUP BY k",
             )
             .await
-            .map_err(|_| "warm-up plan".to_owned())?;
-        let bytes = crate::plan_codec::encode(&warm).map_err(|_| "warm-up encode".to_owned())?;
-        execute_job(&state, &bytes, &Output::Rows)
-            .await
-            .map_err(str::to_owned)
+            .map_err(|_| "warm-up plan")?;
+        let bytes = crate::plan_codec::encode(&warm).map_err(|_| "warm-up encode")?;
+        execute_job(&warm_state, &bytes, &Output::Rows).await
     })?;
     Ok(WorkerContext { runtime, state })
 }
@@ -202,11 +201,24 @@ pub fn worker_job(
 ) -> std::result::Result<Vec<u8>, String> {
     let WorkerContext { runtime, state } = context?;
     let output: Output = serde_json::from_str(&job.spec).map_err(|_| "spec".to_owned())?;
-    runtime.block_on(async {
-        execute_job(&state, &plan, &output)
-            .await
-            .map_err(str::to_owned)
+    on_worker_thread(&runtime, async move {
+        execute_job(&state, &plan, &output).await
     })
+}
+
+/// Runs `work` on one of the runtime's threads, not on the worker's main
+/// thread. DataFusion's recursion guard (`stacker`) learns a thread's stack
+/// bounds lazily; on the main thread that means reading `/proc/self/maps`,
+/// which Landlock refuses, and without bounds it switches to a freshly
+/// mapped 2 MiB stack segment at every recursive call.
+fn on_worker_thread<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    work: impl std::future::Future<Output = std::result::Result<T, &'static str>> + Send + 'static,
+) -> std::result::Result<T, String> {
+    runtime
+        .block_on(runtime.spawn(work))
+        .map_err(|_| "panic".to_owned())?
+        .map_err(str::to_owned)
 }
 
 /// The executor proper, the same in a worker and in process: decodes the

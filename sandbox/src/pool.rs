@@ -255,23 +255,25 @@ impl Pool {
         // exited) and reap it. The kill also ends a timed-out exchange,
         // whose read then sees the socket close.
         let _ = worker.child.kill();
-        let status = tokio::task::spawn_blocking(move || {
+        let reaped = tokio::task::spawn_blocking(move || {
             let status = worker.child.wait().ok();
             drop(worker);
             status
-        })
-        .await
-        .ok()
-        .flatten();
+        });
+        // Tearing a process down takes a moment: an answer does not wait
+        // for it, a failure does (its exit status goes into the log).
         match outcome {
             Err(_) => Err(Failure::Deadline(deadline)),
             Ok(Err(_)) => Err(Failure::Died("the exchange task panicked".into())),
             Ok(Ok(Ok(Reply::Done(bytes)))) => Ok(bytes),
             Ok(Ok(Ok(Reply::Failed(kind)))) => Err(Failure::Failed(kind)),
-            Ok(Ok(Err(wire))) => Err(Failure::Died(format!(
-                "{wire}; {}",
-                status.map_or_else(|| "exit status unknown".to_owned(), describe)
-            ))),
+            Ok(Ok(Err(wire))) => {
+                let status = reaped.await.ok().flatten();
+                Err(Failure::Died(format!(
+                    "{wire}; {}",
+                    status.map_or_else(|| "exit status unknown".to_owned(), describe)
+                )))
+            }
         }
     }
 
@@ -372,6 +374,7 @@ fn spawn(config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
         .args(&config.subcommand)
         .args(args.to_args())
         .env_clear()
+        .envs(crate::confine::WORKER_ENV.iter().copied())
         .current_dir("/")
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::from(OwnedFd::from(theirs_out)))
