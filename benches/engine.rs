@@ -193,8 +193,9 @@ fn plan_corpus(c: &mut Criterion) {
 ///
 /// Each timed query arrives at an idle server (a 100 ms pause, untimed,
 /// lets the pool replace its used worker), as interactive queries do; the
-/// `back_to_back` variant sends queries without pause, so every query also
-/// competes with the spawning of its predecessor's replacement.
+/// `back_to_back` variants send queries without pause (in the sandbox, each
+/// query then also competes with the spawning of its predecessor's
+/// replacement).
 fn sandbox_latency(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -214,6 +215,7 @@ fn sandbox_latency(c: &mut Criterion) {
             veil::Execution::Sandboxed(sandbox.clone()),
             true,
         ),
+        ("in_process_back_to_back", veil::Execution::InProcess, false),
         (
             "sandboxed_back_to_back",
             veil::Execution::Sandboxed(sandbox),

@@ -81,8 +81,8 @@ impl FromStr for Level {
 /// process pays a page fault for every page it touches; transparent huge
 /// pages (where the kernel offers them on request), a few allocation
 /// arenas, and freed memory kept for reuse instead of being returned and
-/// faulted in again took the latency the sandbox adds to a small query from
-/// about 9 ms to about 7 ms (`cargo bench --bench engine -- sandbox_latency`).
+/// faulted in again took about 2 ms off a small query's latency in the
+/// sandbox (`cargo bench --bench engine -- sandbox_latency`).
 pub const WORKER_ENV: &[(&str, &str)] = &[(
     "GLIBC_TUNABLES",
     "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=4:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824",
