@@ -154,9 +154,13 @@ fn slt_corpus() -> Vec<(String, String)> {
     out
 }
 
-/// Planning and rewrite latency (a dry run: gate, plan, policy checks,
-/// certify, accounting; no data) over the slt corpus, per query.
-fn plan_corpus(c: &mut Criterion) {
+/// A runtime and the example data at the tests' small scale (about 4,000
+/// residents) in a temporary directory.
+fn small_example() -> (
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -164,6 +168,13 @@ fn plan_corpus(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
     veil::generate::generate(&data, 0.02, veil::generate::DEFAULT_SEED).expect("generate");
+    (rt, dir, data)
+}
+
+/// Planning and rewrite latency (a dry run: gate, plan, policy checks,
+/// certify, accounting; no data) over the slt corpus, per query.
+fn plan_corpus(c: &mut Criterion) {
+    let (rt, dir, data) = small_example();
     let engine = veil::open_engine(
         &policy_with_budget(dir.path()),
         &data,
@@ -197,13 +208,7 @@ fn plan_corpus(c: &mut Criterion) {
 /// query then also competes with the spawning of its predecessor's
 /// replacement).
 fn sandbox_latency(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("data");
-    veil::generate::generate(&data, 0.02, veil::generate::DEFAULT_SEED).expect("generate");
+    let (rt, dir, data) = small_example();
     let mut sandbox = veil::SandboxOptions::new(env!("CARGO_BIN_EXE_veil"));
     sandbox.min_level = veil_sandbox::Level::None;
     let mut group = c.benchmark_group("sandbox_latency");
