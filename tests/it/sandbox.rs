@@ -406,3 +406,44 @@ async fn pathological_query_texts_are_refused_before_any_worker_or_charge() {
         .await
         .expect("still serving");
 }
+
+#[test]
+fn veil_doctor_reports_every_step_and_the_level() {
+    let (code, out, err) = crate::support::veil_cli(&["doctor"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("sandbox level: "), "{out}");
+    for step in [
+        "clean environment",
+        "inherited descriptors closed",
+        "PR_SET_PDEATHSIG",
+        "PR_SET_NO_NEW_PRIVS",
+        "PR_SET_DUMPABLE=0",
+        "rlimits",
+        "Landlock",
+        "seccomp-BPF",
+        "self-test: list /",
+        "self-test: open a UDP socket",
+        "self-test: run /bin/sh",
+    ] {
+        assert!(out.contains(step), "`{step}` missing from:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_program_that_is_not_a_worker_is_refused_at_start() {
+    let d = dirs();
+    let refused = Pool::start(PoolConfig {
+        program: "/bin/true".into(),
+        subcommand: vec![],
+        data_dir: d.data.canonicalize().expect("data dir"),
+        limits: Limits::default(),
+        size: 1,
+        deadline: Duration::from_secs(5),
+        min_level: Level::None,
+    })
+    .expect_err("/bin/true reports nothing");
+    assert!(
+        refused.contains("did not report its confinement"),
+        "{refused}"
+    );
+}
