@@ -36,6 +36,7 @@ impl Veil for VeilApi {
             policy_id: policy.id.clone(),
             policy_version: policy.version.clone(),
             policy_hash: policy.hash.clone(),
+            sandbox_level: self.shared.engine().executor().level().to_owned(),
         }))
     }
 

@@ -370,6 +370,16 @@ pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBu
         .into_inner())
 }
 
+/// Calls `veil.v1.Veil/GetServerInfo`.
+pub async fn server_info(endpoint: &str, token: &str) -> Result<veil_proto::v1::ServerInfo> {
+    Ok(veil_client(endpoint, token)
+        .await?
+        .get_server_info(veil_proto::v1::GetServerInfoRequest {})
+        .await
+        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner())
+}
+
 /// Calls `veil.v1.Veil/EstimateCost`: a dry run of `sql`.
 pub async fn estimate(
     endpoint: &str,

@@ -447,3 +447,18 @@ async fn a_program_that_is_not_a_worker_is_refused_at_start() {
         "{refused}"
     );
 }
+
+#[tokio::test]
+async fn the_level_is_recorded_in_each_audit_entry_and_reported_by_the_server() {
+    let f = Fixture::start().await;
+    let level = f.engine.executor().level();
+    assert_ne!(level, "in-process");
+    f.query("op-univ-07", DP_QUERY).await.expect("released");
+    let entries = veil_engine::audit_log::entries(&f.dir.path().join("state")).expect("entries");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0.entry.sandbox, level);
+    let info = veil::client::server_info(&f.server.endpoint(), "demo-token-op-univ-07")
+        .await
+        .expect("server info");
+    assert_eq!(info.sandbox_level, level);
+}
