@@ -155,10 +155,6 @@ impl Report {
         }
         out
     }
-
-    fn ok(&self, name: &str) -> bool {
-        self.checks.iter().any(|c| c.name == name && c.ok)
-    }
 }
 
 /// Check names that decide the level.
@@ -248,11 +244,21 @@ pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
         crate::seccomp::install().map(|n| format!("{n} system calls allowed, the rest EPERM")),
     );
     self_test(&mut checks);
-    let mut report = Report {
-        level: Level::None,
+    let level = level_of(&checks);
+    Report {
+        level,
         landlock_abi: abi,
         checks,
-    };
+    }
+}
+
+/// The level that a list of steps and self-test checks earns: `strict` when
+/// every step held and the self-test's file, socket and exec attempts were
+/// all refused; `landlock` when everything but seccomp held; `none`
+/// otherwise. A step that reports success is not enough: its self-test
+/// must also have been refused.
+fn level_of(checks: &[Check]) -> Level {
+    let ok = |name: &str| checks.iter().any(|c| c.name == name && c.ok);
     let base = [
         name::ENV,
         name::FDS,
@@ -262,15 +268,14 @@ pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
         name::RLIMITS,
     ]
     .iter()
-    .all(|n| report.ok(n));
-    let landlock = base && report.ok(name::LANDLOCK) && report.ok(name::READ_OUTSIDE);
-    let seccomp = report.ok(name::SECCOMP) && report.ok(name::SOCKET) && report.ok(name::EXEC);
-    report.level = match (landlock, seccomp) {
+    .all(|n| ok(n));
+    let landlock = base && ok(name::LANDLOCK) && ok(name::READ_OUTSIDE);
+    let seccomp = ok(name::SECCOMP) && ok(name::SOCKET) && ok(name::EXEC);
+    match (landlock, seccomp) {
         (true, true) => Level::Strict,
         (true, false) => Level::Landlock,
         _ => Level::None,
-    };
-    report
+    }
 }
 
 fn set_rlimits(limits: &Limits) -> Result<String, String> {
@@ -402,6 +407,51 @@ mod tests {
             assert_eq!(l.as_str().parse::<Level>(), Ok(l));
         }
         assert!("lax".parse::<Level>().is_err());
+    }
+
+    /// Every check, all held, except those named in `failed`.
+    fn checks_failing(failed: &[&str]) -> Vec<Check> {
+        [
+            name::ENV,
+            name::FDS,
+            name::PDEATHSIG,
+            name::NO_NEW_PRIVS,
+            name::DUMPABLE,
+            name::RLIMITS,
+            name::LANDLOCK,
+            name::SECCOMP,
+            name::READ_OUTSIDE,
+            name::SOCKET,
+            name::EXEC,
+        ]
+        .iter()
+        .map(|n| Check {
+            name: (*n).to_owned(),
+            ok: !failed.contains(n),
+            detail: String::new(),
+        })
+        .collect()
+    }
+
+    #[test]
+    fn the_level_follows_what_held_and_what_the_self_test_saw() {
+        assert_eq!(level_of(&checks_failing(&[])), Level::Strict);
+        // A kernel without seccomp (or a filter that failed to install).
+        assert_eq!(level_of(&checks_failing(&[name::SECCOMP])), Level::Landlock);
+        // The filter claims to be in place, but a socket could be opened.
+        assert_eq!(level_of(&checks_failing(&[name::SOCKET])), Level::Landlock);
+        // A kernel without Landlock: seccomp alone does not confine files.
+        assert_eq!(level_of(&checks_failing(&[name::LANDLOCK])), Level::None);
+        // Landlock claims enforcement, but `/` could be listed.
+        assert_eq!(
+            level_of(&checks_failing(&[name::READ_OUTSIDE])),
+            Level::None
+        );
+        // Any base step failing leaves no level at all.
+        for base in [name::ENV, name::FDS, name::PDEATHSIG, name::RLIMITS] {
+            assert_eq!(level_of(&checks_failing(&[base])), Level::None, "{base}");
+        }
+        assert_eq!(level_of(&[]), Level::None);
     }
 
     #[test]
