@@ -170,6 +170,8 @@ mod name {
     pub const READ_OUTSIDE: &str = "self-test: list / (outside the data directory)";
     pub const SOCKET: &str = "self-test: open a UDP socket";
     pub const EXEC: &str = "self-test: run /bin/sh";
+    /// The process-level steps every level needs.
+    pub const BASE: &[&str] = &[ENV, FDS, PDEATHSIG, NO_NEW_PRIVS, DUMPABLE, RLIMITS];
 }
 
 fn step(checks: &mut Vec<Check>, name: &str, result: Result<String, String>) {
@@ -259,16 +261,7 @@ pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
 /// must also have been refused.
 fn level_of(checks: &[Check]) -> Level {
     let ok = |name: &str| checks.iter().any(|c| c.name == name && c.ok);
-    let base = [
-        name::ENV,
-        name::FDS,
-        name::PDEATHSIG,
-        name::NO_NEW_PRIVS,
-        name::DUMPABLE,
-        name::RLIMITS,
-    ]
-    .iter()
-    .all(|n| ok(n));
+    let base = name::BASE.iter().all(|n| ok(n));
     let landlock = base && ok(name::LANDLOCK) && ok(name::READ_OUTSIDE);
     let seccomp = ok(name::SECCOMP) && ok(name::SOCKET) && ok(name::EXEC);
     match (landlock, seccomp) {
@@ -411,26 +404,21 @@ mod tests {
 
     /// Every check, all held, except those named in `failed`.
     fn checks_failing(failed: &[&str]) -> Vec<Check> {
-        [
-            name::ENV,
-            name::FDS,
-            name::PDEATHSIG,
-            name::NO_NEW_PRIVS,
-            name::DUMPABLE,
-            name::RLIMITS,
-            name::LANDLOCK,
-            name::SECCOMP,
-            name::READ_OUTSIDE,
-            name::SOCKET,
-            name::EXEC,
-        ]
-        .iter()
-        .map(|n| Check {
-            name: (*n).to_owned(),
-            ok: !failed.contains(n),
-            detail: String::new(),
-        })
-        .collect()
+        name::BASE
+            .iter()
+            .chain(&[
+                name::LANDLOCK,
+                name::SECCOMP,
+                name::READ_OUTSIDE,
+                name::SOCKET,
+                name::EXEC,
+            ])
+            .map(|n| Check {
+                name: (*n).to_owned(),
+                ok: !failed.contains(n),
+                detail: String::new(),
+            })
+            .collect()
     }
 
     #[test]
