@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result, anyhow};
+use arrow_flight::FlightInfo;
 use arrow_flight::error::FlightError;
+use arrow_flight::sql::CommandGetTables;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use datafusion::arrow::array::{Array, RecordBatch};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt32Type};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -122,6 +124,129 @@ impl Client {
             .execute(sql.to_owned(), None)
             .await
             .map_err(call_error)?;
+        self.fetch(info).await
+    }
+
+    /// Runs a prepared statement with one row of parameters (`?` or `$1`,
+    /// `$2`, … in `sql`), then closes it.
+    pub async fn query_prepared(
+        &mut self,
+        sql: &str,
+        params: Option<RecordBatch>,
+    ) -> Result<Fetched, CallError> {
+        let mut prepared = self
+            .inner
+            .prepare(sql.to_owned(), None)
+            .await
+            .map_err(call_error)?;
+        if let Some(p) = params {
+            prepared.set_parameters(p).map_err(call_error)?;
+        }
+        let info = prepared.execute().await.map_err(call_error);
+        let fetched = match info {
+            Ok(info) => self.fetch(info).await,
+            Err(e) => Err(e),
+        };
+        prepared.close().await.map_err(call_error)?;
+        fetched
+    }
+
+    /// The tables the caller may query (Flight SQL `GetTables` with their
+    /// schemas): dataset id and granted columns, with veil's metadata.
+    pub async fn tables(&mut self) -> Result<Vec<(String, Schema)>, CallError> {
+        let info = self
+            .inner
+            .get_tables(CommandGetTables {
+                include_schema: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(call_error)?;
+        let fetched = self.fetch(info).await?;
+        let mut out = Vec::new();
+        for b in &fetched.batches {
+            let text = |name: &str| {
+                b.column_by_name(name)
+                    .and_then(|c| c.as_string_opt::<i32>().cloned())
+                    .ok_or_else(|| CallError {
+                        code: tonic::Code::Internal,
+                        message: format!("GetTables without `{name}`"),
+                    })
+            };
+            let (schemas, tables) = (text("db_schema_name")?, text("table_name")?);
+            let ipc = b
+                .column_by_name("table_schema")
+                .and_then(|c| c.as_binary_opt::<i32>().cloned())
+                .ok_or_else(|| CallError {
+                    code: tonic::Code::Internal,
+                    message: "GetTables without schemas".into(),
+                })?;
+            for i in 0..b.num_rows() {
+                let schema =
+                    datafusion::arrow::ipc::convert::try_schema_from_ipc_buffer(ipc.value(i))
+                        .map_err(|e| call_error(FlightError::Arrow(e)))?;
+                out.push((format!("{}.{}", schemas.value(i), tables.value(i)), schema));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flight SQL `GetCatalogs`.
+    pub async fn catalogs(&mut self) -> Result<Vec<String>, CallError> {
+        let info = self.inner.get_catalogs().await.map_err(call_error)?;
+        Ok(strings(&self.fetch(info).await?, "catalog_name"))
+    }
+
+    /// Flight SQL `GetDbSchemas` (every schema of every catalog).
+    pub async fn db_schemas(&mut self) -> Result<Vec<String>, CallError> {
+        let info = self
+            .inner
+            .get_db_schemas(Default::default())
+            .await
+            .map_err(call_error)?;
+        Ok(strings(&self.fetch(info).await?, "db_schema_name"))
+    }
+
+    /// Flight SQL `GetTableTypes`.
+    pub async fn table_types(&mut self) -> Result<Vec<String>, CallError> {
+        let info = self.inner.get_table_types().await.map_err(call_error)?;
+        Ok(strings(&self.fetch(info).await?, "table_type"))
+    }
+
+    /// Flight SQL `GetSqlInfo` (every item the server has), by the items'
+    /// protocol names, e.g. `FLIGHT_SQL_SERVER_NAME`.
+    pub async fn sql_info(&mut self) -> Result<HashMap<String, String>, CallError> {
+        let info = self
+            .inner
+            .get_sql_info(Vec::new())
+            .await
+            .map_err(call_error)?;
+        let fetched = self.fetch(info).await?;
+        let mut out = HashMap::new();
+        let options = FormatOptions::default();
+        for b in &fetched.batches {
+            let (Some(ids), Some(values)) = (
+                b.column_by_name("info_name")
+                    .and_then(|c| c.as_primitive_opt::<UInt32Type>()),
+                b.column_by_name("value").and_then(|c| c.as_union_opt()),
+            ) else {
+                continue;
+            };
+            for i in 0..b.num_rows() {
+                let name = arrow_flight::sql::SqlInfo::try_from(ids.value(i) as i32)
+                    .map(|s| s.as_str_name().to_owned())
+                    .unwrap_or_else(|_| ids.value(i).to_string());
+                let v = values.value(i);
+                if let Ok(f) = ArrayFormatter::try_new(v.as_ref(), &options) {
+                    out.insert(name, f.value(0).to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads every endpoint of a `FlightInfo`.
+    async fn fetch(&mut self, info: FlightInfo) -> Result<Fetched, CallError> {
         let promised = std::sync::Arc::new(
             info.clone()
                 .try_decode_schema()
@@ -148,6 +273,15 @@ impl Client {
             batches,
         })
     }
+}
+
+/// Every value of a text column of an answer.
+fn strings(f: &Fetched, column: &str) -> Vec<String> {
+    f.batches
+        .iter()
+        .filter_map(|b| b.column_by_name(column)?.as_string_opt::<i32>().cloned())
+        .flat_map(|a| a.iter().flatten().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
 }
 
 /// Output formats of `veil query`.

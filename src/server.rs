@@ -14,15 +14,29 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightServiceServer;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
-use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery};
+use arrow_flight::sql::server::PeekableFlightDataStream;
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    SupportedSqlGrammar, TicketStatementQuery,
+};
 use arrow_flight::{
-    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket,
+    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    Ticket,
 };
 use base64::Engine as _;
 use base64::prelude::{BASE64_STANDARD, BASE64_STANDARD_NO_PAD};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::ScalarValue;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::metadata::MetadataMap;
@@ -35,6 +49,14 @@ const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 const RESULT_TTL: Duration = Duration::from_secs(600);
 /// Most unread results kept at once.
 const MAX_PENDING: usize = 1024;
+/// How long an unused prepared statement is kept.
+const PREPARED_TTL: Duration = Duration::from_secs(3600);
+/// Most prepared statements kept at once.
+const MAX_PREPARED: usize = 4096;
+/// The response header of a handshake that tells when its token expires.
+pub const TOKEN_EXPIRES_HEADER: &str = "x-veil-token-expires";
+/// The only table type veil lists.
+const TABLE_TYPE: &str = "TABLE";
 
 /// What both gRPC services share: the engine and the login sessions.
 pub struct Shared {
@@ -90,6 +112,26 @@ impl Shared {
 pub struct VeilFlightSql {
     shared: Arc<Shared>,
     results: Mutex<HashMap<Vec<u8>, (String, Answer, Instant)>>,
+    prepared: Mutex<HashMap<Vec<u8>, Prepared>>,
+}
+
+/// A prepared statement: its text, and the parameters last bound to it.
+/// Nothing is planned or charged until it is executed.
+struct Prepared {
+    operator: String,
+    sql: String,
+    params: Vec<ScalarValue>,
+    used: Instant,
+}
+
+/// Aborts a spawned task when dropped: a client that cancels its call stops
+/// the work (and the worker) behind it; a charge already made stands.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The gRPC header carrying a client-chosen request id (idempotent retries).
@@ -101,6 +143,7 @@ impl VeilFlightSql {
         VeilFlightSql {
             shared,
             results: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -129,6 +172,214 @@ impl VeilFlightSql {
         results.insert(handle.clone(), (operator, answer, now));
         Ok(handle)
     }
+
+    /// Answers a statement: checks, charges, executes and releases it, keeps
+    /// the answer under a one-time ticket and returns its `FlightInfo`.
+    async fn answer(
+        &self,
+        operator: String,
+        sql: String,
+        metadata: &MetadataMap,
+        descriptor: FlightDescriptor,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let now = chrono::Utc::now().fixed_offset();
+        // A client-chosen request id makes a retry return the same answer
+        // without a new charge.
+        let request_id = match metadata.get(REQUEST_ID_HEADER) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument("the request id header is not ASCII"))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        // On its own task, so that a panic while answering fails this call
+        // only; aborted if the client goes away.
+        let engine = self.shared.engine.clone();
+        let op = operator.clone();
+        let task = AbortOnDrop(tokio::spawn(async move {
+            engine
+                .run_request(&op, &sql, now, request_id.as_deref())
+                .await
+        }));
+        let answer = task
+            .await
+            .map_err(|_| internal_status("a query task failed"))?
+            .map_err(|e| status_of(&e))?;
+        let schema = answer.schema.clone();
+        let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
+        let handle = self.store(operator, answer)?;
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.into(),
+        };
+        let info = flight_info(&schema, ticket.as_any().encode_to_vec(), descriptor)?
+            .with_total_records(rows as i64);
+        Ok(Response::new(info))
+    }
+
+    /// The prepared statement behind a handle, if `operator` created it.
+    fn with_prepared<T>(
+        &self,
+        operator: &str,
+        handle: &[u8],
+        f: impl FnOnce(&mut Prepared) -> T,
+    ) -> Result<T, Status> {
+        let mut prepared = self.prepared.lock().map_err(|_| Status::internal("lock"))?;
+        match prepared.get_mut(handle) {
+            Some(p) if p.operator == operator => {
+                p.used = Instant::now();
+                Ok(f(p))
+            }
+            _ => Err(Status::not_found(
+                "no such prepared statement: it was closed, expired after an hour unused, or belongs to another operator",
+            )),
+        }
+    }
+
+    /// The `FlightInfo` of a catalog listing: its ticket is the command.
+    fn listing_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        schema: &datafusion::arrow::datatypes::Schema,
+        ticket: Vec<u8>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.operator(request.metadata())?;
+        Ok(Response::new(flight_info(
+            schema,
+            ticket,
+            request.into_inner(),
+        )?))
+    }
+
+    /// The tables the caller may see, as Flight SQL lists them.
+    fn listing(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<Vec<veil_engine::listing::ListedTable>, Status> {
+        let operator = self.operator(metadata)?;
+        self.shared
+            .engine
+            .listing(&operator, chrono::Utc::now().fixed_offset())
+            .map_err(|e| status_of(&e))
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+/// An internal failure: logged with an incident id, and only that id goes
+/// to the client (the details may name files or depend on data).
+fn internal_status(detail: &str) -> Status {
+    let incident = veil_engine::mechanisms::request_id().unwrap_or_else(|_| "unknown".into());
+    tracing::error!(incident = %incident, error = %detail, "internal error");
+    Status::internal(format!(
+        "[INTERNAL] veil failed to answer; quote incident {incident} to the operator of this server"
+    ))
+}
+
+/// A `FlightInfo` with one endpoint whose ticket is `ticket`.
+fn flight_info(
+    schema: &datafusion::arrow::datatypes::Schema,
+    ticket: Vec<u8>,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket {
+        ticket: ticket.into(),
+    });
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| internal_status(&format!("schema: {e}")))?
+        .with_endpoint(endpoint)
+        .with_descriptor(descriptor)
+        .with_ordered(true))
+}
+
+/// Streams one batch (a metadata listing).
+fn stream_batch(
+    schema: SchemaRef,
+    batch: Result<RecordBatch, impl std::fmt::Display>,
+) -> Result<
+    Response<<VeilFlightSql as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+    Status,
+> {
+    let batch = batch.map_err(|e| internal_status(&format!("listing: {e}")))?;
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::once(async { Ok(batch) }))
+        .map_err(|e| Status::internal(format!("encoding: {e}")));
+    Ok(Response::new(stream.boxed()))
+}
+
+/// What `GetSqlInfo` reports: a read-only SQL server of the minimum grammar.
+fn sql_info() -> Result<SqlInfoData, Status> {
+    let mut b = SqlInfoDataBuilder::new();
+    b.append(SqlInfo::FlightSqlServerName, "veil");
+    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+    b.append(SqlInfo::FlightSqlServerReadOnly, true);
+    b.append(SqlInfo::FlightSqlServerSql, true);
+    b.append(SqlInfo::FlightSqlServerSubstrait, false);
+    b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    b.append(SqlInfo::FlightSqlServerCancel, false);
+    b.append(SqlInfo::FlightSqlServerBulkIngestion, false);
+    b.append(SqlInfo::SqlDdlCatalog, false);
+    b.append(SqlInfo::SqlDdlSchema, false);
+    b.append(SqlInfo::SqlDdlTable, false);
+    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    b.append(SqlInfo::SqlAllTablesAreSelectable, false);
+    b.append(SqlInfo::SqlSupportsColumnAliasing, true);
+    b.append(SqlInfo::SqlSelectForUpdateSupported, false);
+    b.append(SqlInfo::SqlStoredProceduresSupported, false);
+    b.append(SqlInfo::SqlTransactionsSupported, false);
+    b.append(SqlInfo::SqlBatchUpdatesSupported, false);
+    b.append(SqlInfo::SqlSavepointsSupported, false);
+    b.append(
+        SqlInfo::SqlMaxStatementLength,
+        veil_engine::gate::MAX_QUERY_BYTES as i64,
+    );
+    b.append(
+        SqlInfo::SqlSupportedGrammar,
+        1i32 << SupportedSqlGrammar::SqlMinimumGrammar as i32,
+    );
+    b.append(
+        SqlInfo::SqlAnsi92SupportedLevel,
+        // Bit 0: ANSI-92 entry SQL (`SupportedAnsi92SqlGrammarLevel`,
+        // which arrow-flight does not re-export).
+        1i32,
+    );
+    b.append(SqlInfo::SqlCatalogTerm, "catalog");
+    b.append(SqlInfo::SqlSchemaTerm, "agency");
+    b.build()
+        .map_err(|e| internal_status(&format!("sql info: {e}")))
+}
+
+/// The parameter values of a bound batch: exactly one row.
+fn parameter_row(batches: &[RecordBatch]) -> Result<Vec<ScalarValue>, Status> {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if rows != 1 {
+        return Err(Status::invalid_argument(format!(
+            "bind exactly one row of parameters to a query; got {rows}"
+        )));
+    }
+    let Some(batch) = batches.iter().find(|b| b.num_rows() == 1) else {
+        return Err(Status::invalid_argument("no parameter row"));
+    };
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            ScalarValue::try_from_array(c, 0)
+                .map_err(|e| Status::invalid_argument(format!("a parameter cannot be read: {e}")))
+        })
+        .collect()
 }
 
 /// Maps an engine error to a gRPC status with a human message.
@@ -148,10 +399,7 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::BudgetExhausted { .. } => Status::resource_exhausted(message),
         EngineError::ExecutionFailed { .. } => Status::internal(message),
         EngineError::Unavailable(_) => Status::unavailable(message),
-        _ => {
-            tracing::error!(error = %message, "internal error");
-            Status::internal("[INTERNAL] veil failed to answer; the server log has the details")
-        }
+        _ => internal_status(&message),
     }
 }
 
@@ -214,6 +462,12 @@ impl FlightSqlService for VeilFlightSql {
             .parse()
             .map_err(|_| Status::internal("token header"))?;
         response.metadata_mut().insert("authorization", value);
+        let expires = (chrono::Utc::now()
+            + chrono::Duration::from_std(SESSION_TTL).unwrap_or_default())
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        if let Ok(v) = expires.parse() {
+            response.metadata_mut().insert(TOKEN_EXPIRES_HEADER, v);
+        }
         Ok(response)
     }
 
@@ -223,47 +477,240 @@ impl FlightSqlService for VeilFlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let operator = self.operator(request.metadata())?;
-        let now = chrono::Utc::now().fixed_offset();
-        // A client-chosen request id makes a retry return the same answer
-        // without a new charge.
-        let request_id = match request.metadata().get(REQUEST_ID_HEADER) {
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| Status::invalid_argument("the request id header is not ASCII"))?
-                    .to_owned(),
-            ),
-            None => None,
+        let (metadata, _, descriptor) = request.into_parts();
+        self.answer(operator, query.query, &metadata, descriptor)
+            .await
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let operator = self.operator(request.metadata())?;
+        let (sql, params) =
+            self.with_prepared(&operator, &query.prepared_statement_handle, |p| {
+                (p.sql.clone(), p.params.clone())
+            })?;
+        let sql = if params.is_empty() && !sql.contains(['?', '$']) {
+            sql
+        } else {
+            veil_engine::gate::bind(&sql, &params).map_err(|e| status_of(&e))?
         };
-        // On its own task: a panic while answering fails this call only.
-        let engine = self.shared.engine.clone();
-        let op = operator.clone();
-        let answer = tokio::spawn(async move {
-            engine
-                .run_request(&op, &query.query, now, request_id.as_deref())
-                .await
+        let (metadata, _, descriptor) = request.into_parts();
+        self.answer(operator, sql, &metadata, descriptor).await
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let operator = self.operator(request.metadata())?;
+        if query.query.len() > veil_engine::gate::MAX_QUERY_BYTES {
+            return Err(status_of(&EngineError::rejected(
+                Rule::QueryTooComplex,
+                format!(
+                    "the query text is {} bytes; the limit is {}",
+                    query.query.len(),
+                    veil_engine::gate::MAX_QUERY_BYTES
+                ),
+            )));
+        }
+        let handle = veil_engine::mechanisms::request_id()
+            .map_err(|e| status_of(&e))?
+            .into_bytes();
+        let mut prepared = self.prepared.lock().map_err(|_| Status::internal("lock"))?;
+        let now = Instant::now();
+        prepared.retain(|_, p| now.duration_since(p.used) < PREPARED_TTL);
+        if prepared.len() >= MAX_PREPARED {
+            return Err(Status::resource_exhausted(
+                "too many open prepared statements on this server; close the ones you no longer use",
+            ));
+        }
+        prepared.insert(
+            handle.clone(),
+            Prepared {
+                operator,
+                sql: query.query,
+                params: Vec::new(),
+                used: now,
+            },
+        );
+        // The answer's schema depends on the policy checks and the release,
+        // so it is known only when the statement runs (`GetFlightInfo`).
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: handle.into(),
+            dataset_schema: Default::default(),
+            parameter_schema: Default::default(),
         })
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let operator = self.operator(request.metadata())?;
+        // Check the handle before reading the parameters.
+        self.with_prepared(&operator, &query.prepared_statement_handle, |_| ())?;
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+            request.into_inner().map_err(FlightError::from),
+        )
+        .try_collect()
         .await
-        .map_err(|_| {
-            Status::internal("[INTERNAL] veil failed to answer; the server log has the details")
-        })?
-        .map_err(|e| status_of(&e))?;
-        let schema = answer.schema.clone();
-        let rows: usize = answer.batches.iter().map(|b| b.num_rows()).sum();
-        let handle = self.store(operator, answer)?;
-        let ticket = TicketStatementQuery {
-            statement_handle: handle.into(),
-        };
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket {
-            ticket: ticket.as_any().encode_to_vec().into(),
-        });
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(|e| Status::internal(format!("schema: {e}")))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner())
-            .with_total_records(rows as i64)
-            .with_ordered(true);
-        Ok(Response::new(info))
+        .map_err(|e| Status::invalid_argument(format!("the parameters cannot be read: {e}")))?;
+        let params = parameter_row(&batches)?;
+        self.with_prepared(&operator, &query.prepared_statement_handle, |p| {
+            p.params = params;
+        })?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(query.prepared_statement_handle),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        let operator = self.operator(request.metadata())?;
+        self.with_prepared(&operator, &query.prepared_statement_handle, |_| ())?;
+        self.prepared
+            .lock()
+            .map_err(|_| Status::internal("lock"))?
+            .remove(query.prepared_statement_handle.as_ref());
+        Ok(())
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder(&sql_info()?).schema(), ticket)
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<
+        Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+        Status,
+    > {
+        self.operator(request.metadata())?;
+        let data = sql_info()?;
+        let builder = query.into_builder(&data);
+        stream_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), ticket)
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<
+        Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+        Status,
+    > {
+        let listing = self.listing(request.metadata())?;
+        let mut builder = query.into_builder();
+        let mut catalogs: Vec<&str> = listing.iter().map(|t| t.catalog.as_str()).collect();
+        catalogs.dedup();
+        for c in catalogs {
+            builder.append(c);
+        }
+        stream_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), ticket)
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<
+        Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+        Status,
+    > {
+        let listing = self.listing(request.metadata())?;
+        let mut builder = query.into_builder();
+        let mut schemas: Vec<(&str, &str)> = listing
+            .iter()
+            .map(|t| (t.catalog.as_str(), t.schema.as_str()))
+            .collect();
+        schemas.dedup();
+        for (c, s) in schemas {
+            builder.append(c, s);
+        }
+        stream_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), ticket)
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<
+        Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+        Status,
+    > {
+        let listing = self.listing(request.metadata())?;
+        let mut builder = query.into_builder();
+        for t in &listing {
+            builder
+                .append(&t.catalog, &t.schema, &t.table, TABLE_TYPE, &t.columns)
+                .map_err(|e| internal_status(&format!("listing: {e}")))?;
+        }
+        stream_batch(builder.schema(), builder.build())
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ticket = query.as_any().encode_to_vec();
+        self.listing_info(request, &query.into_builder().schema(), ticket)
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<
+        Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
+        Status,
+    > {
+        self.operator(request.metadata())?;
+        let mut builder = query.into_builder();
+        builder.append(TABLE_TYPE);
+        stream_batch(builder.schema(), builder.build())
     }
 
     async fn do_get_statement(

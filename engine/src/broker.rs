@@ -188,6 +188,17 @@ impl Engine {
         Ok(())
     }
 
+    /// The tables and columns `operator`'s grants in force at `now` expose
+    /// (see [`crate::listing`]).
+    pub fn listing(
+        &self,
+        operator: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<Vec<crate::listing::ListedTable>> {
+        let snap = self.snapshot();
+        crate::listing::list(&snap.policy, &snap.catalog, operator, now)
+    }
+
     /// The ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger

@@ -5,10 +5,14 @@
 //! budget, and contain no recursive CTE. Every decision here depends on the
 //! text alone.
 
+use datafusion::common::ScalarValue;
 use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::{self, SetExpr, Statement};
+use datafusion::sql::sqlparser::ast::{visit_expressions, visit_expressions_mut};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+use std::ops::ControlFlow;
 
 use crate::error::{EngineError, Result, Rule};
 
@@ -94,6 +98,127 @@ pub fn gate(sql: &str) -> Result<GatedQuery> {
     Ok(GatedQuery(statement))
 }
 
+/// Binds a prepared statement's parameters: every placeholder (`?` in
+/// order, or `$1`, `$2`, …) of `sql` becomes the literal of its value, in
+/// the syntax tree, never by pasting text. The result is ordinary SQL that
+/// then goes through [`gate`] like any statement (and is what the audit log
+/// records).
+pub fn bind(sql: &str, params: &[ScalarValue]) -> Result<String> {
+    if sql.len() > MAX_QUERY_BYTES {
+        return Err(EngineError::rejected(
+            Rule::QueryTooComplex,
+            format!(
+                "the query text is {} bytes; the limit is {MAX_QUERY_BYTES}",
+                sql.len()
+            ),
+        ));
+    }
+    let mut statements = Parser::new(&GenericDialect {})
+        .with_recursion_limit(MAX_DEPTH)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+        .map_err(|e| {
+            EngineError::rejected(Rule::InvalidSql, format!("the query does not parse: {e}"))
+        })?;
+    let mut positional = 0usize;
+    let mut used = vec![false; params.len()];
+    let outcome = visit_expressions_mut(&mut statements, |expr| {
+        let ast::Expr::Value(v) = expr else {
+            return ControlFlow::Continue(());
+        };
+        let ast::Value::Placeholder(name) = &v.value else {
+            return ControlFlow::Continue(());
+        };
+        let index = if name == "?" {
+            positional += 1;
+            positional - 1
+        } else {
+            match name.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n >= 1 => n - 1,
+                _ => {
+                    return ControlFlow::Break(EngineError::rejected(
+                        Rule::InvalidSql,
+                        format!("placeholder `{name}` is not supported; use `?` or `$1`, `$2`, …"),
+                    ));
+                }
+            }
+        };
+        let Some(value) = params.get(index) else {
+            return ControlFlow::Break(EngineError::rejected(
+                Rule::InvalidSql,
+                format!(
+                    "the statement uses parameter {} but {} were bound",
+                    index + 1,
+                    params.len()
+                ),
+            ));
+        };
+        used[index] = true;
+        match literal(value) {
+            Ok(e) => {
+                *expr = e;
+                ControlFlow::Continue(())
+            }
+            Err(e) => ControlFlow::Break(e),
+        }
+    });
+    if let ControlFlow::Break(e) = outcome {
+        return Err(e);
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        return Err(EngineError::rejected(
+            Rule::InvalidSql,
+            format!(
+                "{} parameters were bound but the statement does not use parameter {}",
+                params.len(),
+                unused + 1
+            ),
+        ));
+    }
+    Ok(statements
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// The SQL literal of a parameter value.
+fn literal(value: &ScalarValue) -> Result<ast::Expr> {
+    use ast::Value as V;
+    let number = |s: String| Ok(ast::Expr::value(V::Number(s, false)));
+    match value {
+        v if v.is_null() => Ok(ast::Expr::value(V::Null)),
+        ScalarValue::Boolean(Some(b)) => Ok(ast::Expr::value(V::Boolean(*b))),
+        ScalarValue::Int8(Some(i)) => number(i.to_string()),
+        ScalarValue::Int16(Some(i)) => number(i.to_string()),
+        ScalarValue::Int32(Some(i)) => number(i.to_string()),
+        ScalarValue::Int64(Some(i)) => number(i.to_string()),
+        ScalarValue::UInt8(Some(i)) => number(i.to_string()),
+        ScalarValue::UInt16(Some(i)) => number(i.to_string()),
+        ScalarValue::UInt32(Some(i)) => number(i.to_string()),
+        ScalarValue::UInt64(Some(i)) => number(i.to_string()),
+        ScalarValue::Float32(Some(x)) if x.is_finite() => number(format!("{x:?}")),
+        ScalarValue::Float64(Some(x)) if x.is_finite() => number(format!("{x:?}")),
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => Ok(ast::Expr::value(V::SingleQuotedString(s.clone()))),
+        ScalarValue::Date32(Some(_)) | ScalarValue::Date64(Some(_)) => {
+            Ok(ast::Expr::TypedString(ast::TypedString {
+                data_type: ast::DataType::Date,
+                value: V::SingleQuotedString(value.to_string()).with_empty_span(),
+                uses_odbc_syntax: false,
+            }))
+        }
+        other => Err(EngineError::rejected(
+            Rule::InvalidSql,
+            format!(
+                "parameters of type {} are not supported; bind integers, finite floats, text, booleans or dates",
+                other.data_type()
+            ),
+        )),
+    }
+}
+
 fn check_query(q: &ast::Query) -> Result<()> {
     if let Some(with) = &q.with
         && with.recursive
@@ -101,6 +226,20 @@ fn check_query(q: &ast::Query) -> Result<()> {
         return Err(EngineError::rejected(
             Rule::UnsupportedShape,
             "recursive CTEs (WITH RECURSIVE) are not accepted",
+        ));
+    }
+    let placeholder = visit_expressions(q, |e| match e {
+        ast::Expr::Value(v) if matches!(v.value, ast::Value::Placeholder(_)) => {
+            ControlFlow::Break(v.value.to_string())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    if let ControlFlow::Break(name) = placeholder {
+        return Err(EngineError::rejected(
+            Rule::InvalidSql,
+            format!(
+                "parameter `{name}` is not bound; bind parameters through a Flight SQL prepared statement"
+            ),
         ));
     }
     match q.body.as_ref() {
@@ -183,6 +322,79 @@ mod tests {
             vec!["a = 1"; 5000].join(" OR ")
         );
         assert!(matches!(rule_of(&wide), Some(Rule::QueryTooComplex)));
+    }
+
+    #[test]
+    fn parameters_bind_as_literals_in_the_tree() {
+        let bound = bind(
+            "SELECT COUNT(*) FROM t WHERE a >= ? AND b = ? AND c = ?",
+            &[
+                ScalarValue::Int64(Some(30)),
+                ScalarValue::Utf8(Some("x' OR '1'='1".into())),
+                ScalarValue::Float64(Some(0.1)),
+            ],
+        )
+        .expect("binds");
+        assert_eq!(
+            bound,
+            "SELECT COUNT(*) FROM t WHERE a >= 30 AND b = 'x'' OR ''1''=''1' AND c = 0.1"
+        );
+        // The quote stays inside one literal: the bound text is one SELECT
+        // with the same shape.
+        assert_eq!(rule_of(&bound), None);
+        let numbered = bind(
+            "SELECT COUNT(*) FROM t WHERE a = $2 OR b = $1 OR c = $2",
+            &[
+                ScalarValue::Boolean(Some(true)),
+                ScalarValue::Date32(Some(0)),
+            ],
+        )
+        .expect("binds");
+        assert_eq!(
+            numbered,
+            "SELECT COUNT(*) FROM t WHERE a = DATE '1970-01-01' OR b = true OR c = DATE '1970-01-01'"
+        );
+    }
+
+    #[test]
+    fn parameter_mismatches_are_rejected() {
+        let rule = |sql: &str, params: &[ScalarValue]| match bind(sql, params) {
+            Err(EngineError::Rejected { rule, .. }) => Some(rule),
+            _ => None,
+        };
+        let one = [ScalarValue::Int64(Some(1))];
+        assert_eq!(
+            rule("SELECT COUNT(*) FROM t WHERE a = ? AND b = ?", &one),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(rule("SELECT COUNT(*) FROM t", &one), Some(Rule::InvalidSql));
+        assert_eq!(
+            rule("SELECT COUNT(*) FROM t WHERE a = $0", &one),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(
+            rule(
+                "SELECT COUNT(*) FROM t WHERE a = ?",
+                &[ScalarValue::Float64(Some(f64::NAN))]
+            ),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(
+            rule(
+                "SELECT COUNT(*) FROM t WHERE a = ?",
+                &[ScalarValue::Binary(Some(vec![1]))]
+            ),
+            Some(Rule::InvalidSql)
+        );
+        // Unbound placeholders never reach the planner.
+        assert_eq!(
+            rule_of("SELECT COUNT(*) FROM t WHERE a = ?"),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(
+            rule_of("SELECT COUNT(*) FROM t WHERE a = $1"),
+            Some(Rule::InvalidSql)
+        );
     }
 
     #[test]

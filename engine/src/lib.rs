@@ -50,6 +50,7 @@ pub mod execute;
 pub mod gate;
 mod keyed_hash;
 pub mod ledger;
+pub mod listing;
 pub mod mechanisms;
 pub mod plan_codec;
 pub mod quantile_grid;

@@ -13,6 +13,7 @@ mod flight;
 mod joins;
 mod leaks;
 mod ledger;
+mod metadata;
 mod neighbours;
 mod noise;
 mod plans;
