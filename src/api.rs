@@ -3,10 +3,13 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use veil_engine::audit_log;
 use veil_proto::v1::veil_server::{Veil, VeilServer};
 use veil_proto::v1::{
-    AggregateEstimate, CostEstimate, EstimateCostRequest, GetBudgetRequest, GetBudgetResponse,
-    GetServerInfoRequest, GrantBudget, ServerInfo,
+    AggregateEstimate, AuditReceipt, Checkpoint, ColumnGrant, CostEstimate, DpSettings,
+    EstimateCostRequest, GetAuditReceiptRequest, GetBudgetRequest, GetBudgetResponse,
+    GetServerInfoRequest, Grant, GrantBudget, InclusionProof, ListGrantsRequest,
+    ListGrantsResponse, ProveInclusionRequest, Scope, ServerInfo,
 };
 
 use crate::server::{Shared, status_of};
@@ -23,8 +26,164 @@ impl VeilApi {
     }
 }
 
+impl VeilApi {
+    /// Runs `f` on the audit directory off the async threads, after checking
+    /// that entry `index` exists and belongs to `operator`: another
+    /// operator's entry is indistinguishable from a missing one.
+    async fn own_entry<T: Send + 'static>(
+        &self,
+        operator: String,
+        index: u64,
+        f: impl FnOnce(&std::path::Path, audit_log::Stored, Vec<u8>) -> Result<T, Status>
+        + Send
+        + 'static,
+    ) -> Result<T, Status> {
+        let dir = self.shared.engine().audit().dir().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut entries = audit_log::entries(&dir).map_err(|e| internal(&e))?;
+            let i = usize::try_from(index).unwrap_or(usize::MAX);
+            match entries.get(i) {
+                Some((stored, _)) if stored.entry.operator == operator => {
+                    let (stored, line) = entries.swap_remove(i);
+                    f(&dir, stored, line)
+                }
+                _ => Err(Status::not_found(format!(
+                    "you have no audit entry {index}; a response's `veil.audit_index` names its entry"
+                ))),
+            }
+        })
+        .await
+        .map_err(|e| internal(&e.to_string()))?
+    }
+}
+
+fn internal(detail: &str) -> Status {
+    crate::server::status_of(&veil_engine::EngineError::Internal(detail.to_owned()))
+}
+
+fn checkpoint(c: audit_log::Checkpoint) -> Checkpoint {
+    Checkpoint {
+        size: c.size,
+        root: c.root,
+        time: c.time,
+        signature: c.signature,
+    }
+}
+
+/// A grant as `ListGrants` shows it.
+fn grant(g: &veil_policy::Grant, now: chrono::DateTime<chrono::FixedOffset>) -> Grant {
+    let minutes = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+    Grant {
+        id: g.id.clone(),
+        channel: g.channel.as_str().to_owned(),
+        purpose: g.purpose.to_string(),
+        purpose_detail: g.purpose_detail.clone(),
+        agency: g.agency.clone(),
+        agreement: g.agreement.clone(),
+        valid_from: g.valid_from.to_rfc3339(),
+        valid_until: g.valid_until.to_rfc3339(),
+        in_force: g.in_force(now),
+        hours: g
+            .hours
+            .map(|h| format!("{}-{}", minutes(h.from_minute), minutes(h.until_minute))),
+        scopes: g
+            .scopes
+            .iter()
+            .map(|s| Scope {
+                dataset: s.dataset.clone(),
+                row_filter: s.row_filter.clone(),
+                columns: s
+                    .columns
+                    .iter()
+                    .map(|(name, uses)| ColumnGrant {
+                        name: name.clone(),
+                        uses: uses.iter().map(|u| u.as_str().to_owned()).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        aggregate_functions: g.agg_functions.iter().cloned().collect(),
+        min_group_size: g.min_group_size,
+        max_queries_per_day: g.max_queries_per_day,
+        max_result_rows: g.max_result_rows,
+        dp: g.dp.as_ref().map(|d| DpSettings {
+            accounting: match d.accounting {
+                veil_policy::Accounting::Epsilon { .. } => "epsilon",
+                veil_policy::Accounting::Rho { .. } => "rho",
+            }
+            .to_owned(),
+            delta: d.accounting.delta(),
+            budget: d.budget,
+            per_query_max: d.per_query,
+            window: d.window.clone(),
+        }),
+        pricing: match &g.pricing {
+            veil_policy::Pricing::Free { conditions: None } => "free".to_owned(),
+            veil_policy::Pricing::Free {
+                conditions: Some(c),
+            } => format!("free, on condition: {c}"),
+            veil_policy::Pricing::GuidedPrice {
+                unit,
+                price_cny,
+                cap_cny,
+            } => format!("guided price {price_cny:.2} CNY {unit} (cap {cap_cny:.2} CNY)"),
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl Veil for VeilApi {
+    async fn list_grants(
+        &self,
+        request: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let operator = self.shared.operator(request.metadata())?;
+        let policy = self.shared.engine().policy();
+        let now = chrono::Utc::now().fixed_offset();
+        Ok(Response::new(ListGrantsResponse {
+            grants: policy.grants_of(&operator).map(|g| grant(g, now)).collect(),
+        }))
+    }
+
+    async fn get_audit_receipt(
+        &self,
+        request: Request<GetAuditReceiptRequest>,
+    ) -> Result<Response<AuditReceipt>, Status> {
+        let operator = self.shared.operator(request.metadata())?;
+        let index = request.into_inner().index;
+        let receipt = self
+            .own_entry(operator, index, move |dir, _, line| {
+                let latest = audit_log::verify(dir).map_err(|e| internal(&e))?.latest;
+                Ok(AuditReceipt {
+                    index,
+                    entry_json: String::from_utf8_lossy(&line).into_owned(),
+                    checkpoint: latest.map(checkpoint),
+                })
+            })
+            .await?;
+        Ok(Response::new(receipt))
+    }
+
+    async fn prove_inclusion(
+        &self,
+        request: Request<ProveInclusionRequest>,
+    ) -> Result<Response<InclusionProof>, Status> {
+        let operator = self.shared.operator(request.metadata())?;
+        let index = request.into_inner().index;
+        let proof = self
+            .own_entry(operator, index, move |dir, _, _| {
+                let p = audit_log::prove(dir, index).map_err(Status::failed_precondition)?;
+                Ok(InclusionProof {
+                    index: p.index,
+                    leaf: p.leaf,
+                    path: p.path,
+                    checkpoint: Some(checkpoint(p.checkpoint)),
+                })
+            })
+            .await?;
+        Ok(Response::new(proof))
+    }
+
     async fn get_server_info(
         &self,
         request: Request<GetServerInfoRequest>,

@@ -504,6 +504,58 @@ pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBu
         .into_inner())
 }
 
+/// Calls `veil.v1.Veil/ListGrants`.
+pub async fn grants(endpoint: &str, token: &str) -> Result<veil_proto::v1::ListGrantsResponse> {
+    Ok(veil_client(endpoint, token)
+        .await?
+        .list_grants(veil_proto::v1::ListGrantsRequest {})
+        .await
+        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner())
+}
+
+/// Calls `veil.v1.Veil/GetAuditReceipt` for one of the caller's entries.
+pub async fn audit_receipt(
+    endpoint: &str,
+    token: &str,
+    index: u64,
+) -> Result<veil_proto::v1::AuditReceipt, CallError> {
+    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
+    client
+        .get_audit_receipt(veil_proto::v1::GetAuditReceiptRequest { index })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+/// Calls `veil.v1.Veil/ProveInclusion` for one of the caller's entries.
+pub async fn prove_inclusion(
+    endpoint: &str,
+    token: &str,
+    index: u64,
+) -> Result<veil_proto::v1::InclusionProof, CallError> {
+    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
+    client
+        .prove_inclusion(veil_proto::v1::ProveInclusionRequest { index })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+fn unavailable(e: anyhow::Error) -> CallError {
+    CallError {
+        code: tonic::Code::Unavailable,
+        message: e.to_string(),
+    }
+}
+
+fn status_error(s: tonic::Status) -> CallError {
+    CallError {
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
+}
+
 /// Calls `veil.v1.Veil/GetServerInfo`.
 pub async fn server_info(endpoint: &str, token: &str) -> Result<veil_proto::v1::ServerInfo> {
     Ok(veil_client(endpoint, token)
@@ -520,20 +572,14 @@ pub async fn estimate(
     token: &str,
     sql: &str,
 ) -> Result<veil_proto::v1::CostEstimate, CallError> {
-    let mut client = veil_client(endpoint, token).await.map_err(|e| CallError {
-        code: tonic::Code::Unavailable,
-        message: e.to_string(),
-    })?;
+    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
     client
         .estimate_cost(veil_proto::v1::EstimateCostRequest {
             sql: sql.to_owned(),
         })
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| CallError {
-            code: s.code(),
-            message: s.message().to_owned(),
-        })
+        .map_err(status_error)
 }
 
 /// Renders a dry run for people.

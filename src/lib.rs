@@ -215,9 +215,25 @@ pub async fn start(engine: Arc<Engine>, listen: SocketAddr) -> Result<Running> {
     let addr = listener.local_addr()?;
     let shared = server::Shared::new(engine);
     let (tx, rx) = oneshot::channel::<()>();
+    // Health (`grpc.health.v1`) and reflection need no credentials: they
+    // show only that the server is up and the shape of its API.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<arrow_flight::flight_service_server::FlightServiceServer<server::VeilFlightSql>>()
+        .await;
+    health
+        .set_serving::<veil_proto::v1::veil_server::VeilServer<api::VeilApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(veil_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
     let router = tonic::transport::Server::builder()
         .add_service(server::VeilFlightSql::new(shared.clone()).into_service())
-        .add_service(api::VeilApi::service(shared));
+        .add_service(api::VeilApi::service(shared))
+        .add_service(health_service)
+        .add_service(reflection);
     let handle = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(

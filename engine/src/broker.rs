@@ -199,6 +199,11 @@ impl Engine {
         crate::listing::list(&snap.policy, &snap.catalog, operator, now)
     }
 
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// The ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger

@@ -606,6 +606,15 @@ impl Channel {
             _ => return None,
         })
     }
+
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sharing => "sharing",
+            Channel::Opening => "opening",
+            Channel::AuthorizedOperation => "authorized_operation",
+        }
+    }
 }
 
 impl fmt::Display for Channel {

@@ -11,3 +11,7 @@
 pub mod v1 {
     tonic::include_proto!("veil.v1");
 }
+
+/// The encoded `FileDescriptorSet` of `veil.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/veil_descriptor.bin"));

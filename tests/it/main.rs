@@ -1,6 +1,7 @@
 //! veil's integration tests: each starts the real server on loopback and talks
 //! to it over Arrow Flight SQL, as operators would.
 
+mod api;
 mod arithmetic;
 mod audit;
 mod bounding;
