@@ -1,19 +1,17 @@
 //! The client side of the Flight SQL path, shared by `veil query` and `veil demo`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use anyhow::{Context, Result, anyhow};
 use arrow_flight::FlightInfo;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::CommandGetTables;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Schema, SchemaRef, UInt32Type};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use futures::TryStreamExt;
 use tonic::transport::{Channel, Endpoint};
-use veil_engine::meta;
 
 /// A connected, authenticated client.
 pub struct Client {
@@ -71,7 +69,13 @@ impl Client {
     ///
     /// Done by hand rather than with `FlightSqlServiceClient::handshake`,
     /// which folds the server's status code into a text error.
-    pub async fn login(&mut self, operator: &str, token: &str) -> Result<(), CallError> {
+    ///
+    /// Returns when the session token expires (RFC 3339), if the server said.
+    pub async fn login(
+        &mut self,
+        operator: &str,
+        token: &str,
+    ) -> Result<Option<String>, CallError> {
         use base64::Engine as _;
         let credentials = base64::prelude::BASE64_STANDARD.encode(format!("{operator}:{token}"));
         let mut request = tonic::Request::new(futures::stream::iter(vec![
@@ -100,8 +104,18 @@ impl Client {
                 message: "the server returned no bearer token".into(),
             })?
             .to_owned();
+        let expires = response
+            .metadata()
+            .get(crate::server::TOKEN_EXPIRES_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         self.inner.set_token(bearer);
-        Ok(())
+        Ok(expires)
+    }
+
+    /// The bearer token in use (after [`Client::login`], the session token).
+    pub fn token(&self) -> Option<&str> {
+        self.inner.token().map(String::as_str)
     }
 
     /// Uses a bearer token directly, without a handshake.
@@ -119,12 +133,22 @@ impl Client {
 
     /// Runs a statement: `GetFlightInfo` then `DoGet` on every endpoint.
     pub async fn query(&mut self, sql: &str) -> Result<Fetched, CallError> {
+        self.query_with_progress(sql, &mut |_, _| {}).await
+    }
+
+    /// Runs a statement, calling `progress(rows so far, rows in all)` as
+    /// batches arrive.
+    pub async fn query_with_progress(
+        &mut self,
+        sql: &str,
+        progress: &mut (dyn FnMut(u64, Option<u64>) + Send),
+    ) -> Result<Fetched, CallError> {
         let info = self
             .inner
             .execute(sql.to_owned(), None)
             .await
             .map_err(call_error)?;
-        self.fetch(info).await
+        self.fetch_with_progress(info, progress).await
     }
 
     /// Runs a prepared statement with one row of parameters (`?` or `$1`,
@@ -247,6 +271,16 @@ impl Client {
 
     /// Reads every endpoint of a `FlightInfo`.
     async fn fetch(&mut self, info: FlightInfo) -> Result<Fetched, CallError> {
+        self.fetch_with_progress(info, &mut |_, _| {}).await
+    }
+
+    async fn fetch_with_progress(
+        &mut self,
+        info: FlightInfo,
+        progress: &mut (dyn FnMut(u64, Option<u64>) + Send),
+    ) -> Result<Fetched, CallError> {
+        let total = u64::try_from(info.total_records).ok();
+        let mut rows = 0u64;
         let promised = std::sync::Arc::new(
             info.clone()
                 .try_decode_schema()
@@ -261,6 +295,8 @@ impl Client {
             })?;
             let mut stream = self.inner.do_get(ticket).await.map_err(call_error)?;
             while let Some(batch) = stream.try_next().await.map_err(call_error)? {
+                rows += batch.num_rows() as u64;
+                progress(rows, total);
                 batches.push(batch);
             }
             if let Some(s) = stream.schema() {
@@ -282,186 +318,6 @@ fn strings(f: &Fetched, column: &str) -> Vec<String> {
         .filter_map(|b| b.column_by_name(column)?.as_string_opt::<i32>().cloned())
         .flat_map(|a| a.iter().flatten().map(str::to_owned).collect::<Vec<_>>())
         .collect()
-}
-
-/// Output formats of `veil query`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// Aligned table, values with ± 95% intervals.
-    Table,
-    /// CSV with a header.
-    Csv,
-    /// One JSON object per row.
-    Json,
-}
-
-/// Renders a result in a format.
-pub fn render(f: &Fetched, format: Format) -> Result<String> {
-    match format {
-        Format::Table => Ok(render_table(f)),
-        Format::Csv => {
-            let mut out = Vec::new();
-            {
-                let mut w = datafusion::arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut out);
-                for b in &f.batches {
-                    w.write(b)?;
-                }
-            }
-            Ok(String::from_utf8(out)?)
-        }
-        Format::Json => {
-            let mut out = Vec::new();
-            {
-                let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
-                let refs: Vec<&RecordBatch> = f.batches.iter().collect();
-                w.write_batches(&refs)?;
-                w.finish()?;
-            }
-            Ok(String::from_utf8(out)?)
-        }
-    }
-}
-
-fn render_table(f: &Fetched) -> String {
-    let schema = &f.schema;
-    let headers: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let half_widths: Vec<Option<f64>> = schema
-        .fields()
-        .iter()
-        .map(|f| f.metadata().get(meta::CI95).and_then(|v| v.parse().ok()))
-        .collect();
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let options = FormatOptions::default().with_null("NULL");
-    for batch in &f.batches {
-        let formatters: Vec<_> = batch
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-            .collect::<Result<_, _>>()
-            .unwrap_or_default();
-        for r in 0..batch.num_rows() {
-            rows.push(
-                formatters
-                    .iter()
-                    .enumerate()
-                    .map(|(i, fmt)| {
-                        let mut v = fmt.value(r).to_string();
-                        if let Ok(x) = v.parse::<f64>()
-                            && batch.column(i).data_type().is_floating()
-                        {
-                            v = format!("{x:.2}");
-                        }
-                        match half_widths[i] {
-                            Some(h) if !batch.column(i).is_null(r) => format!("{v} ± {}", short(h)),
-                            _ => v,
-                        }
-                    })
-                    .collect(),
-            );
-        }
-    }
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| display_width(&r[i]))
-                .chain(std::iter::once(display_width(&headers[i])))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    let line = |cells: &[String], out: &mut String| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c}{}", " ".repeat(w - display_width(c))))
-            .collect();
-        let _ = writeln!(out, "  {}", padded.join("  "));
-    };
-    line(&headers, &mut out);
-    line(
-        &widths.iter().map(|w| "─".repeat(*w)).collect::<Vec<_>>(),
-        &mut out,
-    );
-    for r in &rows {
-        line(r, &mut out);
-    }
-    let md: &HashMap<String, String> = schema.metadata();
-    if let (Some(cost), Some(unit)) = (md.get(meta::COST), md.get(meta::UNIT)) {
-        let _ = writeln!(
-            out,
-            "  {} rows · cost {cost} {unit} · remaining {} of {} · grant {}",
-            rows.len(),
-            md.get(meta::REMAINING).map(String::as_str).unwrap_or("?"),
-            md.get(meta::TOTAL).map(String::as_str).unwrap_or("?"),
-            md.get(meta::GRANT).map(String::as_str).unwrap_or("?"),
-        );
-        if let Some(t) = md.get(meta::THRESHOLD) {
-            let _ = writeln!(
-                out,
-                "  groups chosen by DP partition selection: noisy distinct units ≥ {t} (τ = {}); about {} groups suppressed{}",
-                md.get(meta::TAU).map(String::as_str).unwrap_or("?"),
-                md.get(meta::SUPPRESSED).map(String::as_str).unwrap_or("?"),
-                if md.get(meta::TRUNCATED).is_some_and(|t| t == "true") {
-                    "; more groups passed than the grant's row cap and were left out"
-                } else {
-                    ""
-                }
-            );
-        }
-        let clamped: Vec<String> = schema
-            .fields()
-            .iter()
-            .filter_map(|f| {
-                let n = f.metadata().get(meta::CLAMPED)?;
-                let what = f.metadata().get(meta::AGGREGATE).unwrap_or(f.name());
-                Some(format!("{what} ≈ {n}"))
-            })
-            .collect();
-        if !clamped.is_empty() {
-            let _ = writeln!(
-                out,
-                "  values outside the declared bounds, clamped (noisy): {}",
-                clamped.join(", ")
-            );
-        }
-        let _ = writeln!(out, "  ± is the half-width of a 95% interval of the noise");
-    } else {
-        let _ = writeln!(
-            out,
-            "  {} rows · public data, no budget charged",
-            rows.len()
-        );
-    }
-    out
-}
-
-fn short(x: f64) -> String {
-    if x >= 100.0 {
-        format!("{x:.0}")
-    } else {
-        format!("{x:.2}")
-    }
-}
-
-/// Terminal width of a string: CJK characters take two columns.
-fn display_width(s: &str) -> usize {
-    s.chars()
-        .map(|c| {
-            if ('\u{1100}'..='\u{FFDC}').contains(&c)
-                && !c.is_ascii()
-                && c != '±'
-                && c != '─'
-                && c != '·'
-            {
-                2
-            } else {
-                1
-            }
-        })
-        .sum()
 }
 
 /// A connection error as an anyhow error with the server's words.
@@ -580,59 +436,4 @@ pub async fn estimate(
         .await
         .map(|r| r.into_inner())
         .map_err(status_error)
-}
-
-/// Renders a dry run for people.
-pub fn render_estimate(e: &veil_proto::v1::CostEstimate) -> String {
-    let mut out = String::new();
-    if e.unit.is_empty() {
-        let _ = writeln!(
-            out,
-            "dry run: public data under grant {}: exact answer, no budget charged",
-            e.grant_id
-        );
-        return out;
-    }
-    let _ = writeln!(
-        out,
-        "dry run: grant {} would charge {:.6} {} ({:.6} remaining){}{}",
-        e.grant_id,
-        e.cost,
-        e.unit,
-        e.remaining,
-        e.rows.map(|r| format!("; {r} rows")).unwrap_or_default(),
-        if e.exceeds_budget {
-            " — REFUSED: not enough budget"
-        } else {
-            ""
-        }
-    );
-    for w in &e.warnings {
-        let _ = writeln!(out, "  warning: {w}");
-    }
-    if let Some(t) = e.selection_threshold {
-        let _ = writeln!(
-            out,
-            "  keys without a public domain: only groups whose noisy distinct-unit count reaches {t} are released"
-        );
-    }
-    for a in &e.aggregates {
-        match a.half_width_95 {
-            Some(h) => {
-                let _ = writeln!(
-                    out,
-                    "  {:<16} {:<22} {:<18} scale {:<12.4} ± {:.4} (95%)",
-                    a.column, a.aggregate, a.mechanism, a.scale, h
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "  {:<16} {:<22} {:<18} interval known only after the release",
-                    a.column, a.aggregate, a.mechanism
-                );
-            }
-        }
-    }
-    out
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use tonic::Code;
 
-use crate::client::{Client, Format, render};
+use crate::client::Client;
+use crate::output::{Format, render};
 
 /// Where the bundled example lives.
 pub fn example_dir() -> PathBuf {

@@ -6,7 +6,9 @@
 //!
 //! - [`server`]: Arrow Flight SQL over gRPC (`veil serve`);
 //! - [`api`]: veil's own `veil.v1` gRPC service;
-//! - [`client`]: the Flight SQL client used by `veil query` and `veil demo`;
+//! - [`client`]: the Flight SQL and `veil.v1` client used by the CLI;
+//! - [`operator`], [`session`], [`output`], [`shell`]: the operator's CLI
+//!   (login, catalog, grants, query, shell) and its output formats;
 //! - [`generate`]: the bundled Beijing example data;
 //! - [`demo`]: the guided tour.
 
@@ -14,7 +16,41 @@ pub mod api;
 pub mod client;
 pub mod demo;
 pub mod generate;
+pub mod operator;
+pub mod output;
 pub mod server;
+pub mod session;
+pub mod shell;
+
+/// Exit codes of the `veil` command.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Refused: the server refused the query (policy, budget, SQL), a
+    /// policy file has problems, or an audit log fails verification.
+    pub const REFUSED: u8 = 1;
+    /// A usage or local error: bad arguments, unreadable files, not logged in.
+    pub const USAGE: u8 = 2;
+    /// The server cannot be reached or failed internally.
+    pub const UNAVAILABLE: u8 = 3;
+    /// The credentials were not accepted (log in again).
+    pub const UNAUTHENTICATED: u8 = 4;
+
+    /// The exit code of a failed call.
+    pub fn of(code: tonic::Code) -> u8 {
+        use tonic::Code as C;
+        match code {
+            C::Unauthenticated => UNAUTHENTICATED,
+            C::Unavailable | C::Internal | C::Unknown | C::DeadlineExceeded | C::Cancelled => {
+                UNAVAILABLE
+            }
+            _ => REFUSED,
+        }
+    }
+
+    /// What `--help` says about exit codes.
+    pub const HELP: &str = "Exit codes: 0 success · 1 refused (policy, budget or SQL; policy problems; audit tampering) · 2 usage or local error · 3 server unreachable or failed · 4 not authenticated";
+}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -7,13 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use veil::client::{Client, Format, render};
+use veil::output::Format;
+use veil::session::ConnectArgs;
 
 #[derive(Parser)]
 #[command(
     name = "veil",
     version,
-    about = "Privacy-preserving SQL over public data: usable but not visible (数据可用不可见)."
+    about = "Privacy-preserving SQL over public data: usable but not visible (数据可用不可见).",
+    after_help = veil::exit::HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -79,22 +81,58 @@ enum Command {
         #[arg(long)]
         parent: u32,
     },
+    /// Log in to a veil server: checks the credentials with a Flight
+    /// handshake and stores the endpoint and session token (never your
+    /// operator token) in $XDG_CONFIG_HOME/veil/config.toml, mode 0600.
+    ///
+    /// Example: veil login --endpoint http://127.0.0.1:50051 --operator op-univ-07 --token demo-token-op-univ-07
+    #[command(after_help = veil::exit::HELP)]
+    Login {
+        /// Server endpoint.
+        #[arg(long, env = "VEIL_ENDPOINT")]
+        endpoint: String,
+        /// Your operator id.
+        #[arg(long)]
+        operator: String,
+        /// Your operator token (read from standard input when absent).
+        #[arg(long, env = "VEIL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// The datasets and columns your grants let you query, with each
+    /// column's grading level, allowed uses, bounds and public key set.
+    ///
+    /// Example: veil catalog
+    #[command(after_help = veil::exit::HELP)]
+    Catalog {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Your grants (授权): purpose, validity, scope, limits, budget, pricing.
+    ///
+    /// Example: veil grants
+    #[command(after_help = veil::exit::HELP)]
+    Grants {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Run one SQL query against a veil server.
     ///
-    /// Example: veil query --endpoint http://127.0.0.1:50051 --token demo-token-op-univ-07 "SELECT district, COUNT(*) FROM pop.residents GROUP BY district"
+    /// Example: veil query "SELECT district, COUNT(*) FROM pop.residents GROUP BY district"
+    ///
+    /// Example: veil query --format parquet -o counts.parquet -f query.sql
+    ///
+    /// Example: veil query --dry-run "SELECT AVG(age) FROM pop.residents"
+    #[command(after_help = veil::exit::HELP)]
     Query {
-        /// Server endpoint.
-        #[arg(long, env = "VEIL_ENDPOINT", default_value = "http://127.0.0.1:50051")]
-        endpoint: String,
-        /// Operator token (sent as a bearer token).
-        #[arg(long, env = "VEIL_TOKEN")]
-        token: String,
-        /// Log in with a handshake as this operator instead of sending the token on every call.
-        #[arg(long)]
-        operator: Option<String>,
-        /// Output format.
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// Output format; machine formats written with -o get a
+        /// `<file>.meta.json` sidecar with veil's metadata.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Write the answer to this file instead of standard output.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
         /// Show the cost and accuracy without running the query or spending budget.
         #[arg(long)]
         dry_run: bool,
@@ -102,8 +140,28 @@ enum Command {
         /// the same id returns the same answer without a new charge.
         #[arg(long)]
         request_id: Option<String>,
+        /// Read the statement from this file.
+        #[arg(short = 'f', long = "file", conflicts_with = "sql")]
+        file: Option<PathBuf>,
         /// The SQL statement.
-        sql: String,
+        #[arg(required_unless_present = "file")]
+        sql: Option<String>,
+    },
+    /// An interactive SQL prompt with history and completion of the table
+    /// and column names you may use.
+    ///
+    /// Example: veil shell
+    #[command(after_help = veil::exit::HELP)]
+    Shell {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: veil completions bash > ~/.local/share/bash-completion/completions/veil
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Run the bundled Beijing example end to end.
     Demo {
@@ -132,16 +190,13 @@ enum Command {
     /// for security officers, every grant's and dataset's consumption, read
     /// from the state directory (safe while the server runs).
     ///
-    /// Example: veil budget --endpoint http://127.0.0.1:50051 --token demo-token-op-univ-07
+    /// Example: veil budget
     ///
     /// Example: veil budget --policy examples/beijing/policy.toml --state state
+    #[command(after_help = veil::exit::HELP)]
     Budget {
-        /// Server endpoint (operators).
-        #[arg(long, env = "VEIL_ENDPOINT", conflicts_with = "state")]
-        endpoint: Option<String>,
-        /// Operator token.
-        #[arg(long, env = "VEIL_TOKEN", requires = "endpoint")]
-        token: Option<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// Policy file (officers).
         #[arg(long, requires = "state")]
         policy: Option<PathBuf>,
@@ -277,7 +332,17 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            let code = if let Some(exit) = e.downcast_ref::<veil::session::Exit>() {
+                exit.code
+            } else if e
+                .chain()
+                .any(|c| c.downcast_ref::<tonic::transport::Error>().is_some())
+            {
+                veil::exit::UNAVAILABLE
+            } else {
+                veil::exit::USAGE
+            };
+            ExitCode::from(code)
         }
     }
 }
@@ -318,49 +383,71 @@ fn run(cli: Cli) -> Result<ExitCode> {
             running.stop().await?;
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Query {
+        Command::Login {
             endpoint,
-            token,
             operator,
+            token,
+        } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprint!("token for {operator}: ");
+                    }
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim().to_owned()
+                }
+            };
+            let code = runtime()?.block_on(veil::operator::login(&endpoint, &operator, &token))?;
+            Ok(ExitCode::from(code))
+        }
+        Command::Catalog { connect } => {
+            let target = connect.resolve()?;
+            let code = runtime()?.block_on(veil::operator::catalog(&target))?;
+            Ok(ExitCode::from(code))
+        }
+        Command::Grants { connect } => {
+            let target = connect.resolve()?;
+            let code = runtime()?.block_on(veil::operator::grants(&target))?;
+            Ok(ExitCode::from(code))
+        }
+        Command::Shell { connect } => {
+            let target = connect.resolve()?;
+            let code = runtime()?.block_on(veil::shell::run(&target))?;
+            Ok(ExitCode::from(code))
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "veil", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query {
+            connect,
             format,
+            out,
             dry_run,
             request_id,
+            file,
             sql,
-        } => runtime()?.block_on(async {
-            if dry_run {
-                return match veil::client::estimate(&endpoint, &token, &sql).await {
-                    Ok(e) => {
-                        print!("{}", veil::client::render_estimate(&e));
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Err(e) => {
-                        eprintln!("refused ({:?}): {}", e.code, e.message);
-                        Ok(ExitCode::from(1))
-                    }
-                };
-            }
-            let mut client = Client::connect(&endpoint).await?;
-            match operator {
-                Some(op) => client
-                    .login(&op, &token)
-                    .await
-                    .map_err(veil::client::explain)?,
-                None => client.with_bearer(&token),
-            }
-            if let Some(id) = &request_id {
-                client.with_request_id(id);
-            }
-            match client.query(&sql).await {
-                Ok(fetched) => {
-                    print!("{}", render(&fetched, format)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("refused ({:?}): {}", e.code, e.message);
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }),
+        } => {
+            let target = connect.resolve()?;
+            let sql = match (sql, file) {
+                (Some(s), _) => s,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                (None, None) => anyhow::bail!("give a statement or -f FILE"),
+            };
+            let options = veil::operator::QueryOptions {
+                sql,
+                format,
+                out,
+                dry_run,
+                request_id,
+            };
+            let code = runtime()?.block_on(veil::operator::query(&target, &options))?;
+            Ok(ExitCode::from(code))
+        }
         Command::Demo { scale } => runtime()?
             .block_on(veil::demo::run(scale))
             .map(|_| ExitCode::SUCCESS),
@@ -378,11 +465,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Policy { command } => policy_command(command),
         Command::Budget {
-            endpoint,
-            token,
+            connect,
             policy,
             state,
-        } => budget_command(endpoint, token, policy, state),
+        } => budget_command(connect, policy, state),
         Command::Audit { command } => audit_command(command),
         Command::Doctor { data } => doctor(data),
         Command::Worker { .. } => unreachable!("handled in main"),
@@ -423,31 +509,18 @@ fn doctor(data: Option<PathBuf>) -> Result<ExitCode> {
 }
 
 fn budget_command(
-    endpoint: Option<String>,
-    token: Option<String>,
+    connect: ConnectArgs,
     policy: Option<PathBuf>,
     state: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    if let (Some(endpoint), Some(token)) = (&endpoint, &token) {
-        let budget = runtime()?.block_on(veil::client::budget(endpoint, token))?;
-        println!("operator {}", budget.operator_id);
-        for g in budget.grants {
-            println!(
-                "  grant {:<14} {:>12.6} of {:>12.6} {} remaining{}",
-                g.grant_id,
-                g.remaining,
-                g.total,
-                g.unit,
-                g.refreshes
-                    .map(|t| format!(", refreshes {t}"))
-                    .unwrap_or_default()
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
+    if policy.is_none() && state.is_none() {
+        let target = connect.resolve()?;
+        let code = runtime()?.block_on(veil::operator::budget(&target))?;
+        return Ok(ExitCode::from(code));
     }
     let (Some(policy), Some(state)) = (policy, state) else {
         anyhow::bail!(
-            "give --endpoint and --token (an operator's budget) or --policy and --state (every budget)"
+            "give --policy and --state together (every budget), or neither (your own budget from the server)"
         );
     };
     let p = load_policy(&policy)?;

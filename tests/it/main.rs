@@ -17,6 +17,7 @@ mod ledger;
 mod metadata;
 mod neighbours;
 mod noise;
+mod operator_cli;
 mod plans;
 mod quantiles;
 mod rejections;
