@@ -137,7 +137,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<ListGrantsRequest>,
     ) -> Result<Response<ListGrantsResponse>, Status> {
-        let operator = self.shared.operator(request.metadata())?;
+        let operator = self.shared.operator(&request)?;
         let policy = self.shared.engine().policy();
         let now = chrono::Utc::now().fixed_offset();
         Ok(Response::new(ListGrantsResponse {
@@ -149,7 +149,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<GetAuditReceiptRequest>,
     ) -> Result<Response<AuditReceipt>, Status> {
-        let operator = self.shared.operator(request.metadata())?;
+        let operator = self.shared.operator(&request)?;
         let index = request.into_inner().index;
         let receipt = self
             .own_entry(operator, index, move |dir, _, line| {
@@ -168,7 +168,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<ProveInclusionRequest>,
     ) -> Result<Response<InclusionProof>, Status> {
-        let operator = self.shared.operator(request.metadata())?;
+        let operator = self.shared.operator(&request)?;
         let index = request.into_inner().index;
         let proof = self
             .own_entry(operator, index, move |dir, _, _| {
@@ -188,7 +188,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<GetServerInfoRequest>,
     ) -> Result<Response<ServerInfo>, Status> {
-        self.shared.operator(request.metadata())?;
+        self.shared.operator(&request)?;
         let policy = self.shared.engine().policy();
         Ok(Response::new(ServerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -203,7 +203,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<GetBudgetRequest>,
     ) -> Result<Response<GetBudgetResponse>, Status> {
-        let operator = self.shared.operator(request.metadata())?;
+        let operator = self.shared.operator(&request)?;
         let grants = self
             .shared
             .engine()
@@ -228,7 +228,7 @@ impl Veil for VeilApi {
         &self,
         request: Request<EstimateCostRequest>,
     ) -> Result<Response<CostEstimate>, Status> {
-        let operator = self.shared.operator(request.metadata())?;
+        let operator = self.shared.operator(&request)?;
         let now = chrono::Utc::now().fixed_offset();
         let e = self
             .shared

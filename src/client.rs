@@ -52,17 +52,78 @@ fn call_error(e: FlightError) -> CallError {
     }
 }
 
+/// TLS settings of a client (PEM): the CA that signed the server's
+/// certificate, and a client certificate and key for mTLS.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// CA certificate, PEM.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key, PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Where to connect and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Server endpoint (`http://…`, or `https://…` with TLS).
+    pub endpoint: String,
+    /// Bearer token; empty when a client certificate authenticates.
+    pub token: String,
+    /// TLS settings, for `https://` endpoints.
+    pub tls: Option<Tls>,
+}
+
+impl Target {
+    /// A plain-text endpoint with a bearer token.
+    pub fn new(endpoint: &str, token: &str) -> Target {
+        Target {
+            endpoint: endpoint.to_owned(),
+            token: token.to_owned(),
+            tls: None,
+        }
+    }
+}
+
+/// A gRPC channel to `endpoint`, over TLS when `tls` is given.
+pub async fn channel(endpoint: &str, tls: Option<&Tls>) -> Result<Channel> {
+    let mut ep = Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("bad endpoint {endpoint}"))?;
+    if let Some(t) = tls {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &t.ca_pem {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &t.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        ep = ep.tls_config(config).context("TLS settings")?;
+    }
+    ep.connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
 impl Client {
     /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`).
     pub async fn connect(endpoint: &str) -> Result<Client> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .with_context(|| format!("bad endpoint {endpoint}"))?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
+        Client::connect_with(endpoint, None).await
+    }
+
+    /// Connects to `endpoint`, over TLS when `tls` is given.
+    pub async fn connect_with(endpoint: &str, tls: Option<&Tls>) -> Result<Client> {
         Ok(Client {
-            inner: FlightSqlServiceClient::new(channel),
+            inner: FlightSqlServiceClient::new(channel(endpoint, tls).await?),
         })
+    }
+
+    /// Connects to a target and authenticates with its bearer token, if any.
+    pub async fn connect_target(target: &Target) -> Result<Client> {
+        let mut c = Client::connect_with(&target.endpoint, target.tls.as_ref()).await?;
+        if !target.token.is_empty() {
+            c.with_bearer(&target.token);
+        }
+        Ok(c)
     }
 
     /// Logs in with a Flight handshake (basic credentials → bearer token).
@@ -325,10 +386,9 @@ pub fn explain(e: CallError) -> anyhow::Error {
     anyhow!("{} ({:?})", e.message, e.code)
 }
 
-/// A `veil.v1.Veil` client that sends a bearer token on every call.
+/// A `veil.v1.Veil` client that sends the target's bearer token on every call.
 async fn veil_client(
-    endpoint: &str,
-    token: &str,
+    target: &Target,
 ) -> Result<
     veil_proto::v1::veil_client::VeilClient<
         tonic::service::interceptor::InterceptedService<
@@ -337,22 +397,26 @@ async fn veil_client(
         >,
     >,
 > {
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?;
-    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let channel = channel(&target.endpoint, target.tls.as_ref()).await?;
+    let value: Option<tonic::metadata::MetadataValue<_>> = if target.token.is_empty() {
+        None
+    } else {
+        Some(format!("Bearer {}", target.token).parse()?)
+    };
     Ok(veil_proto::v1::veil_client::VeilClient::with_interceptor(
         channel,
         move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", value.clone());
+            if let Some(v) = &value {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
             Ok(req)
         },
     ))
 }
 
 /// Calls `veil.v1.Veil/GetBudget` with a bearer token.
-pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBudgetResponse> {
-    Ok(veil_client(endpoint, token)
+pub async fn budget(target: &Target) -> Result<veil_proto::v1::GetBudgetResponse> {
+    Ok(veil_client(target)
         .await?
         .get_budget(veil_proto::v1::GetBudgetRequest {})
         .await
@@ -361,8 +425,8 @@ pub async fn budget(endpoint: &str, token: &str) -> Result<veil_proto::v1::GetBu
 }
 
 /// Calls `veil.v1.Veil/ListGrants`.
-pub async fn grants(endpoint: &str, token: &str) -> Result<veil_proto::v1::ListGrantsResponse> {
-    Ok(veil_client(endpoint, token)
+pub async fn grants(target: &Target) -> Result<veil_proto::v1::ListGrantsResponse> {
+    Ok(veil_client(target)
         .await?
         .list_grants(veil_proto::v1::ListGrantsRequest {})
         .await
@@ -372,11 +436,10 @@ pub async fn grants(endpoint: &str, token: &str) -> Result<veil_proto::v1::ListG
 
 /// Calls `veil.v1.Veil/GetAuditReceipt` for one of the caller's entries.
 pub async fn audit_receipt(
-    endpoint: &str,
-    token: &str,
+    target: &Target,
     index: u64,
 ) -> Result<veil_proto::v1::AuditReceipt, CallError> {
-    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
+    let mut client = veil_client(target).await.map_err(unavailable)?;
     client
         .get_audit_receipt(veil_proto::v1::GetAuditReceiptRequest { index })
         .await
@@ -386,11 +449,10 @@ pub async fn audit_receipt(
 
 /// Calls `veil.v1.Veil/ProveInclusion` for one of the caller's entries.
 pub async fn prove_inclusion(
-    endpoint: &str,
-    token: &str,
+    target: &Target,
     index: u64,
 ) -> Result<veil_proto::v1::InclusionProof, CallError> {
-    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
+    let mut client = veil_client(target).await.map_err(unavailable)?;
     client
         .prove_inclusion(veil_proto::v1::ProveInclusionRequest { index })
         .await
@@ -413,8 +475,8 @@ fn status_error(s: tonic::Status) -> CallError {
 }
 
 /// Calls `veil.v1.Veil/GetServerInfo`.
-pub async fn server_info(endpoint: &str, token: &str) -> Result<veil_proto::v1::ServerInfo> {
-    Ok(veil_client(endpoint, token)
+pub async fn server_info(target: &Target) -> Result<veil_proto::v1::ServerInfo> {
+    Ok(veil_client(target)
         .await?
         .get_server_info(veil_proto::v1::GetServerInfoRequest {})
         .await
@@ -424,11 +486,10 @@ pub async fn server_info(endpoint: &str, token: &str) -> Result<veil_proto::v1::
 
 /// Calls `veil.v1.Veil/EstimateCost`: a dry run of `sql`.
 pub async fn estimate(
-    endpoint: &str,
-    token: &str,
+    target: &Target,
     sql: &str,
 ) -> Result<veil_proto::v1::CostEstimate, CallError> {
-    let mut client = veil_client(endpoint, token).await.map_err(unavailable)?;
+    let mut client = veil_client(target).await.map_err(unavailable)?;
     client
         .estimate_cost(veil_proto::v1::EstimateCostRequest {
             sql: sql.to_owned(),

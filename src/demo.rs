@@ -117,8 +117,11 @@ pub async fn run(scale: f64) -> Result<()> {
 
     println!("6. Remaining privacy budget (veil.v1.GetBudget)");
     for operator in ["op-credit-01", "op-univ-07"] {
-        let budget =
-            crate::client::budget(&server.endpoint(), &format!("demo-token-{operator}")).await?;
+        let budget = crate::client::budget(&crate::client::Target::new(
+            &server.endpoint(),
+            &format!("demo-token-{operator}"),
+        ))
+        .await?;
         for g in budget.grants {
             println!(
                 "  {operator:<13} grant {:<11} {:.4} of {:.4} {} remaining",

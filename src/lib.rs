@@ -220,14 +220,19 @@ pub fn watch_policy(engine: Arc<Engine>, path: std::path::PathBuf) -> JoinHandle
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl Running {
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` with TLS), for clients.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
     }
 
     /// Stops the server and waits for it.
@@ -243,8 +248,43 @@ impl Running {
     }
 }
 
+/// TLS for `veil serve`: the server's certificate chain and key (PEM), and
+/// optionally the CA whose client certificates are accepted (mTLS; a
+/// certificate's subject names its operator, see [`server::Shared::operator`]).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// Certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// CA of client certificates, PEM.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl ServerTls {
+    /// Reads the PEM files.
+    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTls> {
+        let read =
+            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        Ok(ServerTls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: client_ca.map(read).transpose()?,
+        })
+    }
+}
+
 /// Serves Flight SQL and `veil.v1` on `listen` (port 0 picks a free port).
 pub async fn start(engine: Arc<Engine>, listen: SocketAddr) -> Result<Running> {
+    start_with_tls(engine, listen, None).await
+}
+
+/// [`start`], over TLS when `tls` is given.
+pub async fn start_with_tls(
+    engine: Arc<Engine>,
+    listen: SocketAddr,
+    tls: Option<ServerTls>,
+) -> Result<Running> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -265,7 +305,23 @@ pub async fn start(engine: Arc<Engine>, listen: SocketAddr) -> Result<Running> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&t.cert_pem, &t.key_pem));
+        if let Some(ca) = &t.client_ca_pem {
+            // A client certificate is optional (tokens still work over
+            // TLS) but, when presented, must chain to this CA.
+            config = config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        builder = builder
+            .tls_config(config)
+            .context("the TLS certificate or key cannot be used")?;
+    }
+    let router = builder
         .add_service(server::VeilFlightSql::new(shared.clone()).into_service())
         .add_service(api::VeilApi::service(shared))
         .add_service(health_service)
@@ -282,6 +338,7 @@ pub async fn start(engine: Arc<Engine>, listen: SocketAddr) -> Result<Running> {
     });
     Ok(Running {
         addr,
+        tls: tls.is_some(),
         shutdown: Some(tx),
         handle,
     })

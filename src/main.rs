@@ -55,6 +55,17 @@ enum Command {
         /// Memory limit of one executor (address space), in MiB.
         #[arg(long, default_value_t = 4096)]
         worker_memory: u64,
+        /// Serve over TLS with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Accept client certificates signed by this CA (PEM): mTLS, where a
+        /// certificate's subject names its operator (`mtls = { subject = … }`
+        /// in the policy). Tokens keep working.
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
     },
     /// Show how well this machine confines executors, and why.
     ///
@@ -365,7 +376,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             workers,
             query_deadline,
             worker_memory,
+            tls_cert,
+            tls_key,
+            client_ca,
         } => runtime()?.block_on(async {
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => {
+                    Some(veil::ServerTls::from_files(c, k, client_ca.as_deref())?)
+                }
+                _ => None,
+            };
             let mut sandbox = veil::SandboxOptions::this_program()?;
             sandbox.min_level = min_sandbox;
             sandbox.workers = workers;
@@ -377,7 +397,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let engine =
                 veil::open_engine(&policy, &data, &state, &veil::Execution::Sandboxed(sandbox))?;
             let _watcher = veil::watch_policy(engine.clone(), policy.clone());
-            let running = veil::start(engine, listen).await?;
+            let running = veil::start_with_tls(engine, listen, tls).await?;
             tracing::info!(addr = %running.addr, "serving Arrow Flight SQL");
             tokio::signal::ctrl_c().await?;
             running.stop().await?;

@@ -21,16 +21,12 @@ pub fn refused(e: &CallError) -> u8 {
     exit::of(e.code)
 }
 
-/// A client authenticated with the target's bearer token.
+/// A client authenticated as the target says.
 async fn connect(target: &Target) -> Result<Client, CallError> {
-    let mut c = Client::connect(&target.endpoint)
-        .await
-        .map_err(|e| CallError {
-            code: tonic::Code::Unavailable,
-            message: format!("{e:#}"),
-        })?;
-    c.with_bearer(&target.token);
-    Ok(c)
+    Client::connect_target(target).await.map_err(|e| CallError {
+        code: tonic::Code::Unavailable,
+        message: format!("{e:#}"),
+    })
 }
 
 /// `veil login`: checks the credentials with a handshake and stores the
@@ -136,7 +132,7 @@ pub async fn catalog(target: &Target) -> Result<u8> {
 
 /// `veil grants`.
 pub async fn grants(target: &Target) -> Result<u8> {
-    let r = client::grants(&target.endpoint, &target.token).await?;
+    let r = client::grants(target).await?;
     let mut out = String::new();
     for g in &r.grants {
         let _ = writeln!(
@@ -210,7 +206,7 @@ pub async fn grants(target: &Target) -> Result<u8> {
 
 /// `veil budget` for an operator.
 pub async fn budget(target: &Target) -> Result<u8> {
-    let budget = client::budget(&target.endpoint, &target.token).await?;
+    let budget = client::budget(target).await?;
     println!("operator {}", budget.operator_id);
     for g in budget.grants {
         println!(
@@ -245,15 +241,13 @@ pub struct QueryOptions {
 /// `veil query`.
 pub async fn query(target: &Target, o: &QueryOptions) -> Result<u8> {
     if o.dry_run {
-        return Ok(
-            match client::estimate(&target.endpoint, &target.token, &o.sql).await {
-                Ok(e) => {
-                    print!("{}", output::render_estimate(&e));
-                    exit::OK
-                }
-                Err(e) => refused(&e),
-            },
-        );
+        return Ok(match client::estimate(target, &o.sql).await {
+            Ok(e) => {
+                print!("{}", output::render_estimate(&e));
+                exit::OK
+            }
+            Err(e) => refused(&e),
+        });
     }
     let mut c = match connect(target).await {
         Ok(c) => c,

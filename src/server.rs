@@ -78,16 +78,51 @@ impl Shared {
         &self.engine
     }
 
-    /// The operator a request is authenticated as.
-    pub fn operator(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    /// The operator a request is authenticated as: by its bearer token, or
+    /// by its client certificate's subject (mTLS); when both are present
+    /// they must name the same operator.
+    pub fn operator<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let from_cert = match request.peer_certs() {
+            Some(certs) if !certs.is_empty() => Some(self.certificate_operator(&certs[0])?),
+            _ => None,
+        };
+        let from_token = match request.metadata().get("authorization") {
+            Some(_) => Some(self.token_operator(request.metadata())?),
+            None => None,
+        };
+        match (from_cert, from_token) {
+            (Some(a), Some(b)) if a != b => Err(Status::unauthenticated(
+                "the client certificate and the bearer token belong to different operators",
+            )),
+            (Some(a), _) | (None, Some(a)) => Ok(a),
+            (None, None) => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <token>`; log in with a Handshake first, or connect with a client certificate",
+            )),
+        }
+    }
+
+    /// The operator a verified client certificate belongs to.
+    fn certificate_operator(&self, der: &[u8]) -> Result<String, Status> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|_| Status::unauthenticated("the client certificate cannot be read"))?;
+        let subject = cert.subject().to_string();
+        self.engine
+            .policy()
+            .operator_by_subject(&subject)
+            .map(|op| op.id.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "no operator has the client certificate subject `{subject}`; the policy maps subjects with `mtls = {{ subject = \"…\" }}`"
+                ))
+            })
+    }
+
+    /// The operator of the request's bearer token.
+    fn token_operator(&self, metadata: &MetadataMap) -> Result<String, Status> {
         let header = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "missing `authorization: Bearer <token>`; log in with a Handshake first",
-                )
-            })?;
+            .ok_or_else(|| Status::unauthenticated("the authorization header is not ASCII"))?;
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
@@ -152,8 +187,8 @@ impl VeilFlightSql {
         FlightServiceServer::new(self).max_decoding_message_size(16 * 1024 * 1024)
     }
 
-    fn operator(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        self.shared.operator(metadata)
+    fn operator<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        self.shared.operator(request)
     }
 
     fn store(&self, operator: String, answer: Answer) -> Result<Vec<u8>, Status> {
@@ -243,7 +278,7 @@ impl VeilFlightSql {
         schema: &datafusion::arrow::datatypes::Schema,
         ticket: Vec<u8>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.operator(request.metadata())?;
+        self.operator(&request)?;
         Ok(Response::new(flight_info(
             schema,
             ticket,
@@ -252,11 +287,11 @@ impl VeilFlightSql {
     }
 
     /// The tables the caller may see, as Flight SQL lists them.
-    fn listing(
+    fn listing<T>(
         &self,
-        metadata: &MetadataMap,
+        request: &Request<T>,
     ) -> Result<Vec<veil_engine::listing::ListedTable>, Status> {
-        let operator = self.operator(metadata)?;
+        let operator = self.operator(request)?;
         self.shared
             .engine
             .listing(&operator, chrono::Utc::now().fixed_offset())
@@ -476,7 +511,7 @@ impl FlightSqlService for VeilFlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         let (metadata, _, descriptor) = request.into_parts();
         self.answer(operator, query.query, &metadata, descriptor)
             .await
@@ -487,7 +522,7 @@ impl FlightSqlService for VeilFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         let (sql, params) =
             self.with_prepared(&operator, &query.prepared_statement_handle, |p| {
                 (p.sql.clone(), p.params.clone())
@@ -506,7 +541,7 @@ impl FlightSqlService for VeilFlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         if query.query.len() > veil_engine::gate::MAX_QUERY_BYTES {
             return Err(status_of(&EngineError::rejected(
                 Rule::QueryTooComplex,
@@ -551,7 +586,7 @@ impl FlightSqlService for VeilFlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         // Check the handle before reading the parameters.
         self.with_prepared(&operator, &query.prepared_statement_handle, |_| ())?;
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
@@ -574,7 +609,7 @@ impl FlightSqlService for VeilFlightSql {
         query: ActionClosePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<(), Status> {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         self.with_prepared(&operator, &query.prepared_statement_handle, |_| ())?;
         self.prepared
             .lock()
@@ -600,7 +635,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        self.operator(request.metadata())?;
+        self.operator(&request)?;
         let data = sql_info()?;
         let builder = query.into_builder(&data);
         stream_batch(builder.schema(), builder.build())
@@ -623,7 +658,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        let listing = self.listing(request.metadata())?;
+        let listing = self.listing(&request)?;
         let mut builder = query.into_builder();
         let mut catalogs: Vec<&str> = listing.iter().map(|t| t.catalog.as_str()).collect();
         catalogs.dedup();
@@ -650,7 +685,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        let listing = self.listing(request.metadata())?;
+        let listing = self.listing(&request)?;
         let mut builder = query.into_builder();
         let mut schemas: Vec<(&str, &str)> = listing
             .iter()
@@ -680,7 +715,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        let listing = self.listing(request.metadata())?;
+        let listing = self.listing(&request)?;
         let mut builder = query.into_builder();
         for t in &listing {
             builder
@@ -707,7 +742,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        self.operator(request.metadata())?;
+        self.operator(&request)?;
         let mut builder = query.into_builder();
         builder.append(TABLE_TYPE);
         stream_batch(builder.schema(), builder.build())
@@ -721,7 +756,7 @@ impl FlightSqlService for VeilFlightSql {
         Response<<Self as arrow_flight::flight_service_server::FlightService>::DoGetStream>,
         Status,
     > {
-        let operator = self.operator(request.metadata())?;
+        let operator = self.operator(&request)?;
         let handle = ticket.statement_handle.to_vec();
         let answer = {
             let mut results = self.results.lock().map_err(|_| Status::internal("lock"))?;

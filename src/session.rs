@@ -24,16 +24,18 @@ pub struct ConnectArgs {
     /// Bearer token: the operator's token or a session token [default: the stored login]
     #[arg(long, env = "VEIL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate (https endpoints).
+    #[arg(long, env = "VEIL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS: its subject names your operator.
+    #[arg(long, env = "VEIL_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long, env = "VEIL_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
-/// A resolved endpoint and bearer token.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Server endpoint.
-    pub endpoint: String,
-    /// Bearer token.
-    pub token: String,
-}
+pub use crate::client::Target;
 
 /// The stored login.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,11 +119,12 @@ pub fn save(login: &Login) -> Result<PathBuf> {
 impl ConnectArgs {
     /// Flags and environment first, then the stored login.
     pub fn resolve(&self) -> Result<Target> {
-        let stored = if self.endpoint.is_some() && self.token.is_some() {
-            None
-        } else {
-            load()?
-        };
+        let stored =
+            if self.endpoint.is_some() && (self.token.is_some() || self.client_cert.is_some()) {
+                None
+            } else {
+                load()?
+            };
         let endpoint = self
             .endpoint
             .clone()
@@ -130,8 +133,27 @@ impl ConnectArgs {
             .token
             .clone()
             .or_else(|| stored.as_ref().map(|l| l.token.clone()));
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let tls = if self.ca_cert.is_some() || identity.is_some() {
+            Some(crate::client::Tls {
+                ca_pem: self.ca_cert.as_ref().map(read).transpose()?,
+                identity,
+            })
+        } else {
+            None
+        };
+        let token = token.or_else(|| tls.as_ref()?.identity.as_ref().map(|_| String::new()));
         match (endpoint, token) {
-            (Some(endpoint), Some(token)) => Ok(Target { endpoint, token }),
+            (Some(endpoint), Some(token)) => Ok(Target {
+                endpoint,
+                token,
+                tls,
+            }),
             _ => bail!(Exit {
                 code: exit::USAGE,
                 message: "not logged in: run `veil login --endpoint URL --operator ID`, or give --endpoint and --token (or VEIL_ENDPOINT and VEIL_TOKEN)".into(),

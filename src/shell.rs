@@ -121,8 +121,7 @@ fn history_path() -> Option<PathBuf> {
 
 /// Runs the shell until `\q` or end of input.
 pub async fn run(target: &Target) -> Result<u8> {
-    let mut client = Client::connect(&target.endpoint).await?;
-    client.with_bearer(&target.token);
+    let mut client = Client::connect_target(target).await?;
     let tables = match client.tables().await {
         Ok(t) => t,
         Err(e) => return Ok(crate::operator::refused(&e)),
@@ -172,14 +171,12 @@ pub async fn run(target: &Target) -> Result<u8> {
                 "\\budget" => {
                     crate::operator::budget(target).await?;
                 }
-                "\\dry" => {
-                    match crate::client::estimate(&target.endpoint, &target.token, rest).await {
-                        Ok(e) => print!("{}", output::render_estimate(&e)),
-                        Err(e) => {
-                            crate::operator::refused(&e);
-                        }
+                "\\dry" => match crate::client::estimate(target, rest).await {
+                    Ok(e) => print!("{}", output::render_estimate(&e)),
+                    Err(e) => {
+                        crate::operator::refused(&e);
                     }
-                }
+                },
                 "\\format" => match rest.trim() {
                     "table" => format = Format::Table,
                     "csv" => format = Format::Csv,

@@ -898,7 +898,28 @@ impl Operator {
     }
 }
 
+/// A distinguished name in one spelling: RDNs separated by `,` without
+/// surrounding spaces (`CN=a, O=b` and `CN=a,O=b` are the same subject).
+pub fn normalize_subject(subject: &str) -> String {
+    subject
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Policy {
+    /// The operator whose `mtls = { subject = … }` is a client
+    /// certificate's subject.
+    pub fn operator_by_subject(&self, subject: &str) -> Option<&Operator> {
+        let wanted = normalize_subject(subject);
+        self.operators.values().find(|op| {
+            op.mtls_subject
+                .as_deref()
+                .is_some_and(|s| normalize_subject(s) == wanted)
+        })
+    }
+
     /// Finds the operator a token belongs to; `operator_id` narrows the search when known.
     pub fn authenticate(&self, operator_id: Option<&str>, token: &str) -> Option<&Operator> {
         match operator_id {

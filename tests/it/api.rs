@@ -11,7 +11,7 @@ use crate::support::*;
 async fn list_grants_shows_the_callers_grants_in_structured_form() {
     let f = Fixture::start().await;
     let endpoint = f.server.endpoint();
-    let r = client::grants(&endpoint, "demo-token-op-credit-01")
+    let r = client::grants(&client::Target::new(&endpoint, "demo-token-op-credit-01"))
         .await
         .expect("grants");
     assert_eq!(r.grants.len(), 1, "only the caller's own grants");
@@ -33,7 +33,7 @@ async fn list_grants_shows_the_callers_grants_in_structured_form() {
     assert!((dp.per_query_max - 0.05).abs() < 1e-12);
     assert!(g.pricing.contains("3.20 CNY"), "{}", g.pricing);
 
-    let expired = client::grants(&endpoint, "demo-token-op-expired")
+    let expired = client::grants(&client::Target::new(&endpoint, "demo-token-op-expired"))
         .await
         .expect("grants");
     assert!(!expired.grants[0].in_force, "G-2025-009 ended in 2025");
@@ -55,7 +55,7 @@ async fn audit_receipts_and_proofs_are_given_to_the_entrys_operator_only() {
         .expect("index");
     let token = "demo-token-op-univ-07";
 
-    let receipt = client::audit_receipt(&endpoint, token, index)
+    let receipt = client::audit_receipt(&client::Target::new(&endpoint, token), index)
         .await
         .expect("receipt");
     let stored: audit_log::Stored = serde_json::from_str(&receipt.entry_json).expect("entry");
@@ -64,7 +64,7 @@ async fn audit_receipts_and_proofs_are_given_to_the_entrys_operator_only() {
     assert_eq!(stored.entry.decision, "released");
     assert!(receipt.checkpoint.expect("checkpoint").size > index);
 
-    let proof = client::prove_inclusion(&endpoint, token, index)
+    let proof = client::prove_inclusion(&client::Target::new(&endpoint, token), index)
         .await
         .expect("proof");
     let c = proof.checkpoint.expect("checkpoint");
@@ -86,11 +86,11 @@ async fn audit_receipts_and_proofs_are_given_to_the_entrys_operator_only() {
 
     // Another operator cannot tell this entry from a missing one.
     for idx in [index, 999] {
-        let e = client::audit_receipt(&endpoint, "demo-token-op-ndrc", idx)
+        let e = client::audit_receipt(&client::Target::new(&endpoint, "demo-token-op-ndrc"), idx)
             .await
             .expect_err("not theirs");
         assert_eq!(e.code, tonic::Code::NotFound, "{}", e.message);
-        let e = client::prove_inclusion(&endpoint, "demo-token-op-ndrc", idx)
+        let e = client::prove_inclusion(&client::Target::new(&endpoint, "demo-token-op-ndrc"), idx)
             .await
             .expect_err("not theirs");
         assert_eq!(e.code, tonic::Code::NotFound, "{}", e.message);

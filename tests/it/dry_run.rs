@@ -13,7 +13,7 @@ const SQL: &str =
 async fn a_dry_run_predicts_cost_and_intervals_without_spending() {
     let f = Fixture::start().await;
     let token = "demo-token-op-univ-07";
-    let e = veil::client::estimate(&f.server.endpoint(), token, SQL)
+    let e = veil::client::estimate(&veil::client::Target::new(&f.server.endpoint(), token), SQL)
         .await
         .expect("estimate");
     assert_eq!(
@@ -54,10 +54,12 @@ async fn a_dry_run_predicts_cost_and_intervals_without_spending() {
     );
 
     // The same checks as a real query.
-    let refused =
-        veil::client::estimate(&f.server.endpoint(), token, "SELECT * FROM pop.residents")
-            .await
-            .expect_err("refused");
+    let refused = veil::client::estimate(
+        &veil::client::Target::new(&f.server.endpoint(), token),
+        "SELECT * FROM pop.residents",
+    )
+    .await
+    .expect_err("refused");
     assert_eq!(refused.code, Code::PermissionDenied);
     assert!(
         refused.message.contains("[PROJECT_PRIVATE_COLUMN]"),
@@ -74,9 +76,12 @@ async fn a_dry_run_says_when_the_budget_would_refuse() {
     for _ in 0..4 {
         f.query("op-ndrc", sql).await.expect("admitted");
     }
-    let e = veil::client::estimate(&f.server.endpoint(), "demo-token-op-ndrc", sql)
-        .await
-        .expect("estimate");
+    let e = veil::client::estimate(
+        &veil::client::Target::new(&f.server.endpoint(), "demo-token-op-ndrc"),
+        sql,
+    )
+    .await
+    .expect("estimate");
     assert!(e.exceeds_budget && e.remaining.abs() < 1e-9, "{e:?}");
     assert_eq!(f.charges(), 4);
 }

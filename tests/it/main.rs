@@ -26,4 +26,5 @@ mod sandbox;
 mod selection;
 mod slt;
 mod support;
+mod tls;
 mod truncated_joins;

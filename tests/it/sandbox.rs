@@ -457,8 +457,11 @@ async fn the_level_is_recorded_in_each_audit_entry_and_reported_by_the_server() 
     let entries = veil_engine::audit_log::entries(&f.dir.path().join("state")).expect("entries");
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].0.entry.sandbox, level);
-    let info = veil::client::server_info(&f.server.endpoint(), "demo-token-op-univ-07")
-        .await
-        .expect("server info");
+    let info = veil::client::server_info(&veil::client::Target::new(
+        &f.server.endpoint(),
+        "demo-token-op-univ-07",
+    ))
+    .await
+    .expect("server info");
     assert_eq!(info.sandbox_level, level);
 }

@@ -54,6 +54,20 @@ impl Fixture {
         edit_data: impl FnOnce(&Path),
         execution: &veil::Execution,
     ) -> Fixture {
+        Fixture::build(policy, edit_data, execution, None).await
+    }
+
+    /// A server over TLS (mTLS when `tls` has a client CA).
+    pub async fn with_tls(policy: &str, tls: veil::ServerTls) -> Fixture {
+        Fixture::build(policy, |_| {}, &sandboxed(), Some(tls)).await
+    }
+
+    async fn build(
+        policy: &str,
+        edit_data: impl FnOnce(&Path),
+        execution: &veil::Execution,
+        tls: Option<veil::ServerTls>,
+    ) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         veil::generate::generate(&data, SCALE, veil::generate::DEFAULT_SEED).expect("generate");
@@ -62,9 +76,10 @@ impl Fixture {
         std::fs::write(&policy_path, policy).expect("write policy");
         let engine = veil::open_engine(&policy_path, &data, &dir.path().join("state"), execution)
             .expect("engine");
-        let server = veil::start(engine.clone(), "127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("server");
+        let server =
+            veil::start_with_tls(engine.clone(), "127.0.0.1:0".parse().expect("addr"), tls)
+                .await
+                .expect("server");
         Fixture {
             dir,
             engine,
