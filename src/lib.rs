@@ -329,7 +329,9 @@ pub async fn start_with_tls(
     let handle = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Small responses must not wait for Nagle's algorithm and
+                // delayed ACKs (about 40 ms per round trip on loopback).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = rx.await;
                 },
