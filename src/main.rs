@@ -175,12 +175,19 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Run the bundled Beijing example end to end.
+    ///
+    /// Generates the example data, starts a server with the example policy
+    /// and runs a short tour as different operators.
+    ///
+    /// Example: veil demo --scale 0.1
     Demo {
         /// Data scale (1 ≈ 200,000 residents).
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
     },
     /// Write the synthetic Beijing example datasets.
+    ///
+    /// Example: veil generate --out data --scale 0.5
     Generate {
         /// Output directory.
         #[arg(long)]
