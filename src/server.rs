@@ -542,16 +542,7 @@ impl FlightSqlService for VeilFlightSql {
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let operator = self.operator(&request)?;
-        if query.query.len() > veil_engine::gate::MAX_QUERY_BYTES {
-            return Err(status_of(&EngineError::rejected(
-                Rule::QueryTooComplex,
-                format!(
-                    "the query text is {} bytes; the limit is {}",
-                    query.query.len(),
-                    veil_engine::gate::MAX_QUERY_BYTES
-                ),
-            )));
-        }
+        veil_engine::gate::check_size(&query.query).map_err(|e| status_of(&e))?;
         let handle = veil_engine::mechanisms::request_id()
             .map_err(|e| status_of(&e))?
             .into_bytes();

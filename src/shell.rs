@@ -22,7 +22,7 @@ use crate::operator::render_catalog;
 use crate::output::{self, Format};
 use crate::session::Target;
 
-/// SQL words offered beside table and column names.
+/// SQL words offered beside table and column names (and the aggregates).
 const KEYWORDS: &[&str] = &[
     "SELECT",
     "FROM",
@@ -39,14 +39,6 @@ const KEYWORDS: &[&str] = &[
     "IN",
     "AS",
     "DISTINCT",
-    "COUNT",
-    "SUM",
-    "AVG",
-    "VAR_POP",
-    "STDDEV_POP",
-    "MEDIAN",
-    "PERCENTILE_CONT",
-    "APPROX_PERCENTILE_CONT",
     "WITHIN GROUP",
     "DP_INTERVAL_LOW",
     "DP_INTERVAL_HIGH",
@@ -126,7 +118,11 @@ pub async fn run(target: &Target) -> Result<u8> {
         Ok(t) => t,
         Err(e) => return Ok(crate::operator::refused(&e)),
     };
-    let mut words: Vec<String> = KEYWORDS.iter().map(|k| (*k).to_owned()).collect();
+    let mut words: Vec<String> = KEYWORDS
+        .iter()
+        .chain(veil_policy::AGGREGATES)
+        .map(|k| (*k).to_owned())
+        .collect();
     for (id, schema) in &tables {
         words.push(id.clone());
         words.extend(schema.fields().iter().map(|f| f.name().clone()));

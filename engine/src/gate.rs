@@ -28,8 +28,8 @@ pub const MAX_TOKENS: usize = 8_192;
 #[derive(Debug, Clone)]
 pub struct GatedQuery(pub(crate) DfStatement);
 
-/// Checks the text and AST of a query.
-pub fn gate(sql: &str) -> Result<GatedQuery> {
+/// Refuses a query text longer than [`MAX_QUERY_BYTES`].
+pub fn check_size(sql: &str) -> Result<()> {
     if sql.len() > MAX_QUERY_BYTES {
         return Err(EngineError::rejected(
             Rule::QueryTooComplex,
@@ -39,6 +39,12 @@ pub fn gate(sql: &str) -> Result<GatedQuery> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// Checks the text and AST of a query.
+pub fn gate(sql: &str) -> Result<GatedQuery> {
+    check_size(sql)?;
     let dialect = GenericDialect {};
     let tokens = Tokenizer::new(&dialect, sql).tokenize().map_err(|e| {
         EngineError::rejected(Rule::InvalidSql, format!("the query does not parse: {e}"))
@@ -104,15 +110,7 @@ pub fn gate(sql: &str) -> Result<GatedQuery> {
 /// then goes through [`gate`] like any statement (and is what the audit log
 /// records).
 pub fn bind(sql: &str, params: &[ScalarValue]) -> Result<String> {
-    if sql.len() > MAX_QUERY_BYTES {
-        return Err(EngineError::rejected(
-            Rule::QueryTooComplex,
-            format!(
-                "the query text is {} bytes; the limit is {MAX_QUERY_BYTES}",
-                sql.len()
-            ),
-        ));
-    }
+    check_size(sql)?;
     let mut statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(MAX_DEPTH)
         .try_with_sql(sql)

@@ -40,7 +40,7 @@ use toml::de::DeTable;
 
 pub use diagnostic::{Diagnostic, PolicyError, Seg, TomlPath};
 pub use model::*;
-pub use validate::iso_duration_days;
+pub use validate::{AGGREGATES, iso_duration_days};
 
 /// Parses a policy's text into its raw form, collecting syntax and shape
 /// problems (with spans).

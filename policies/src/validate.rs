@@ -76,7 +76,8 @@ const USES: &[&str] = &[
 const CHANNELS: &[&str] = &["sharing", "opening", "authorized_operation"];
 const PURPOSES: &[&str] = &["public_governance", "public_welfare", "commercial"];
 const UNIT_KINDS: &[&str] = &["natural_person", "legal_person", "household", "row"];
-const AGGREGATES: &[&str] = &[
+/// Aggregate functions a grant's `agg_functions` may name.
+pub const AGGREGATES: &[&str] = &[
     "COUNT",
     "SUM",
     "AVG",
