@@ -279,7 +279,7 @@ impl Engine {
         }
         // A refusal before the grant is known keeps the text only if every
         // grant of the operator would.
-        let mut trail = Trail {
+        let trail = Trail {
             withhold_text: self
                 .snapshot()
                 .policy
@@ -287,9 +287,21 @@ impl Engine {
                 .any(|g| !g.audit_query_text),
             ..Trail::default()
         };
-        let outcome = self
-            .run_inner(operator, sql, now, &request_id, &mut trail)
-            .await;
+        // If the caller drops this future (a client cancel), the guard
+        // settles the charge and records the query as failed.
+        let mut guard = Unfinished {
+            engine: self,
+            operator,
+            sql,
+            now,
+            request_id: &request_id,
+            trail: Some(trail),
+        };
+        let outcome = match guard.trail.as_mut() {
+            Some(trail) => self.run_inner(operator, sql, now, &request_id, trail).await,
+            None => Err(EngineError::Internal("no trail".into())),
+        };
+        let trail = guard.trail.take().unwrap_or_default();
         let outcome = self.record(operator, sql, now, &request_id, trail, outcome);
         if outcome.is_ok() {
             crash_point("before_response");
@@ -859,6 +871,55 @@ struct Trail {
     unit: &'static str,
     replayed: bool,
     withhold_text: bool,
+}
+
+/// A query whose future may still be dropped before it finishes (the
+/// client went away). Dropped while armed, it does what a failure would:
+/// a charge that reached an executor stands (`FAILED_AFTER_DISPATCH`), one
+/// that did not is returned (`ABORTED`), and the query gets its audit entry
+/// as `EXECUTION_FAILED`.
+struct Unfinished<'a> {
+    engine: &'a Engine,
+    operator: &'a str,
+    sql: &'a str,
+    now: DateTime<FixedOffset>,
+    request_id: &'a str,
+    trail: Option<Trail>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        let Some(trail) = self.trail.take() else {
+            return;
+        };
+        let ledger = &self.engine.ledger;
+        let settled = match ledger.state(self.request_id) {
+            Ok(Some(ChargeState::Dispatched)) => {
+                ledger.advance(self.request_id, ChargeState::FailedAfterDispatch, None)
+            }
+            Ok(Some(ChargeState::Reserved)) => ledger.abort(self.request_id),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = settled {
+            tracing::error!(request = %self.request_id, error = %e, "settling a cancelled query");
+        }
+        let failed = Err(EngineError::ExecutionFailed {
+            request: self.request_id.to_owned(),
+        });
+        if let Err(e) = self.engine.record(
+            self.operator,
+            self.sql,
+            self.now,
+            self.request_id,
+            trail,
+            failed,
+        ) && !matches!(e, EngineError::ExecutionFailed { .. })
+        {
+            tracing::error!(request = %self.request_id, error = %e, "auditing a cancelled query");
+        }
+        tracing::info!(request = %self.request_id, operator = self.operator, decision = "cancelled", "query cancelled by its client");
+    }
 }
 
 /// A point where the crash tests kill the server (`VEIL_TEST_CRASH_AT`):

@@ -336,13 +336,13 @@ async fn a_private_query_whose_worker_overflows_its_stack_keeps_its_charge() {
     assert_eq!(f.spent("G-2026-031", "epsilon"), 1_000_000);
 }
 
-/// SIGKILLs every `veil worker` child of this process that reads `data`
-/// (other tests' servers run in the same process under `cargo test`);
-/// returns how many.
-fn kill_workers(data: &Path) -> usize {
+/// Every live `veil worker` child of this process that reads `data` (other
+/// tests' servers run in the same process under `cargo test`): pid and CPU
+/// time used so far, in clock ticks.
+fn workers(data: &Path) -> Vec<(i32, u64)> {
     let data = data.canonicalize().expect("data dir");
     let me = std::process::id().to_string();
-    let mut killed = 0;
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -356,25 +356,67 @@ fn kill_workers(data: &Path) -> usize {
         if ok.is_err() {
             continue;
         }
-        // Field 4 of /proc/<pid>/stat is the parent's pid (after the
-        // parenthesised command name).
-        let ppid = stat
+        // After the parenthesised command name: state (field 3), parent's
+        // pid (4), …, user CPU time (14).
+        let fields: Vec<&str> = stat
             .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned));
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         let is_worker = args.get(1) == Some(&&b"worker"[..])
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--data" && w[1] == data.as_os_str().as_encoded_bytes());
-        if ppid.as_deref() == Some(&me) && is_worker {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(pid).expect("pid"),
-                rustix::process::Signal::KILL,
-            );
-            killed += 1;
+        if fields.get(1) == Some(&me.as_str()) && fields.first() != Some(&"Z") && is_worker {
+            let utime = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0);
+            found.push((pid, utime));
         }
     }
-    killed
+    found
+}
+
+/// SIGKILLs every `veil worker` of [`workers`]; returns how many.
+fn kill_workers(data: &Path) -> usize {
+    let found = workers(data);
+    for (pid, _) in &found {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(*pid).expect("pid"),
+            rustix::process::Signal::KILL,
+        );
+    }
+    found.len()
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_stops_its_query_and_the_query_is_audited() {
+    let f = tight_server(Duration::from_secs(30), 1 << 30).await;
+    let mut client = f.client("op-ndrc").await;
+    // The client gives up after 700 ms: its call is dropped mid-query.
+    let r = tokio::time::timeout(Duration::from_millis(700), client.query(ENDLESS)).await;
+    assert!(r.is_err(), "the query should still have been running");
+    let gave_up = Instant::now();
+    // The worker that was computing (the only one with CPU time to speak
+    // of; ready workers wait) is killed, and the query gets its entry.
+    let state = f.dir.path().join("state");
+    loop {
+        let busy = workers(&f.data())
+            .into_iter()
+            .filter(|(_, t)| *t > 20)
+            .count();
+        let audited = veil_engine::audit_log::entries(&state)
+            .expect("entries")
+            .iter()
+            .any(|(e, _)| e.entry.rule.as_deref() == Some("EXECUTION_FAILED"));
+        if busy == 0 && audited {
+            break;
+        }
+        assert!(
+            gave_up.elapsed() < Duration::from_secs(2),
+            "busy workers {busy}, audited {audited}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_serving(&f).await;
 }
 
 #[tokio::test]
