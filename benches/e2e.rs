@@ -10,6 +10,7 @@
 //!
 //! ```sh
 //! cargo bench --bench e2e
+//! VEIL_BENCH_WORKERS=4 cargo bench --bench e2e   # more ready workers
 //! ```
 
 use std::path::Path;
@@ -65,6 +66,13 @@ fn e2e(c: &mut Criterion) {
     let (policy, data) = example(dir.path());
     let mut sandbox = veil::SandboxOptions::new(env!("CARGO_BIN_EXE_veil"));
     sandbox.min_level = veil_sandbox::Level::None;
+    // `veil serve --workers`: ready workers (default 2).
+    if let Some(n) = std::env::var("VEIL_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        sandbox.workers = n;
+    }
     let mut report = Vec::new();
     let mut group = c.benchmark_group("e2e_latency");
     group.sample_size(100);
