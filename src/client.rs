@@ -236,6 +236,19 @@ impl Client {
         fetched
     }
 
+    /// The columns a prepared statement promises (empty while it has
+    /// unbound parameters); the statement is closed again.
+    pub async fn prepared_schema(&mut self, sql: &str) -> Result<Schema, CallError> {
+        let prepared = self
+            .inner
+            .prepare(sql.to_owned(), None)
+            .await
+            .map_err(call_error)?;
+        let schema = prepared.dataset_schema().map_err(call_error)?.clone();
+        prepared.close().await.map_err(call_error)?;
+        Ok(schema)
+    }
+
     /// The tables the caller may query (Flight SQL `GetTables` with their
     /// schemas): dataset id and granted columns, with veil's metadata.
     pub async fn tables(&mut self) -> Result<Vec<(String, Schema)>, CallError> {

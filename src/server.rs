@@ -543,6 +543,30 @@ impl FlightSqlService for VeilFlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let operator = self.operator(&request)?;
         veil_engine::gate::check_size(&query.query).map_err(|e| status_of(&e))?;
+        // Without parameters the statement is planned now, as a dry run (no
+        // data, no charge), to promise the answer's columns. A refusal waits
+        // for execution, where it is audited like any refused query; so
+        // does everything about a statement with parameters.
+        let described = if veil_engine::gate::parameter_count(&query.query) == 0 {
+            self.shared
+                .engine
+                .describe(&operator, &query.query, chrono::Utc::now().fixed_offset())
+                .await
+                .ok()
+        } else {
+            None
+        };
+        let dataset_schema = if let Some(schema) = described {
+            let options = datafusion::arrow::ipc::writer::IpcWriteOptions::default();
+            let arrow_flight::IpcMessage(bytes) = arrow_flight::SchemaAsIpc::new(&schema, &options)
+                .try_into()
+                .map_err(|e: datafusion::arrow::error::ArrowError| {
+                    internal_status(&format!("schema: {e}"))
+                })?;
+            bytes
+        } else {
+            Default::default()
+        };
         let handle = veil_engine::mechanisms::request_id()
             .map_err(|e| status_of(&e))?
             .into_bytes();
@@ -563,11 +587,9 @@ impl FlightSqlService for VeilFlightSql {
                 used: now,
             },
         );
-        // The answer's schema depends on the policy checks and the release,
-        // so it is known only when the statement runs (`GetFlightInfo`).
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into(),
-            dataset_schema: Default::default(),
+            dataset_schema,
             parameter_schema: Default::default(),
         })
     }

@@ -496,6 +496,26 @@ impl Engine {
         }
     }
 
+    /// The columns a query would answer with (names and types; veil's
+    /// metadata comes with the answer), with every check applied but no
+    /// data read and nothing spent: what a prepared statement promises.
+    pub async fn describe(
+        &self,
+        operator: &str,
+        sql: &str,
+        now: DateTime<FixedOffset>,
+    ) -> Result<SchemaRef> {
+        let snap = self.snapshot();
+        let plan_schema = match self
+            .plan(&snap, operator, sql, now, BoundingKeys::fresh()?)
+            .await?
+        {
+            Planned::Public { plan, .. } => plan.schema().clone(),
+            Planned::Private { certified, .. } => certified.spec().query.plan.schema().clone(),
+        };
+        Ok(Arc::new(plan_schema.as_arrow().clone()))
+    }
+
     /// A dry run: the cost and accuracy of a query, with every check applied,
     /// but no data read and no budget spent.
     pub async fn estimate(

@@ -180,6 +180,31 @@ pub fn bind(sql: &str, params: &[ScalarValue]) -> Result<String> {
         .join("; "))
 }
 
+/// How many distinct parameters a statement takes (`?` each count, `$n`
+/// count up to the largest n); 0 for text that does not parse.
+pub fn parameter_count(sql: &str) -> usize {
+    let Ok(statements) = Parser::new(&GenericDialect {})
+        .with_recursion_limit(MAX_DEPTH)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+    else {
+        return 0;
+    };
+    let (mut positional, mut numbered) = (0usize, 0usize);
+    let _ = visit_expressions(&statements, |e| {
+        if let ast::Expr::Value(v) = e
+            && let ast::Value::Placeholder(name) = &v.value
+        {
+            match name.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => numbered = numbered.max(n),
+                None => positional += 1,
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    positional.max(numbered)
+}
+
 /// The SQL literal of a parameter value.
 fn literal(value: &ScalarValue) -> Result<ast::Expr> {
     use ast::Value as V;
@@ -352,6 +377,20 @@ mod tests {
             numbered,
             "SELECT COUNT(*) FROM t WHERE a = DATE '1970-01-01' OR b = true OR c = DATE '1970-01-01'"
         );
+    }
+
+    #[test]
+    fn parameters_are_counted() {
+        assert_eq!(parameter_count("SELECT COUNT(*) FROM t"), 0);
+        assert_eq!(
+            parameter_count("SELECT COUNT(*) FROM t WHERE a = ? AND b = ?"),
+            2
+        );
+        assert_eq!(
+            parameter_count("SELECT COUNT(*) FROM t WHERE a = $2 OR b = $1"),
+            2
+        );
+        assert_eq!(parameter_count("not sql ?"), 0);
     }
 
     #[test]

@@ -147,6 +147,38 @@ async fn a_prepared_statement_binds_its_parameters_as_literals() {
 async fn prepared_statement_mistakes_are_refused_before_any_charge() {
     let f = Fixture::start().await;
     let mut c = f.client("op-univ-07").await;
+    // Without parameters, a statement's columns are promised when it is
+    // prepared (a dry run: nothing is charged).
+    let schema = c
+        .prepared_schema("SELECT gender, COUNT(*) AS n FROM pop.residents GROUP BY gender")
+        .await
+        .expect("prepared");
+    assert_eq!(columns(&schema), ["gender", "n"]);
+    // A statement that will be refused promises nothing, and is refused
+    // (and audited) when executed.
+    let refused = c
+        .prepared_schema("SELECT * FROM pop.residents")
+        .await
+        .expect("prepared");
+    assert!(refused.fields().is_empty());
+    assert_refused(
+        c.query_prepared("SELECT * FROM pop.residents", None).await,
+        tonic::Code::PermissionDenied,
+        &["PROJECT_PRIVATE_COLUMN"],
+    );
+    let entries = audit_log::entries(&f.dir.path().join("state")).expect("entries");
+    assert_eq!(
+        entries
+            .last()
+            .and_then(|(e, _)| e.entry.rule.clone())
+            .as_deref(),
+        Some("PROJECT_PRIVATE_COLUMN")
+    );
+    let with_parameter = c
+        .prepared_schema("SELECT COUNT(*) FROM pop.residents WHERE age >= ?")
+        .await
+        .expect("prepared");
+    assert!(with_parameter.fields().is_empty(), "known once bound");
     let sql = "SELECT district, COUNT(*) AS n FROM pop.residents WHERE age >= ? GROUP BY district";
     // Executed without binding.
     assert_refused(
