@@ -204,7 +204,11 @@ pub async fn run(target: &Target) -> Result<u8> {
         if let Some(dir) = h.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let _ = editor.save_history(h);
+        // The history holds query texts: readable by their owner only.
+        if editor.save_history(h).is_ok() {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o600));
+        }
     }
     Ok(exit::OK)
 }

@@ -328,6 +328,11 @@ async fn the_shell_completes_granted_names_and_answers_in_a_terminal() {
         let history =
             std::fs::read_to_string(home_path.join("state/veil/history")).expect("history");
         assert!(history.contains("pop.residents"), "{history}");
+        let mode = std::fs::metadata(home_path.join("state/veil/history"))
+            .expect("history")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "query texts are the owner's");
     })
     .await
     .expect("shell test");
