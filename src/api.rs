@@ -172,7 +172,15 @@ impl Veil for VeilApi {
         let index = request.into_inner().index;
         let proof = self
             .own_entry(operator, index, move |dir, _, _| {
-                let p = audit_log::prove(dir, index).map_err(Status::failed_precondition)?;
+                // Only "not yet covered" is the caller's to know; a log that
+                // fails verification is the server's problem.
+                let p = audit_log::prove(dir, index).map_err(|e| {
+                    if e.starts_with("no checkpoint covers") {
+                        Status::failed_precondition(e)
+                    } else {
+                        internal(&e)
+                    }
+                })?;
                 Ok(InclusionProof {
                     index: p.index,
                     leaf: p.leaf,

@@ -428,23 +428,23 @@ async fn veil_client(
 }
 
 /// Calls `veil.v1.Veil/GetBudget` with a bearer token.
-pub async fn budget(target: &Target) -> Result<veil_proto::v1::GetBudgetResponse> {
-    Ok(veil_client(target)
-        .await?
+pub async fn budget(target: &Target) -> Result<veil_proto::v1::GetBudgetResponse, CallError> {
+    let mut client = veil_client(target).await.map_err(unavailable)?;
+    client
         .get_budget(veil_proto::v1::GetBudgetRequest {})
         .await
-        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
-        .into_inner())
+        .map(|r| r.into_inner())
+        .map_err(status_error)
 }
 
 /// Calls `veil.v1.Veil/ListGrants`.
-pub async fn grants(target: &Target) -> Result<veil_proto::v1::ListGrantsResponse> {
-    Ok(veil_client(target)
-        .await?
+pub async fn grants(target: &Target) -> Result<veil_proto::v1::ListGrantsResponse, CallError> {
+    let mut client = veil_client(target).await.map_err(unavailable)?;
+    client
         .list_grants(veil_proto::v1::ListGrantsRequest {})
         .await
-        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
-        .into_inner())
+        .map(|r| r.into_inner())
+        .map_err(status_error)
 }
 
 /// Calls `veil.v1.Veil/GetAuditReceipt` for one of the caller's entries.
@@ -488,13 +488,13 @@ fn status_error(s: tonic::Status) -> CallError {
 }
 
 /// Calls `veil.v1.Veil/GetServerInfo`.
-pub async fn server_info(target: &Target) -> Result<veil_proto::v1::ServerInfo> {
-    Ok(veil_client(target)
-        .await?
+pub async fn server_info(target: &Target) -> Result<veil_proto::v1::ServerInfo, CallError> {
+    let mut client = veil_client(target).await.map_err(unavailable)?;
+    client
         .get_server_info(veil_proto::v1::GetServerInfoRequest {})
         .await
-        .map_err(|s| anyhow!("{} ({:?})", s.message(), s.code()))?
-        .into_inner())
+        .map(|r| r.into_inner())
+        .map_err(status_error)
 }
 
 /// Calls `veil.v1.Veil/EstimateCost`: a dry run of `sql`.

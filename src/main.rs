@@ -108,6 +108,9 @@ enum Command {
         /// Your operator token (read from standard input when absent).
         #[arg(long, env = "VEIL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// CA certificate (PEM) of an https:// endpoint; remembered with the login.
+        #[arg(long, env = "VEIL_CA_CERT")]
+        ca_cert: Option<PathBuf>,
     },
     /// The datasets and columns your grants let you query, with each
     /// column's grading level, allowed uses, bounds and public key set.
@@ -414,6 +417,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             endpoint,
             operator,
             token,
+            ca_cert,
         } => {
             let token = match token {
                 Some(t) => t,
@@ -426,7 +430,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     line.trim().to_owned()
                 }
             };
-            let code = runtime()?.block_on(veil::operator::login(&endpoint, &operator, &token))?;
+            let code = runtime()?.block_on(veil::operator::login(
+                &endpoint,
+                &operator,
+                &token,
+                ca_cert.as_deref(),
+            ))?;
             Ok(ExitCode::from(code))
         }
         Command::Catalog { connect } => {

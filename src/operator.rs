@@ -31,8 +31,21 @@ async fn connect(target: &Target) -> Result<Client, CallError> {
 
 /// `veil login`: checks the credentials with a handshake and stores the
 /// session token.
-pub async fn login(endpoint: &str, operator: &str, token: &str) -> Result<u8> {
-    let mut c = match Client::connect(endpoint).await {
+pub async fn login(
+    endpoint: &str,
+    operator: &str,
+    token: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<u8> {
+    let ca_cert = ca_cert.map(std::fs::canonicalize).transpose()?;
+    let tls = match &ca_cert {
+        Some(p) => Some(crate::client::Tls {
+            ca_pem: Some(std::fs::read(p)?),
+            identity: None,
+        }),
+        None => None,
+    };
+    let mut c = match Client::connect_with(endpoint, tls.as_ref()).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -49,6 +62,7 @@ pub async fn login(endpoint: &str, operator: &str, token: &str) -> Result<u8> {
         operator: operator.to_owned(),
         token: session,
         expires: expires.clone(),
+        ca_cert,
     })?;
     println!(
         "logged in to {endpoint} as {operator}{}; saved to {}",
@@ -132,7 +146,10 @@ pub async fn catalog(target: &Target) -> Result<u8> {
 
 /// `veil grants`.
 pub async fn grants(target: &Target) -> Result<u8> {
-    let r = client::grants(target).await?;
+    let r = match client::grants(target).await {
+        Ok(r) => r,
+        Err(e) => return Ok(refused(&e)),
+    };
     let mut out = String::new();
     for g in &r.grants {
         let _ = writeln!(
@@ -206,7 +223,10 @@ pub async fn grants(target: &Target) -> Result<u8> {
 
 /// `veil budget` for an operator.
 pub async fn budget(target: &Target) -> Result<u8> {
-    let budget = client::budget(target).await?;
+    let budget = match client::budget(target).await {
+        Ok(b) => b,
+        Err(e) => return Ok(refused(&e)),
+    };
     println!("operator {}", budget.operator_id);
     for g in budget.grants {
         println!(

@@ -42,7 +42,7 @@ impl Format {
 pub fn encode(f: &Fetched, format: Format) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     match format {
-        Format::Table => out = render_table(f).into_bytes(),
+        Format::Table => out = render_table(f)?.into_bytes(),
         Format::Csv => {
             let mut w = datafusion::arrow::csv::WriterBuilder::new()
                 .with_header(true)
@@ -137,7 +137,7 @@ pub fn write(f: &Fetched, format: Format, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn render_table(f: &Fetched) -> String {
+fn render_table(f: &Fetched) -> Result<String> {
     let schema = &f.schema;
     let headers: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     let half_widths: Vec<Option<f64>> = schema
@@ -152,8 +152,7 @@ fn render_table(f: &Fetched) -> String {
             .columns()
             .iter()
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-            .collect::<Result<_, _>>()
-            .unwrap_or_default();
+            .collect::<Result<_, _>>()?;
         for r in 0..batch.num_rows() {
             rows.push(
                 formatters
@@ -248,7 +247,7 @@ fn render_table(f: &Fetched) -> String {
             rows.len()
         );
     }
-    out
+    Ok(out)
 }
 
 fn short(x: f64) -> String {

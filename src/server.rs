@@ -53,6 +53,8 @@ const MAX_PENDING: usize = 1024;
 const PREPARED_TTL: Duration = Duration::from_secs(3600);
 /// Most prepared statements kept at once.
 const MAX_PREPARED: usize = 4096;
+/// Most prepared statements one operator keeps open.
+const MAX_PREPARED_PER_OPERATOR: usize = 256;
 /// The response header of a handshake that tells when its token expires.
 pub const TOKEN_EXPIRES_HEADER: &str = "x-veil-token-expires";
 /// The only table type veil lists.
@@ -103,12 +105,24 @@ impl Shared {
 
     /// The operator a verified client certificate belongs to.
     fn certificate_operator(&self, der: &[u8]) -> Result<String, Status> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|_| Status::unauthenticated("the client certificate cannot be read"))?;
+        let unreadable = || Status::unauthenticated("the client certificate cannot be read");
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| unreadable())?;
+        let registry = x509_parser::objects::oid_registry();
+        let attributes = cert
+            .subject()
+            .iter_attributes()
+            .map(|a| {
+                let name = x509_parser::objects::oid2abbrev(a.attr_type(), registry)
+                    .map(|n| n.to_ascii_uppercase())
+                    .unwrap_or_else(|_| a.attr_type().to_id_string());
+                a.as_str().map(|v| (name, v.to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| unreadable())?;
         let subject = cert.subject().to_string();
         self.engine
             .policy()
-            .operator_by_subject(&subject)
+            .operator_by_subject(&attributes)
             .map(|op| op.id.clone())
             .ok_or_else(|| {
                 Status::unauthenticated(format!(
@@ -573,10 +587,12 @@ impl FlightSqlService for VeilFlightSql {
         let mut prepared = self.prepared.lock().map_err(|_| Status::internal("lock"))?;
         let now = Instant::now();
         prepared.retain(|_, p| now.duration_since(p.used) < PREPARED_TTL);
-        if prepared.len() >= MAX_PREPARED {
-            return Err(Status::resource_exhausted(
-                "too many open prepared statements on this server; close the ones you no longer use",
-            ));
+        if prepared.values().filter(|p| p.operator == operator).count() >= MAX_PREPARED_PER_OPERATOR
+            || prepared.len() >= MAX_PREPARED
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many open prepared statements (at most {MAX_PREPARED_PER_OPERATOR} per operator); close the ones you no longer use"
+            )));
         }
         prepared.insert(
             handle.clone(),
@@ -602,12 +618,21 @@ impl FlightSqlService for VeilFlightSql {
         let operator = self.operator(&request)?;
         // Check the handle before reading the parameters.
         self.with_prepared(&operator, &query.prepared_statement_handle, |_| ())?;
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+        // Read no further than a second row: parameters are one row.
+        let mut stream = FlightRecordBatchStream::new_from_flight_data(
             request.into_inner().map_err(FlightError::from),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("the parameters cannot be read: {e}")))?;
+        );
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        while let Some(batch) = stream
+            .try_next()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("the parameters cannot be read: {e}")))?
+        {
+            batches.push(batch);
+            if batches.iter().map(|b| b.num_rows()).sum::<usize>() > 1 {
+                break;
+            }
+        }
         let params = parameter_row(&batches)?;
         self.with_prepared(&operator, &query.prepared_statement_handle, |p| {
             p.params = params;

@@ -48,6 +48,9 @@ pub struct Login {
     pub token: String,
     /// When the session token expires (RFC 3339), if the server said.
     pub expires: Option<String>,
+    /// The CA certificate (PEM file) of an `https://` endpoint.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// An error with the process exit code it should end with.
@@ -124,7 +127,9 @@ impl ConnectArgs {
                 None
             } else {
                 load()?
-            };
+            }
+            // A stored session goes only to the endpoint it was made for.
+            .filter(|l| self.endpoint.as_ref().is_none_or(|e| *e == l.endpoint));
         let endpoint = self
             .endpoint
             .clone()
@@ -139,9 +144,13 @@ impl ConnectArgs {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
         };
-        let tls = if self.ca_cert.is_some() || identity.is_some() {
+        let ca_cert = self
+            .ca_cert
+            .clone()
+            .or_else(|| stored.as_ref().and_then(|l| l.ca_cert.clone()));
+        let tls = if ca_cert.is_some() || identity.is_some() {
             Some(crate::client::Tls {
-                ca_pem: self.ca_cert.as_ref().map(read).transpose()?,
+                ca_pem: ca_cert.as_ref().map(read).transpose()?,
                 identity,
             })
         } else {

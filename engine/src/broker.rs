@@ -781,6 +781,7 @@ impl Engine {
         };
         let reservation = match self.ledger.reserve(&charge) {
             Ok(Reserved::New(r)) => {
+                trail.reserved = true;
                 trail.cost = spec.cost.as_f64();
                 trail.unit = spec.mechanism.unit();
                 r
@@ -891,6 +892,9 @@ struct Trail {
     unit: &'static str,
     replayed: bool,
     withhold_text: bool,
+    /// This call reserved a new charge (so it, and no retry under the same
+    /// request id, settles it).
+    reserved: bool,
 }
 
 /// A query whose future may still be dropped before it finishes (the
@@ -913,7 +917,10 @@ impl Drop for Unfinished<'_> {
             return;
         };
         let ledger = &self.engine.ledger;
+        // Only the charge this call reserved: a cancelled retry must not
+        // settle the original's.
         let settled = match ledger.state(self.request_id) {
+            _ if !trail.reserved => Ok(()),
             Ok(Some(ChargeState::Dispatched)) => {
                 ledger.advance(self.request_id, ChargeState::FailedAfterDispatch, None)
             }

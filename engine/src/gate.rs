@@ -208,7 +208,30 @@ pub fn parameter_count(sql: &str) -> usize {
 /// The SQL literal of a parameter value.
 fn literal(value: &ScalarValue) -> Result<ast::Expr> {
     use ast::Value as V;
-    let number = |s: String| Ok(ast::Expr::value(V::Number(s, false)));
+    // A negative number is parenthesized: after a unary minus in the
+    // statement (`-?`), `-5` would otherwise print as `--5`, a comment.
+    let number = |s: String| {
+        let n = ast::Expr::value(V::Number(s.clone(), false));
+        Ok(if s.starts_with('-') {
+            ast::Expr::Nested(Box::new(n))
+        } else {
+            n
+        })
+    };
+    let date = |days: i64| {
+        let text = i32::try_from(days)
+            .ok()
+            .and_then(|d| chrono::NaiveDate::from_num_days_from_ce_opt(d.checked_add(719_163)?))
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .ok_or_else(|| {
+                EngineError::rejected(Rule::InvalidSql, "a date parameter is out of range")
+            })?;
+        Ok(ast::Expr::TypedString(ast::TypedString {
+            data_type: ast::DataType::Date,
+            value: V::SingleQuotedString(text).with_empty_span(),
+            uses_odbc_syntax: false,
+        }))
+    };
     match value {
         v if v.is_null() => Ok(ast::Expr::value(V::Null)),
         ScalarValue::Boolean(Some(b)) => Ok(ast::Expr::value(V::Boolean(*b))),
@@ -225,13 +248,8 @@ fn literal(value: &ScalarValue) -> Result<ast::Expr> {
         ScalarValue::Utf8(Some(s))
         | ScalarValue::LargeUtf8(Some(s))
         | ScalarValue::Utf8View(Some(s)) => Ok(ast::Expr::value(V::SingleQuotedString(s.clone()))),
-        ScalarValue::Date32(Some(_)) | ScalarValue::Date64(Some(_)) => {
-            Ok(ast::Expr::TypedString(ast::TypedString {
-                data_type: ast::DataType::Date,
-                value: V::SingleQuotedString(value.to_string()).with_empty_span(),
-                uses_odbc_syntax: false,
-            }))
-        }
+        ScalarValue::Date32(Some(d)) => date(i64::from(*d)),
+        ScalarValue::Date64(Some(ms)) => date(ms.div_euclid(86_400_000)),
         other => Err(EngineError::rejected(
             Rule::InvalidSql,
             format!(
@@ -377,6 +395,30 @@ mod tests {
             numbered,
             "SELECT COUNT(*) FROM t WHERE a = DATE '1970-01-01' OR b = true OR c = DATE '1970-01-01'"
         );
+    }
+
+    #[test]
+    fn negative_and_extreme_parameters_stay_one_literal() {
+        let bound = bind(
+            "SELECT COUNT(*) FROM t WHERE a = -? AND b = 1",
+            &[ScalarValue::Int64(Some(-5))],
+        )
+        .expect("binds");
+        assert_eq!(bound, "SELECT COUNT(*) FROM t WHERE a = -(-5) AND b = 1");
+        assert_eq!(rule_of(&bound), None);
+        let rule = |v: ScalarValue| match bind("SELECT COUNT(*) FROM t WHERE d = ?", &[v]) {
+            Err(EngineError::Rejected { rule, .. }) => Some(rule),
+            _ => None,
+        };
+        assert_eq!(
+            rule(ScalarValue::Date64(Some(i64::MIN))),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(
+            rule(ScalarValue::Date32(Some(i32::MAX))),
+            Some(Rule::InvalidSql)
+        );
+        assert_eq!(rule(ScalarValue::Date64(Some(86_400_000))), None);
     }
 
     #[test]

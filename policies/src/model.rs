@@ -898,25 +898,29 @@ impl Operator {
     }
 }
 
-/// A distinguished name in one spelling: RDNs separated by `,` without
-/// surrounding spaces (`CN=a, O=b` and `CN=a,O=b` are the same subject).
-pub fn normalize_subject(subject: &str) -> String {
+/// A subject as the policy writes it (`CN=op-credit-01, O=Bank`): its
+/// attributes in order, as (short name, value) pairs. Values cannot contain
+/// `,` or `=`; a certificate whose values do can therefore never match.
+pub fn subject_attributes(subject: &str) -> Vec<(String, String)> {
     subject
         .split(',')
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(",")
+        .filter_map(|rdn| {
+            let (name, value) = rdn.split_once('=')?;
+            Some((name.trim().to_ascii_uppercase(), value.trim().to_owned()))
+        })
+        .collect()
 }
 
 impl Policy {
-    /// The operator whose `mtls = { subject = … }` is a client
-    /// certificate's subject.
-    pub fn operator_by_subject(&self, subject: &str) -> Option<&Operator> {
-        let wanted = normalize_subject(subject);
+    /// The operator whose `mtls = { subject = … }` has exactly these
+    /// attributes, in this order (a client certificate's subject, attribute
+    /// by attribute: never compared as text, so a value holding `, O=…`
+    /// cannot pose as two attributes).
+    pub fn operator_by_subject(&self, attributes: &[(String, String)]) -> Option<&Operator> {
         self.operators.values().find(|op| {
             op.mtls_subject
                 .as_deref()
-                .is_some_and(|s| normalize_subject(s) == wanted)
+                .is_some_and(|s| subject_attributes(s) == attributes)
         })
     }
 

@@ -43,6 +43,19 @@ macro_rules! rule {
 }
 
 rule!(
+    duplicate_mtls_subject,
+    [
+        (
+            "org = \"某某大学公共卫生学院\"\n",
+            "org = \"某某大学公共卫生学院\"\nmtls = { subject = \"CN=shared, O=Univ\" }\n"
+        ),
+        (
+            "org = \"北京市发展和改革委员会\"\n",
+            "org = \"北京市发展和改革委员会\"\nmtls = { subject = \"CN=shared,O=Univ\" }\n"
+        )
+    ]
+);
+rule!(
     syntax_error,
     [("id = \"bj-public-data\"", "id = \"bj-public-data")]
 );

@@ -126,6 +126,22 @@ pub(crate) fn resolve(raw: &RawPolicy) -> Result<Policy, Vec<Diagnostic>> {
                 }
             }
         }
+        if let Some(m) = &o.mtls
+            && let Some(other) = operators.values().find(|op: &&Operator| {
+                op.mtls_subject.as_deref().is_some_and(|s| {
+                    crate::model::subject_attributes(s)
+                        == crate::model::subject_attributes(&m.subject)
+                })
+            })
+        {
+            c.err(
+                at.at("mtls").at("subject"),
+                format!(
+                    "operator `{}` already has the certificate subject `{}`: a certificate must name one operator",
+                    other.id, m.subject
+                ),
+            );
+        }
         if operators
             .insert(
                 o.id.clone(),

@@ -75,6 +75,30 @@ async fn login_stores_a_session_and_catalog_grants_and_budget_use_it() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("grant G-2026-031"));
 
+    // The stored session goes only to the server it was made for.
+    let out = veil(home.path())
+        .args(["catalog", "--endpoint", "http://127.0.0.1:9"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not logged in"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Server refusals keep their exit codes in every command.
+    let out = veil(home.path())
+        .args([
+            "grants",
+            "--endpoint",
+            &f.server.endpoint(),
+            "--token",
+            "wrong",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+
     // A wrong token is refused at login, with its own exit code.
     let out = veil(home.path())
         .args([

@@ -36,6 +36,22 @@ impl Ca {
         }
     }
 
+    /// A certificate and key (PEM) for `common_name` in organisation `org`.
+    fn sign_in(&self, common_name: &str, org: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, org);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+
     /// A certificate and key (PEM) for `common_name`.
     fn sign(
         &self,
@@ -75,7 +91,7 @@ fn policy_with_mtls() -> String {
     let p = example_policy();
     let edited = p.replacen(
         "id = \"op-univ-07\"\norg = \"某某大学公共卫生学院\"\n",
-        "id = \"op-univ-07\"\norg = \"某某大学公共卫生学院\"\nmtls = { subject = \"CN=op-univ-07\" }\n",
+        "id = \"op-univ-07\"\norg = \"某某大学公共卫生学院\"\nmtls = { subject = \"CN=op-univ-07, O=Univ\" }\n",
         1,
     );
     assert_ne!(edited, p, "the example policy changed");
@@ -148,7 +164,7 @@ async fn mtls_names_the_operator_by_its_certificate_subject() {
         ca_pem: Some(ca.pem.clone().into_bytes()),
         identity: Some(identity),
     };
-    let univ = clients.sign("op-univ-07", &[], ExtendedKeyUsagePurpose::ClientAuth);
+    let univ = clients.sign_in("op-univ-07", "Univ");
 
     // The certificate alone authenticates: no token, no handshake.
     let mut c = Client::connect_target(&target(&endpoint(&f), "", tls(univ.clone())))
@@ -184,6 +200,21 @@ async fn mtls_names_the_operator_by_its_certificate_subject() {
         s.query(SQL).await,
         tonic::Code::Unauthenticated,
         &["CN=stranger"],
+    );
+
+    // One attribute whose value spells two is not the subject.
+    let spoof = clients.sign(
+        "op-univ-07, O=Univ",
+        &[],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let mut s = Client::connect_target(&target(&endpoint(&f), "", tls(spoof)))
+        .await
+        .expect("connect");
+    assert_refused(
+        s.query(SQL).await,
+        tonic::Code::Unauthenticated,
+        &["no operator"],
     );
 
     // A certificate from another CA does not get through the handshake.
