@@ -336,6 +336,48 @@ async fn a_private_query_whose_worker_overflows_its_stack_keeps_its_charge() {
     assert_eq!(f.spent("G-2026-031", "epsilon"), 1_000_000);
 }
 
+#[tokio::test]
+async fn a_dp_query_cancelled_after_dispatch_keeps_its_charge_and_is_audited() {
+    let f = Fixture::start().await;
+    let veil_engine::Executor::Sandboxed(pool) = f.engine.executor() else {
+        panic!("the test server runs in process");
+    };
+    // The next workers sleep where the plan would run: the query is
+    // charged and dispatched, then its client gives up.
+    pool.replace_jobs_with_probe_for_tests(Some("sleep"));
+    let mut client = f.client("op-univ-07").await;
+    let r = tokio::time::timeout(Duration::from_millis(700), client.query(DP_QUERY)).await;
+    assert!(r.is_err(), "the query should still have been running");
+    let state = f.dir.path().join("state");
+    let gave_up = Instant::now();
+    let entry = loop {
+        let entries = veil_engine::audit_log::entries(&state).expect("entries");
+        if let Some((e, _)) = entries.into_iter().last() {
+            break e;
+        }
+        assert!(gave_up.elapsed() < Duration::from_secs(2), "never audited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(entry.entry.rule.as_deref(), Some("EXECUTION_FAILED"));
+    assert!(entry.entry.cost > 0.0, "the audit entry shows the charge");
+    assert_eq!(
+        f.engine
+            .ledger()
+            .state(&entry.entry.request)
+            .expect("ledger"),
+        Some(veil_engine::ledger::ChargeState::FailedAfterDispatch)
+    );
+    assert_eq!(
+        f.spent("G-2026-031", "epsilon"),
+        500_000,
+        "the charge stands"
+    );
+    pool.replace_jobs_with_probe_for_tests(None);
+    f.query("op-univ-07", DP_QUERY)
+        .await
+        .expect("still serving");
+}
+
 /// Every live `veil worker` child of this process that reads `data` (other
 /// tests' servers run in the same process under `cargo test`): pid and CPU
 /// time used so far, in clock ticks.
