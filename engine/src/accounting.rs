@@ -478,8 +478,10 @@ mod properties {
             let (a, b) = (Budget::from_micro(a.min(b)), Budget::from_micro(a.max(b)));
             let to_rho = |x: Budget| convert(x, "epsilon", "rho", 0.0).expect("ε→ρ");
             let to_eps = |x: Budget| convert(x, "rho", "epsilon", delta).expect("ρ→ε");
-            let eps = a.as_f64();
-            prop_assert!(to_rho(a).as_f64() >= eps * eps / 2.0);
+            // ρ ≥ ε²/2, checked exactly in micro-units (as floats, a charge
+            // equal to the bound could compare one ulp below it).
+            let eps = u128::from(a.micro());
+            prop_assert!(u128::from(to_rho(a).micro()) * 2 * u128::from(MICRO) >= eps * eps);
             let rho = a.as_f64();
             prop_assert!(to_eps(a).as_f64() >= rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt());
             prop_assert!(to_rho(a) <= to_rho(b) && to_eps(a) <= to_eps(b));
