@@ -541,11 +541,7 @@ impl FlightSqlService for VeilFlightSql {
             self.with_prepared(&operator, &query.prepared_statement_handle, |p| {
                 (p.sql.clone(), p.params.clone())
             })?;
-        let sql = if params.is_empty() && !sql.contains(['?', '$']) {
-            sql
-        } else {
-            veil_engine::gate::bind(&sql, &params).map_err(|e| status_of(&e))?
-        };
+        let sql = veil_engine::gate::bind(&sql, &params).map_err(|e| status_of(&e))?;
         let (metadata, _, descriptor) = request.into_parts();
         self.answer(operator, sql, &metadata, descriptor).await
     }

@@ -173,6 +173,10 @@ pub fn bind(sql: &str, params: &[ScalarValue]) -> Result<String> {
             ),
         ));
     }
+    // Nothing bound: the text stays exactly as the operator wrote it.
+    if used.is_empty() {
+        return Ok(sql.to_owned());
+    }
     Ok(statements
         .iter()
         .map(|s| s.to_string())
@@ -406,10 +410,7 @@ mod tests {
         .expect("binds");
         assert_eq!(bound, "SELECT COUNT(*) FROM t WHERE a = -(-5) AND b = 1");
         assert_eq!(rule_of(&bound), None);
-        let rule = |v: ScalarValue| match bind("SELECT COUNT(*) FROM t WHERE d = ?", &[v]) {
-            Err(EngineError::Rejected { rule, .. }) => Some(rule),
-            _ => None,
-        };
+        let rule = |v: ScalarValue| rule_of_bind("SELECT COUNT(*) FROM t WHERE d = ?", &[v]);
         assert_eq!(
             rule(ScalarValue::Date64(Some(i64::MIN))),
             Some(Rule::InvalidSql)
@@ -419,6 +420,24 @@ mod tests {
             Some(Rule::InvalidSql)
         );
         assert_eq!(rule(ScalarValue::Date64(Some(86_400_000))), None);
+    }
+
+    #[test]
+    fn a_statement_without_parameters_keeps_its_text() {
+        let sql = "select  COUNT(*) from t where note = '?'";
+        assert_eq!(bind(sql, &[]).expect("binds"), sql);
+        assert_eq!(
+            rule_of_bind("SELECT COUNT(*) FROM t WHERE a = ?", &[]),
+            Some(Rule::InvalidSql),
+            "a placeholder without a value is still refused"
+        );
+    }
+
+    fn rule_of_bind(sql: &str, params: &[ScalarValue]) -> Option<Rule> {
+        match bind(sql, params) {
+            Err(EngineError::Rejected { rule, .. }) => Some(rule),
+            _ => None,
+        }
     }
 
     #[test]
@@ -437,10 +456,7 @@ mod tests {
 
     #[test]
     fn parameter_mismatches_are_rejected() {
-        let rule = |sql: &str, params: &[ScalarValue]| match bind(sql, params) {
-            Err(EngineError::Rejected { rule, .. }) => Some(rule),
-            _ => None,
-        };
+        let rule = rule_of_bind;
         let one = [ScalarValue::Int64(Some(1))];
         assert_eq!(
             rule("SELECT COUNT(*) FROM t WHERE a = ? AND b = ?", &one),
