@@ -323,20 +323,15 @@ impl Catalog {
             .datasets
             .get(dataset)
             .ok_or_else(|| EngineError::Internal(format!("unknown dataset `{dataset}`")))?;
-        parquet_table(&ds.source_path, schema)
+        let url = ListingTableUrl::parse(format!("{DATA_SCHEME}://data/{}", ds.source_path))
+            .map_err(internal)?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(Arc::new(ListingTable::try_new(config).map_err(internal)?))
     }
-}
-
-/// A table over the Parquet file(s) at `path` in the data store, read with
-/// `schema`.
-pub(crate) fn parquet_table(path: &str, schema: SchemaRef) -> Result<Arc<dyn TableProvider>> {
-    let url = ListingTableUrl::parse(format!("{DATA_SCHEME}://data/{path}")).map_err(internal)?;
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config).map_err(internal)?))
 }
 
 /// A session that executes certified plans: its only object store is the
@@ -345,17 +340,11 @@ pub(crate) fn parquet_table(path: &str, schema: SchemaRef) -> Result<Arc<dyn Tab
 /// name), it never spills to disk, and with `memory_limit` its operators
 /// fail cleanly (ResourcesExhausted) instead of growing past it.
 pub fn execution_state(data_dir: &Path, memory_limit: Option<usize>) -> Result<SessionState> {
-    let store = LocalFileSystem::new_with_prefix(data_dir).map_err(internal)?;
-    execution_state_over(Arc::new(store), memory_limit)
-}
-
-/// The same session with `store` standing for the data directory (a
-/// worker's warm-up reads an in-memory file through it).
-pub(crate) fn execution_state_over(
-    store: Arc<dyn ObjectStore>,
-    memory_limit: Option<usize>,
-) -> Result<SessionState> {
-    let registry = ConfinedStores { data: Some(store) };
+    let registry = ConfinedStores {
+        data: Some(Arc::new(
+            LocalFileSystem::new_with_prefix(data_dir).map_err(internal)?,
+        )),
+    };
     let window = SessionStateDefaults::default_window_functions()
         .into_iter()
         .filter(|f| crate::plan_codec::EXECUTOR_WINDOW_FUNCTIONS.contains(&f.name()))

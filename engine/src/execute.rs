@@ -164,8 +164,9 @@ pub struct WorkerContext {
 
 /// Prepares a confined worker: a two-thread runtime, the execution session
 /// with DataFusion's memory pool at half the address-space limit (the rest
-/// is the program, its threads and allocator arenas), and a [`warm_up`] so
-/// that a query does not pay for first use. Reads no data.
+/// is the program, its threads and allocator arenas), and one small plan
+/// run through the whole path (encode, decode, plan, execute) so that a
+/// query does not pay for first use. Reads no data.
 pub fn worker_prepare(
     data_dir: &Path,
     memory_bytes: u64,
@@ -178,141 +179,18 @@ pub fn worker_prepare(
     let limit = usize::try_from(memory_bytes / 2).unwrap_or(usize::MAX);
     let state =
         crate::catalog::execution_state(data_dir, Some(limit)).map_err(|_| "session".to_owned())?;
-    on_worker_thread(&runtime, warm_up(Some(limit)))?;
+    let warm_state = state.clone();
+    on_worker_thread(&runtime, async move {
+        let warm = warm_state
+            .create_logical_plan(
+                "SELECT k, COUNT(v) AS n, SUM(v) AS s FROM (VALUES (1, 2), (1, 3), (2, 4)) AS t(k, v) GROUP BY k",
+            )
+            .await
+            .map_err(|_| "warm-up plan")?;
+        let bytes = crate::plan_codec::encode(&warm).map_err(|_| "warm-up encode")?;
+        execute_job(&warm_state, &bytes, &Output::Rows).await
+    })?;
     Ok(WorkerContext { runtime, state })
-}
-
-/// Runs a plan with the shape of a certified one through the whole path
-/// (encode, decode, physical planning, execution) on a Parquet file of
-/// made-up rows held in memory: scan, filter, clamp, one bounded sample per
-/// (unit, group), the keyed-hash ranking of groups in one sorted stream, and
-/// the per-group sums. A fresh process runs a query's code for the first
-/// time here, while it waits in the pool, not while a query waits for it
-/// (about 2 ms of a small query's latency). Reads no data; returns the
-/// number of groups (three).
-pub async fn warm_up(memory_limit: Option<usize>) -> std::result::Result<usize, &'static str> {
-    use datafusion::arrow::array::{Int64Array, StringArray};
-    use datafusion::arrow::datatypes::{Field, Schema};
-    use datafusion::functions::core::expr_fn::get_field;
-    use datafusion::functions_aggregate::expr_fn::{count, sum};
-    use datafusion::functions_window::expr_fn::{rank, row_number};
-    use datafusion::logical_expr::{ExprFunctionExt, LogicalPlanBuilder, col, lit, try_cast, when};
-    use object_store::ObjectStoreExt;
-
-    use crate::bounded_sample::{self, BoundedSample};
-    use crate::keyed_hash::KeyedHash;
-
-    const ROWS: i64 = 96;
-    let schema = std::sync::Arc::new(Schema::new(vec![
-        Field::new("unit", DataType::Utf8, false),
-        Field::new("key", DataType::Utf8, true),
-        Field::new("v", DataType::Int64, true),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            std::sync::Arc::new(StringArray::from_iter_values(
-                (0..ROWS).map(|i| format!("unit-{}", i % 12)),
-            )),
-            std::sync::Arc::new(StringArray::from_iter_values(
-                (0..ROWS).map(|i| ["东城区", "西城区", "朝阳区"][(i % 3) as usize]),
-            )),
-            std::sync::Arc::new(Int64Array::from_iter(
-                (0..ROWS).map(|i| (i % 7 != 0).then_some(i * 37 % 500)),
-            )),
-        ],
-    )
-    .map_err(|_| "warm-up rows")?;
-    let mut file = Vec::new();
-    let mut writer =
-        datafusion::parquet::arrow::ArrowWriter::try_new(&mut file, schema.clone(), None)
-            .map_err(|_| "warm-up file")?;
-    writer.write(&batch).map_err(|_| "warm-up file")?;
-    writer.close().map_err(|_| "warm-up file")?;
-    let store = object_store::memory::InMemory::new();
-    store
-        .put(
-            &object_store::path::Path::from("warm-up/rows.parquet"),
-            file.into(),
-        )
-        .await
-        .map_err(|_| "warm-up store")?;
-    let state = crate::catalog::execution_state_over(std::sync::Arc::new(store), memory_limit)
-        .map_err(|_| "warm-up session")?;
-    let table = crate::catalog::parquet_table("warm-up/", schema).map_err(|_| "warm-up table")?;
-
-    let decimal = DataType::Decimal128(crate::rewrite::DECIMAL_PRECISION, 2);
-    let clamped = when(col("v").lt(lit(0i64)), lit(0i64))
-        .when(col("v").gt(lit(400i64)), lit(400i64))
-        .otherwise(col("v"))
-        .map_err(|_| "warm-up plan")?;
-    let unit_and_key = vec![col("unit"), col("key")];
-    let sample = BoundedSample::call(
-        4,
-        [7; 16],
-        vec![try_cast(clamped, decimal)],
-        vec![
-            bounded_sample::Output::Count(0),
-            bounded_sample::Output::Sum(0),
-        ],
-    );
-    let position = row_number()
-        .order_by(vec![
-            col("unit").sort(true, false),
-            col("priority").sort(true, false),
-            col("key").sort(true, false),
-        ])
-        .build()
-        .map_err(|_| "warm-up plan")?
-        .alias("position");
-    let run_start = rank()
-        .order_by(vec![col("unit").sort(true, false)])
-        .build()
-        .map_err(|_| "warm-up plan")?
-        .alias("run_start");
-    let plan = LogicalPlanBuilder::scan(
-        "rows",
-        datafusion::datasource::provider_as_source(table),
-        None,
-    )
-    .and_then(|b| b.filter(col("key").is_not_null()))
-    .and_then(|b| {
-        b.aggregate(
-            unit_and_key.clone(),
-            vec![count(lit(1i64)).alias("rows"), sample.alias("sample")],
-        )
-    })
-    .and_then(|b| {
-        b.project(vec![
-            col("unit"),
-            col("key"),
-            when(col("rows").gt(lit(4i64)), lit(4i64))
-                .otherwise(col("rows"))?
-                .alias("rows"),
-            get_field(col("sample"), BoundedSample::field(0)).alias("n"),
-            get_field(col("sample"), BoundedSample::field(1)).alias("s"),
-            KeyedHash::call([9; 16], unit_and_key).alias("priority"),
-        ])
-    })
-    .and_then(|b| b.window(vec![position]))
-    .and_then(|b| b.window(vec![run_start]))
-    .and_then(|b| b.filter(col("position").lt(col("run_start") + lit(2u64))))
-    .and_then(|b| {
-        b.aggregate(
-            vec![col("key")],
-            vec![sum(col("rows")), sum(col("n")), sum(col("s"))],
-        )
-    })
-    .and_then(LogicalPlanBuilder::build)
-    .map_err(|_| "warm-up plan")?;
-    let bytes = crate::plan_codec::encode(&plan).map_err(|_| "warm-up encode")?;
-    let out = execute_job(&state, &bytes, &Output::Rows).await?;
-    let rows = datafusion::arrow::ipc::reader::StreamReader::try_new(&out[..], None)
-        .map_err(|_| "warm-up output")?
-        .map(|b| b.map(|b| b.num_rows()))
-        .sum::<std::result::Result<usize, _>>()
-        .map_err(|_| "warm-up output")?;
-    Ok(rows)
 }
 
 /// `veil worker`'s job, on the prepared context.
@@ -484,12 +362,5 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let prepared = worker_prepare(dir.path(), 1 << 30);
         assert!(prepared.is_ok(), "{:?}", prepared.err());
-    }
-
-    #[tokio::test]
-    async fn the_warm_up_runs_a_certified_plan_shape_to_the_end() {
-        // Three districts, every one kept by the ranking: the plan ran
-        // through sampling, ranking and the final sums.
-        assert_eq!(warm_up(None).await, Ok(3));
     }
 }
