@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+
+#[path = "support/example_policy.rs"]
+mod example_policy;
 use veil::client::Client;
 
 const OPERATOR: &str = "op-univ-07";
@@ -31,16 +34,11 @@ const PER_CLIENT: usize = 40;
 fn example(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let data = dir.join("data");
     veil::generate::generate(&data, 0.02, veil::generate::DEFAULT_SEED).expect("generate");
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/beijing/policy.toml"),
-    )
-    .expect("example policy")
-    .replace(
+    let policy = example_policy::with_budget(
+        dir,
         "budget = 10.0\n  per_query_max = 0.5",
         "budget = 100000000.0\n  per_query_max = 0.5",
     );
-    let policy = dir.join("policy.toml");
-    std::fs::write(&policy, text).expect("policy");
     (policy, data)
 }
 

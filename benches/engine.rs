@@ -25,6 +25,8 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 #[path = "../tests/slt/corpus.rs"]
 mod corpus;
+#[path = "support/example_policy.rs"]
+mod example_policy;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
 const QUERY: &str = "SELECT district, COUNT(*) AS n, SUM(wage_base) AS total, AVG(wage_base) AS mean \
@@ -43,17 +45,11 @@ fn scale_for_rows(rows: f64) -> f64 {
 }
 
 fn policy_with_budget(dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/beijing/policy.toml"),
-    )
-    .expect("example policy")
-    .replace(
+    example_policy::with_budget(
+        dir,
         "budget = 2.0\n  per_query_max = 0.05",
         "budget = 1000000.0\n  per_query_max = 0.05",
-    );
-    let path = dir.join("policy.toml");
-    std::fs::write(&path, text).expect("policy");
-    path
+    )
 }
 
 fn bench(c: &mut Criterion) {
