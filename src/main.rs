@@ -332,9 +332,10 @@ fn main() -> ExitCode {
             },
             parent,
         };
-        return veil_sandbox::worker::run(
+        return veil_sandbox::worker::serve(
             &args,
-            || veil_engine::execute::worker_prepare(&args.data_dir, memory_bytes),
+            || veil_engine::execute::worker_warm(&args.data_dir, memory_bytes),
+            veil_engine::execute::worker_prepare,
             veil_engine::execute::worker_job,
         );
     }

@@ -5,8 +5,9 @@
 //!
 //! 1. a clean environment (the broker spawns workers with none; checked);
 //! 2. inherited descriptors beyond standard input, output and error closed;
-//! 3. `PR_SET_PDEATHSIG` = SIGKILL, then a check that the broker is still
-//!    the parent (it may have died before the signal was armed);
+//! 3. `PR_SET_PDEATHSIG` = SIGKILL, then a check that the fork server is
+//!    still the parent (it may have died before the signal was armed); the
+//!    server itself dies with the broker;
 //! 4. `PR_SET_NO_NEW_PRIVS`;
 //! 5. `PR_SET_DUMPABLE` = 0 (no core dumps, no ptrace attach, `/proc/<pid>`
 //!    owned by root);
@@ -190,8 +191,38 @@ fn io(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The fork server's own confinement, before it warms up: no inherited
+/// descriptors, killed with the broker (`broker` is its process id), no new
+/// privileges, not dumpable, no core files. The server reads no data; each
+/// worker it forks then confines itself fully ([`confine`]).
+pub(crate) fn prelude(broker: u32) -> Result<(), String> {
+    crate::sys::close_inherited().map_err(io)?;
+    die_with(broker)?;
+    rustix::thread::set_no_new_privs(true).map_err(io)?;
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(io)?;
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    rustix::process::setrlimit(Resource::Core, none).map_err(io)
+}
+
+/// Arms SIGKILL at the parent's death, then checks that the parent is
+/// still `parent` (it may have died before the signal was armed).
+fn die_with(parent: u32) -> Result<String, String> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(io)?;
+    let now = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
+    if now == Some(parent) {
+        Ok("SIGKILL".to_owned())
+    } else {
+        Err("the parent is gone".to_owned())
+    }
+}
+
 /// Confines the calling process (which must still be single-threaded) and
-/// runs the self-test. `parent` is the broker's process id.
+/// runs the self-test. `parent` is the fork server's process id.
 pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
     let mut checks = Vec::new();
     step(&mut checks, name::ENV, {
@@ -207,22 +238,11 @@ pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
     step(
         &mut checks,
         name::FDS,
-        crate::fd::close_inherited()
+        crate::sys::close_inherited()
             .map(|()| "descriptors from 3 up closed".to_owned())
             .map_err(io),
     );
-    step(&mut checks, name::PDEATHSIG, {
-        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-            .map_err(io)
-            .and_then(|()| {
-                let now = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
-                if now == Some(parent) {
-                    Ok("SIGKILL".to_owned())
-                } else {
-                    Err("the broker is gone".to_owned())
-                }
-            })
-    });
+    step(&mut checks, name::PDEATHSIG, die_with(parent));
     step(
         &mut checks,
         name::NO_NEW_PRIVS,

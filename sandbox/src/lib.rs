@@ -5,13 +5,14 @@
 //! every privacy unit's contribution has already been bounded. Nothing else
 //! crosses the broker⇄executor boundary.
 //!
-//! - [`pool`]: the broker's side. It spawns `veil worker` processes ahead of
-//!   time, hands each exactly one job over a socketpair, enforces the
+//! - [`pool`]: the broker's side. It has workers forked ahead of time,
+//!   hands each exactly one job over a socketpair, enforces the
 //!   deadline with SIGKILL and turns every kind of worker death into one
 //!   uniform [`pool::Failure`].
-//! - [`worker`]: the executor's side. It confines itself ([`confine`]) before
-//!   it opens any data, reports the level it achieved, runs one job and
-//!   exits.
+//! - [`worker`]: the executor's side. `veil worker` is a fork server: it
+//!   warms up once, without data, and forks one worker per job; each worker
+//!   confines itself ([`confine`]) before it opens any data, reports the
+//!   level it achieved, runs its one job and exits.
 //! - The wire: length-prefixed, size-capped frames ([`write_frame`],
 //!   [`read_frame`]) carrying small JSON headers and opaque bodies (the
 //!   plan as `datafusion-proto` bytes one way, [`BoundedAggregates`] or an
@@ -27,9 +28,9 @@
 //! ```
 
 pub mod confine;
-mod fd;
 pub mod pool;
 mod seccomp;
+mod sys;
 pub mod worker;
 
 pub use confine::{Level, Limits, Report};
@@ -175,6 +176,13 @@ pub enum FromWorker {
     Failed {
         /// For example `execution`, `resources_exhausted`, `decode`.
         kind: String,
+    },
+    /// Sent by the fork server, not the worker, once it has reaped the
+    /// worker: how the process ended (an exit status or a signal). A broker
+    /// still waiting for an answer reads this instead.
+    Exited {
+        /// For example `killed by signal 9`.
+        how: String,
     },
 }
 

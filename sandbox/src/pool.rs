@@ -1,24 +1,30 @@
-//! The broker's side: a pool of pre-spawned, confined `veil worker`
-//! processes, each used for exactly one job.
+//! The broker's side: a pool of confined workers, forked ahead of time by
+//! a `veil worker` fork server ([`crate::worker`]), each used for exactly
+//! one job.
 //!
-//! A dedicated spawner thread keeps `size` workers ready. It is the parent
-//! of every worker and lives as long as the pool, so the workers'
-//! parent-death signal (which the kernel ties to the spawning *thread*)
-//! fires exactly when the pool goes away. It spawns a replacement only when
-//! a used worker has been reaped (one permit per worker slot), so that
-//! starting the next worker does not compete for the CPU with the query
-//! that is still running on the last one. A query takes a ready worker,
-//! sends it the job, and waits for the answer up to the deadline; then the
-//! worker is killed (a no-op if it already exited) and reaped. Whatever
-//! happens to the worker (a crash, a stack overflow, an allocation beyond
-//! its address-space limit, the CPU limit, the deadline, an outside kill)
-//! the broker sees one [`Failure`] and goes on.
+//! A dedicated spawner thread keeps `size` workers ready. It starts the
+//! fork server and is its parent for as long as the pool lives, so the
+//! server's parent-death signal (which the kernel ties to the spawning
+//! *thread*) fires exactly when the pool goes away, and the workers' (tied
+//! to the server) with it. It asks for a replacement only when a used
+//! worker has exited (one permit per worker slot), so that starting the
+//! next worker does not compete for the CPU with the query that is still
+//! running on the last one; if the server dies, it starts another. A query
+//! takes a ready worker, sends it the job, and waits for the answer up to
+//! the deadline; then the worker is killed through its pidfd (a no-op if it
+//! already exited). Whatever happens to the worker (a crash, a stack
+//! overflow, an allocation beyond its address-space limit, the CPU limit,
+//! the deadline, an outside kill) the broker sees one [`Failure`] and goes
+//! on.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
@@ -71,19 +77,38 @@ pub enum Failure {
 }
 
 /// A confined worker, waiting for its one job. Dropping it, however its
-/// job ended (even when the query's future is cancelled), kills and reaps
-/// the process and frees its slot.
+/// job ended (even when the query's future is cancelled), kills it, waits
+/// until it has exited, and frees its slot.
 struct Worker {
-    child: Child,
+    pidfd: OwnedFd,
     stream: Option<UnixStream>,
     report: Report,
     permits: Arc<Permits>,
 }
 
+fn kill(pidfd: &OwnedFd) {
+    let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
+}
+
+/// Whether the process has exited, waiting up to `timeout`.
+fn exited_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let timeout = rustix::time::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+/// How long a killed process may take to exit before its slot is freed
+/// anyway: exit after SIGKILL takes moments; the bound only guards the slot
+/// against a process the kernel cannot finish.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill(&self.pidfd);
+        exited_within(&self.pidfd, EXIT_TIMEOUT);
         self.permits.give();
     }
 }
@@ -176,8 +201,9 @@ impl Pool {
         std::thread::Builder::new()
             .name("veil-worker-spawner".into())
             .spawn(move || {
+                let mut server = None;
                 while spawner_permits.take() {
-                    let worker = spawn(&spawner_config, &spawner_permits);
+                    let worker = spawn(&mut server, &spawner_config, &spawner_permits);
                     let failed = worker.is_err();
                     if tx.send(worker).is_err() {
                         break;
@@ -252,28 +278,18 @@ impl Pool {
         let exchange = tokio::task::spawn_blocking(move || exchange(stream, &job, &body));
         let outcome = tokio::time::timeout(deadline, exchange).await;
         // One job per worker: kill it (nothing happens if it already
-        // exited) and reap it. The kill also ends a timed-out exchange,
-        // whose read then sees the socket close.
-        let _ = worker.child.kill();
-        let reaped = tokio::task::spawn_blocking(move || {
-            let status = worker.child.wait().ok();
-            drop(worker);
-            status
-        });
-        // Tearing a process down takes a moment: an answer does not wait
-        // for it, a failure does (its exit status goes into the log).
+        // exited). The kill also ends a timed-out exchange, whose read then
+        // sees how the worker ended. Tearing a process down takes a moment:
+        // the answer does not wait for it.
+        kill(&worker.pidfd);
+        tokio::task::spawn_blocking(move || drop(worker));
         match outcome {
             Err(_) => Err(Failure::Deadline(deadline)),
             Ok(Err(_)) => Err(Failure::Died("the exchange task panicked".into())),
             Ok(Ok(Ok(Reply::Done(bytes)))) => Ok(bytes),
             Ok(Ok(Ok(Reply::Failed(kind)))) => Err(Failure::Failed(kind)),
-            Ok(Ok(Err(wire))) => {
-                let status = reaped.await.ok().flatten();
-                Err(Failure::Died(format!(
-                    "{wire}; {}",
-                    status.map_or_else(|| "exit status unknown".to_owned(), describe)
-                )))
-            }
+            Ok(Ok(Ok(Reply::Exited(how)))) => Err(Failure::Died(how)),
+            Ok(Ok(Err(wire))) => Err(Failure::Died(wire.to_string())),
         }
     }
 
@@ -301,7 +317,7 @@ impl Pool {
                             ))
                         })?,
                 };
-                let mut worker = match worker {
+                let worker = match worker {
                     Ok(w) => w,
                     Err(why) => {
                         // A failed spawn used a slot too: free it for
@@ -318,7 +334,7 @@ impl Pool {
                 }
                 // A worker that died while waiting (killed from outside)
                 // never saw a job: take the next one.
-                if let Ok(None) = worker.child.try_wait() {
+                if !exited_within(&worker.pidfd, Duration::ZERO) {
                     return Ok(worker);
                 }
             }
@@ -331,6 +347,8 @@ impl Pool {
 enum Reply {
     Done(Vec<u8>),
     Failed(String),
+    /// The worker died; how, as the fork server saw it.
+    Exited(String),
 }
 
 fn exchange(mut stream: UnixStream, job: &Job, body: &[u8]) -> Result<Reply, crate::WireError> {
@@ -339,70 +357,147 @@ fn exchange(mut stream: UnixStream, job: &Job, body: &[u8]) -> Result<Reply, cra
     match recv_json::<FromWorker>(&mut stream)? {
         FromWorker::Done => Ok(Reply::Done(read_frame(&mut stream)?)),
         FromWorker::Failed { kind } => Ok(Reply::Failed(kind)),
+        FromWorker::Exited { how } => Ok(Reply::Exited(how)),
         FromWorker::Hello(_) => Err(crate::WireError::Malformed),
     }
 }
 
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) if status.core_dumped() => {
-            format!("killed by signal {signal}, core dumped")
-        }
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => status.to_string(),
+    crate::worker::describe(status.code(), status.signal(), status.core_dumped())
+}
+
+/// The fork server, owned by the spawner thread.
+struct Server {
+    process: Child,
+    control: UnixStream,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
-/// Spawns one worker and waits for its report. A worker holds its slot
+impl Server {
+    /// Starts `veil worker`. It reports nothing itself: its first worker's
+    /// report says how it went.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the one place veil starts a process: the workers' fork server"
+    )]
+    fn start(config: &PoolConfig) -> Result<Server, String> {
+        let fail = |e: std::io::Error| format!("cannot start the fork server: {e}");
+        let (ours, theirs) = UnixStream::pair().map_err(fail)?;
+        let theirs_out = theirs.try_clone().map_err(fail)?;
+        let args = WorkerArgs {
+            data_dir: config.data_dir.clone(),
+            limits: config.limits,
+            parent: std::process::id(),
+        };
+        let process = Command::new(&config.program)
+            .args(&config.subcommand)
+            .args(args.to_args())
+            .env_clear()
+            .envs(crate::confine::WORKER_ENV.iter().copied())
+            .current_dir("/")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::from(OwnedFd::from(theirs_out)))
+            // A worker's messages could quote data: they are not kept.
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", config.program.display()))?;
+        Ok(Server {
+            process,
+            control: ours,
+        })
+    }
+
+    /// Asks for one worker: the broker's end of its socket and its pidfd.
+    fn fork(&mut self) -> Result<(UnixStream, OwnedFd), String> {
+        self.control
+            .set_read_timeout(Some(HELLO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        if write_frame(&mut self.control, b"fork").is_err() {
+            return Err(self.broken("is gone"));
+        }
+        let mut byte = [0u8; 1];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+        let Ok(got) = rustix::net::recvmsg(
+            &self.control,
+            &mut [std::io::IoSliceMut::new(&mut byte)],
+            &mut ancillary,
+            RecvFlags::CMSG_CLOEXEC,
+        ) else {
+            return Err(self.broken("did not answer"));
+        };
+        let mut fds: Vec<OwnedFd> = ancillary
+            .drain()
+            .filter_map(|m| match m {
+                RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        match (got.bytes, byte[0], fds.pop(), fds.pop(), fds.is_empty()) {
+            (1, crate::worker::FORKED, Some(pidfd), Some(socket), true) => {
+                Ok((UnixStream::from(socket), pidfd))
+            }
+            (1, crate::worker::NOT_FORKED, None, None, _) => {
+                Err("the fork server could not fork".to_owned())
+            }
+            (0, ..) => Err(self.broken("closed its channel")),
+            _ => Err(self.broken("broke the protocol")),
+        }
+    }
+
+    /// Why the server failed, with its exit status if it has exited.
+    fn broken(&mut self, what: &str) -> String {
+        let status = match self.process.try_wait() {
+            Ok(Some(status)) => describe(status),
+            _ => "still running".to_owned(),
+        };
+        format!("the fork server {what} ({status})")
+    }
+}
+
+/// Forks one worker (starting the fork server first if there is none, or
+/// the last one failed) and waits for its report. A worker holds its slot
 /// (`permits`) until it is dropped.
-#[allow(
-    clippy::disallowed_methods,
-    reason = "the one place veil starts processes: its workers"
-)]
-fn spawn(config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
-    let fail = |e: std::io::Error| format!("cannot start a worker: {e}");
-    let (ours, theirs) = UnixStream::pair().map_err(fail)?;
-    let theirs_out = theirs.try_clone().map_err(fail)?;
-    let args = WorkerArgs {
-        data_dir: config.data_dir.clone(),
-        limits: config.limits,
-        parent: std::process::id(),
+fn spawn(server: &mut Option<Server>, config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
+    let running = match server {
+        Some(s) => s,
+        None => server.insert(Server::start(config)?),
     };
-    let mut child = Command::new(&config.program)
-        .args(&config.subcommand)
-        .args(args.to_args())
-        .env_clear()
-        .envs(crate::confine::WORKER_ENV.iter().copied())
-        .current_dir("/")
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .stdout(Stdio::from(OwnedFd::from(theirs_out)))
-        // A worker's messages could quote data: they are not kept.
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", config.program.display()))?;
-    let hello = ours
+    let (stream, pidfd) = running.fork().map_err(|e| {
+        *server = None;
+        format!("a worker did not report its confinement ({e})")
+    })?;
+    let hello = stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| e.to_string())
-        .and_then(|()| recv_json::<FromWorker>(&mut &ours).map_err(|e| e.to_string()));
+        .and_then(|()| recv_json::<FromWorker>(&mut &stream).map_err(|e| e.to_string()))
+        .and_then(|hello| {
+            stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+            Ok(hello)
+        });
     match hello {
-        Ok(FromWorker::Hello(report)) => {
-            ours.set_read_timeout(None).map_err(fail)?;
-            Ok(Worker {
-                child,
-                stream: Some(ours),
-                report,
-                permits: permits.clone(),
-            })
-        }
+        Ok(FromWorker::Hello(report)) => Ok(Worker {
+            pidfd,
+            stream: Some(stream),
+            report,
+            permits: permits.clone(),
+        }),
         other => {
-            let _ = child.kill();
-            let status = child.wait().map(describe).unwrap_or_default();
+            kill(&pidfd);
+            exited_within(&pidfd, EXIT_TIMEOUT);
             Err(format!(
-                "a worker did not report its confinement ({}; {status})",
+                "a worker did not report its confinement ({})",
                 match other {
                     Err(e) => e,
+                    Ok(FromWorker::Exited { how }) => how,
                     Ok(_) => "unexpected message".to_owned(),
                 }
             ))

@@ -1,24 +1,49 @@
-//! The executor's side: `veil worker`.
+//! The executor's side: `veil worker`, a fork server, and the workers it
+//! forks.
 //!
-//! A worker is spawned by the broker's [`crate::pool`] with an empty
-//! environment and a socketpair as standard input and output. It confines
-//! itself ([`crate::confine`]) before it opens anything, sends the
-//! [`Report`](crate::Report) of what it achieved, waits for exactly one
-//! [`Job`], answers it and exits: no state carries from one query to the
-//! next.
+//! The broker's [`crate::pool`] starts one `veil worker` with an empty
+//! environment and a socketpair, its control channel, as standard input and
+//! output. The server closes whatever else it inherited, arms its
+//! parent-death signal and warms up once: it builds what every job needs
+//! and runs a small plan through the whole path, reading no data. Then,
+//! for each request on the control channel, it forks one worker and sends
+//! the broker its end of a new socketpair to the worker and a pidfd of the
+//! worker (to kill it with: a pidfd, unlike a process id, never names
+//! another process).
+//!
+//! Each worker confines itself ([`crate::confine`]) before it opens
+//! anything, sends the [`Report`](crate::Report) of what it achieved, waits
+//! for exactly one [`Job`], answers it and exits: no state carries from one
+//! query to the next, and nothing flows back into the server. A fork starts
+//! a worker with the server's warm code and memory, where a new program
+//! would be loaded, relocated and faulted in page by page first: that was
+//! most of a worker's CPU time.
+//!
+//! The server keeps a copy of each worker's socket. Once it has reaped the
+//! worker it writes a [`FromWorker::Exited`] there, so that a broker still
+//! waiting for an answer from a worker that died learns how it ended.
 
 use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{
+    AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::process::{PidfdFlags, WaitId, WaitIdOptions};
+
+use crate::sys::Forked;
 use crate::{FromWorker, Job, Limits, read_frame, recv_json, send_json, write_frame};
 
 /// A worker's command line (after `veil worker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerArgs {
-    /// The only directory the worker may read.
+    /// The only directory the workers may read.
     pub data_dir: PathBuf,
-    /// Its resource limits.
+    /// Each worker's resource limits.
     pub limits: Limits,
     /// The broker's process id (checked after the parent-death signal is
     /// armed).
@@ -47,32 +72,197 @@ impl WorkerArgs {
 /// failure kind.
 pub type JobResult = Result<Vec<u8>, String>;
 
-/// Runs a worker: confine, `prepare`, report, answer one job with
-/// `execute`, exit.
+/// The control channel's answer to a fork request: one byte, with the
+/// broker's end of the worker's socket and the worker's pidfd attached.
+pub(crate) const FORKED: u8 = 1;
+/// The answer when no worker could be forked: one byte, nothing attached.
+pub(crate) const NOT_FORKED: u8 = 0;
+
+/// Runs the fork server: `warm` once, then one worker per request on the
+/// control channel until the broker closes it.
 ///
-/// `prepare` runs after confinement and before the report, while the
-/// worker waits in the pool: whatever it sets up (a runtime, a session,
-/// warmed code paths) is off the query's path. `execute` gets what it
-/// prepared, the job and its body (the plan).
-pub fn run<T>(
+/// `warm` runs before any fork and must leave the process with a single
+/// thread (the server refuses to fork otherwise); it reads no data. In
+/// each forked worker, after confinement and before the report, `prepare`
+/// builds what needs threads (a runtime), so that it is off the query's
+/// path; `execute` then gets what it prepared, the job and its body (the
+/// plan).
+pub fn serve<S, T>(
     args: &WorkerArgs,
-    prepare: impl FnOnce() -> T,
-    execute: impl FnOnce(T, &Job, Vec<u8>) -> JobResult,
+    warm: impl FnOnce() -> S,
+    prepare: impl Fn(&S) -> T,
+    execute: impl Fn(T, &Job, Vec<u8>) -> JobResult,
 ) -> ExitCode {
-    let report = crate::confine::confine(&args.data_dir, &args.limits, args.parent);
-    let prepared = prepare();
+    // Nothing before this: no logging, no runtime, no files.
+    if crate::confine::prelude(args.parent).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let warmed = warm();
+    // The control channel, read and written unbuffered: a worker inherits
+    // the server's memory, and must not find control bytes in a buffer.
+    let Ok(control) = rustix::io::dup(rustix::stdio::stdin()) else {
+        return ExitCode::FAILURE;
+    };
+    let control = UnixStream::from(control);
+    let server = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let mut live: Vec<Live> = Vec::new();
+    loop {
+        let mut fds: Vec<PollFd<'_>> = std::iter::once(control.as_fd())
+            .chain(live.iter().map(|l| l.pidfd.as_fd()))
+            .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
+            .collect();
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return ExitCode::FAILURE,
+        }
+        let requested = !fds[0].revents().is_empty();
+        let ended: Vec<usize> = (1..fds.len())
+            .filter(|&i| !fds[i].revents().is_empty())
+            .map(|i| i - 1)
+            .collect();
+        drop(fds);
+        // Descending, so that each removal leaves the others' places.
+        for i in ended.into_iter().rev() {
+            live.swap_remove(i).reap();
+        }
+        if !requested {
+            continue;
+        }
+        if read_frame(&mut &control).is_err() {
+            // The broker let go (it shuts down): the workers die with this
+            // process (their parent-death signal).
+            return ExitCode::SUCCESS;
+        }
+        let (ours, theirs) = match rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        ) {
+            Ok(pair) => pair,
+            Err(_) => {
+                answer(&control, NOT_FORKED, &[]);
+                continue;
+            }
+        };
+        match crate::sys::fork() {
+            Ok(Forked::Child) => {
+                let code = worker(theirs, args, server, &warmed, &prepare, &execute);
+                // Never back into the server's frames: their descriptors
+                // are closed in this process and must not be dropped.
+                std::process::exit(code)
+            }
+            Ok(Forked::Parent(pid)) => {
+                let Ok(pidfd) = rustix::process::pidfd_open(pid, PidfdFlags::empty()) else {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+                    answer(&control, NOT_FORKED, &[]);
+                    continue;
+                };
+                answer(&control, FORKED, &[ours.as_fd(), pidfd.as_fd()]);
+                live.push(Live {
+                    pidfd,
+                    socket: theirs,
+                });
+            }
+            Err(_) => answer(&control, NOT_FORKED, &[]),
+        }
+    }
+}
+
+/// One byte on the control channel, with `fds` attached.
+fn answer(control: &UnixStream, byte: u8, fds: &[std::os::fd::BorrowedFd<'_>]) {
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        ancillary.push(SendAncillaryMessage::ScmRights(fds));
+    }
+    // A failed answer leaves the broker waiting on a closed or broken
+    // channel: it notices, and starts another server.
+    let _ = rustix::net::sendmsg(
+        control,
+        &[std::io::IoSlice::new(&[byte])],
+        &mut ancillary,
+        SendFlags::NOSIGNAL,
+    );
+}
+
+/// A forked worker that has not been reaped yet.
+struct Live {
+    pidfd: OwnedFd,
+    /// The server's copy of the worker's end of its socket.
+    socket: OwnedFd,
+}
+
+impl Live {
+    /// Reaps the ended worker and tells the broker how it ended, without
+    /// ever blocking (a broker that stopped reading gets nothing).
+    fn reap(self) {
+        let how =
+            match rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), WaitIdOptions::EXITED)
+            {
+                Ok(Some(status)) => describe(
+                    status.exit_status(),
+                    status.terminating_signal(),
+                    status.dumped(),
+                ),
+                _ => "exit status unknown".to_owned(),
+            };
+        let mut frame = Vec::new();
+        if let Ok(bytes) = serde_json::to_vec(&FromWorker::Exited { how })
+            && write_frame(&mut frame, &bytes).is_ok()
+        {
+            let _ = rustix::net::send(
+                &self.socket,
+                &frame,
+                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            );
+        }
+    }
+}
+
+/// How a process ended, for logs.
+pub(crate) fn describe(code: Option<i32>, signal: Option<i32>, core_dumped: bool) -> String {
+    match (code, signal) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) if core_dumped => format!("killed by signal {signal}, core dumped"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "ended in an unknown way".to_owned(),
+    }
+}
+
+/// A forked worker: its socket becomes standard input and output, then it
+/// confines itself, prepares, reports, answers one job and returns its
+/// exit code.
+fn worker<S, T>(
+    socket: OwnedFd,
+    args: &WorkerArgs,
+    server: u32,
+    warmed: &S,
+    prepare: &impl Fn(&S) -> T,
+    execute: &impl Fn(T, &Job, Vec<u8>) -> JobResult,
+) -> i32 {
+    let moved =
+        rustix::stdio::dup2_stdin(&socket).and_then(|()| rustix::stdio::dup2_stdout(&socket));
+    drop(socket);
+    if moved.is_err() {
+        return 1;
+    }
+    let report = crate::confine::confine(&args.data_dir, &args.limits, server);
+    let prepared = prepare(warmed);
     let mut input = std::io::stdin().lock();
     let mut output = std::io::stdout().lock();
     if send_json(&mut output, &FromWorker::Hello(report)).is_err() {
-        return ExitCode::FAILURE;
+        return 1;
     }
     let Ok(job) = recv_json::<Job>(&mut input) else {
         // The broker let this worker go (it shuts down, or refused the
         // level): nothing to do.
-        return ExitCode::SUCCESS;
+        return 0;
     };
     let Ok(body) = read_frame(&mut input) else {
-        return ExitCode::FAILURE;
+        return 1;
     };
     #[cfg(feature = "test-hooks")]
     let result = match job.spec.strip_prefix("probe:") {
@@ -86,11 +276,7 @@ pub fn run<T>(
             .and_then(|()| write_frame(&mut output, &bytes)),
         Err(kind) => send_json(&mut output, &FromWorker::Failed { kind }),
     };
-    if sent.is_ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    i32::from(sent.is_err())
 }
 
 /// Forbidden actions for the confinement tests, run after confinement in

@@ -378,12 +378,14 @@ async fn a_dp_query_cancelled_after_dispatch_keeps_its_charge_and_is_audited() {
         .expect("still serving");
 }
 
-/// Every live `veil worker` child of this process that reads `data` (other
-/// tests' servers run in the same process under `cargo test`): pid and CPU
-/// time used so far, in clock ticks.
+/// Every live worker forked for a pool of this process that reads `data`
+/// (other tests' servers run in the same process under `cargo test`): pid
+/// and CPU time used so far, in clock ticks. Workers are the children of a
+/// fork server, a `veil worker` child of this process.
 fn workers(data: &Path) -> Vec<(i32, u64)> {
     let data = data.canonicalize().expect("data dir");
-    let me = std::process::id().to_string();
+    let me = std::process::id() as i32;
+    // (pid, parent, user CPU) of every live `veil worker --data <data>`.
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -409,12 +411,22 @@ fn workers(data: &Path) -> Vec<(i32, u64)> {
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--data" && w[1] == data.as_os_str().as_encoded_bytes());
-        if fields.get(1) == Some(&me.as_str()) && fields.first() != Some(&"Z") && is_worker {
+        let parent = fields.get(1).and_then(|p| p.parse::<i32>().ok());
+        if let (true, false, Some(parent)) = (is_worker, fields.first() == Some(&"Z"), parent) {
             let utime = fields.get(11).and_then(|t| t.parse().ok()).unwrap_or(0);
-            found.push((pid, utime));
+            found.push((pid, parent, utime));
         }
     }
+    let servers: Vec<i32> = found
+        .iter()
+        .filter(|(_, parent, _)| *parent == me)
+        .map(|(pid, _, _)| *pid)
+        .collect();
     found
+        .into_iter()
+        .filter(|(_, parent, _)| servers.contains(parent))
+        .map(|(pid, _, utime)| (pid, utime))
+        .collect()
 }
 
 /// SIGKILLs every `veil worker` of [`workers`]; returns how many.
