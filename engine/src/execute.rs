@@ -167,8 +167,11 @@ pub struct WorkerContext {
 /// address-space limit (the rest is the program, its threads and allocator
 /// arenas), and one small plan run through the whole path (encode, decode,
 /// plan, execute) so that no query pays for first use. Reads no data. It
-/// runs on a thread of its own with a single-threaded runtime, and returns
-/// once both are gone: the server forks only while it has one thread.
+/// runs on the calling thread, on a single-threaded runtime dropped before
+/// it returns: the server forks only while it has one thread. (The server
+/// is not under Landlock, so DataFusion's recursion guard can learn the
+/// main thread's stack from `/proc/self/maps`; no arena of an exited
+/// thread is left for the workers' threads to inherit copy-on-write.)
 pub fn worker_warm(
     data_dir: &Path,
     memory_bytes: u64,
@@ -177,19 +180,11 @@ pub fn worker_warm(
     let state =
         crate::catalog::execution_state(data_dir, Some(limit)).map_err(|_| "session".to_owned())?;
     let warm_state = state.clone();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .max_blocking_threads(1)
-                    .build()
-                    .map_err(|_| "runtime")?;
-                runtime.block_on(warm_up(warm_state))
-            })
-            .join()
-    })
-    .map_err(|_| "warm-up panicked".to_owned())?
-    .map_err(str::to_owned)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|_| "runtime".to_owned())?;
+    runtime.block_on(warm_up(warm_state))?;
+    drop(runtime);
     Ok(state)
 }
 
