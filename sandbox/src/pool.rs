@@ -463,18 +463,27 @@ impl Server {
     }
 }
 
-/// Forks one worker (starting the fork server first if there is none, or
-/// the last one failed) and waits for its report. A worker holds its slot
-/// (`permits`) until it is dropped.
+/// Forks one worker and waits for its report. A server that fails (it
+/// died, with or without the worker it was forking, or broke the protocol)
+/// is replaced at once and asked again, so that no query sees its end; only
+/// a new server's failure is reported. A worker holds its slot (`permits`)
+/// until it is dropped.
 fn spawn(server: &mut Option<Server>, config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
-    let running = match server {
-        Some(s) => s,
-        None => server.insert(Server::start(config)?),
-    };
-    let (stream, pidfd) = running.fork().map_err(|e| {
-        *server = None;
-        format!("a worker did not report its confinement ({e})")
-    })?;
+    if let Some(running) = server.as_mut() {
+        match worker(running, permits) {
+            Ok(w) => return Ok(w),
+            Err(_) => *server = None,
+        }
+    }
+    let fresh = server.insert(Server::start(config)?);
+    worker(fresh, permits).inspect_err(|_| *server = None)
+}
+
+/// Has `server` fork one worker and waits for its report.
+fn worker(server: &mut Server, permits: &Arc<Permits>) -> Ready {
+    let (stream, pidfd) = server
+        .fork()
+        .map_err(|e| format!("a worker did not report its confinement ({e})"))?;
     let hello = stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| e.to_string())

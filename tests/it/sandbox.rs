@@ -381,11 +381,32 @@ async fn a_dp_query_cancelled_after_dispatch_keeps_its_charge_and_is_audited() {
 /// Every live worker forked for a pool of this process that reads `data`
 /// (other tests' servers run in the same process under `cargo test`): pid
 /// and CPU time used so far, in clock ticks. Workers are the children of a
-/// fork server, a `veil worker` child of this process.
+/// fork server ([`servers`]).
 fn workers(data: &Path) -> Vec<(i32, u64)> {
-    let data = data.canonicalize().expect("data dir");
+    let servers = servers(data);
+    veil_workers(data)
+        .into_iter()
+        .filter(|(_, parent, _)| servers.contains(parent))
+        .map(|(pid, _, utime)| (pid, utime))
+        .collect()
+}
+
+/// The fork servers of pools of this process that read `data`: its
+/// `veil worker` children.
+fn servers(data: &Path) -> Vec<i32> {
     let me = std::process::id() as i32;
-    // (pid, parent, user CPU) of every live `veil worker --data <data>`.
+    veil_workers(data)
+        .into_iter()
+        .filter(|(_, parent, _)| *parent == me)
+        .map(|(pid, _, _)| pid)
+        .collect()
+}
+
+/// Every live process run as `veil worker --data <data>` (fork servers and
+/// the workers they forked): pid, parent's pid and user CPU time in clock
+/// ticks.
+fn veil_workers(data: &Path) -> Vec<(i32, i32, u64)> {
+    let data = data.canonicalize().expect("data dir");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -417,28 +438,58 @@ fn workers(data: &Path) -> Vec<(i32, u64)> {
             found.push((pid, parent, utime));
         }
     }
-    let servers: Vec<i32> = found
-        .iter()
-        .filter(|(_, parent, _)| *parent == me)
-        .map(|(pid, _, _)| *pid)
-        .collect();
     found
-        .into_iter()
-        .filter(|(_, parent, _)| servers.contains(parent))
-        .map(|(pid, _, utime)| (pid, utime))
-        .collect()
 }
 
-/// SIGKILLs every `veil worker` of [`workers`]; returns how many.
+/// SIGKILLs every worker of [`workers`]; returns how many.
 fn kill_workers(data: &Path) -> usize {
-    let found = workers(data);
-    for (pid, _) in &found {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(*pid).expect("pid"),
-            rustix::process::Signal::KILL,
+    kill(workers(data).into_iter().map(|(pid, _)| pid))
+}
+
+/// SIGKILLs each process; returns how many.
+fn kill(pids: impl IntoIterator<Item = i32>) -> usize {
+    pids.into_iter()
+        .map(|pid| {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).expect("pid"),
+                rustix::process::Signal::KILL,
+            );
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_fork_server_that_dies_takes_its_workers_and_is_replaced() {
+    let d = dirs();
+    let Some(pool) = pool(&d.data, Limits::default(), Duration::from_secs(20)) else {
+        return;
+    };
+    // The pool starts once its first worker has reported: that worker is
+    // confined, its parent-death signal armed.
+    let [(ready, _)] = workers(&d.data)[..] else {
+        panic!("one ready worker expected");
+    };
+    assert_eq!(kill(servers(&d.data)), 1, "one fork server per pool");
+    // The worker dies with its server (whoever inherits it reaps it).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let started = Instant::now();
+    while alive(ready) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a worker outlived its server"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    found.len()
+    // The next job skips the dead worker and gets one from a new server,
+    // without a failure in between; and again.
+    assert_denied(probe(&pool, "read:/etc/passwd").await, "after");
+    assert_denied(probe(&pool, "read:/etc/passwd").await, "and after");
+    assert_eq!(servers(&d.data).len(), 1);
 }
 
 #[tokio::test]
