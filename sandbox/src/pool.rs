@@ -22,11 +22,11 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::Duration;
 
 use crate::worker::WorkerArgs;
 use crate::{
@@ -408,6 +408,8 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", config.program.display()))?;
+        // A server that stops answering is replaced, not waited for.
+        ours.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(fail)?;
         Ok(Server {
             process,
             control: ours,
@@ -416,9 +418,6 @@ impl Server {
 
     /// Asks for one worker: the broker's end of its socket and its pidfd.
     fn fork(&mut self) -> Result<(UnixStream, OwnedFd), String> {
-        self.control
-            .set_read_timeout(Some(HELLO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
         if write_frame(&mut self.control, b"fork").is_err() {
             return Err(self.broken("is gone"));
         }
