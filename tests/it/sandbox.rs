@@ -470,15 +470,29 @@ async fn a_fork_server_that_dies_takes_its_workers_and_is_replaced() {
         panic!("one ready worker expected");
     };
     assert_eq!(kill(servers(&d.data)), 1, "one fork server per pool");
-    // The worker dies with its server (whoever inherits it reaps it).
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+    // The worker dies with its server. It has exited once all its threads
+    // have (its leader turns zombie earlier): what its pidfd reports, and
+    // what the pool checks before it hands a worker out. Whoever inherits
+    // it may also have reaped it already.
+    let exited = |pid: i32| {
+        let pid = rustix::process::Pid::from_raw(pid).expect("pid");
+        match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Err(_) => true,
+            Ok(pidfd) => {
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let now = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+            }
+        }
     };
     let started = Instant::now();
-    while alive(ready) {
+    while !exited(ready) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "a worker outlived its server"
