@@ -423,11 +423,22 @@ fn session_config() -> SessionConfig {
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
         .with_default_catalog_and_schema(CATALOG, "public")
-        .with_target_partitions(2);
+        // One stream per query. A certified plan sorts, ranks and merges in
+        // one stream anyway, and on a small machine handing batches between
+        // threads costs more than it parallelizes: with one partition the
+        // 1M-row benchmark query ran in 134 ms, with two in 148 ms
+        // (benches/engine.rs, same session). A second core serves another
+        // query instead.
+        .with_target_partitions(1);
     let options = config.options_mut();
     options.execution.parquet.schema_force_view_types = false;
     options.sql_parser.map_string_types_to_utf8view = false;
     options.sql_parser.enable_ident_normalization = true;
+    // One pass of the logical optimizer: a second left every certified plan
+    // of the corpus unchanged (tests/it/plans.rs pins the optimized plans and
+    // that optimizing them again changes nothing), and each pass cost about
+    // 0.4 ms of a small query's 4 ms of planning in the executor.
+    options.optimizer.max_passes = 1;
     config
 }
 
