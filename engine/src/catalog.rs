@@ -148,7 +148,8 @@ impl Catalog {
     }
 
     /// A dataset's row count as its Parquet footer declares it: catalog
-    /// metadata, like the schema, used only for dry-run warnings.
+    /// metadata, like the schema, used for dry-run warnings and to size a
+    /// query's execution (`execute`).
     pub fn declared_rows(&self, dataset: &str) -> Option<u64> {
         self.rows.get(dataset).copied()
     }
@@ -423,13 +424,10 @@ fn session_config() -> SessionConfig {
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
         .with_default_catalog_and_schema(CATALOG, "public")
-        // One stream per query. A certified plan sorts, ranks and merges in
-        // one stream anyway, and on a small machine handing batches between
-        // threads costs more than it parallelizes: with one partition the
-        // 1M-row benchmark query ran in 134 ms, with two in 148 ms
-        // (benches/engine.rs, same session). A second core serves another
-        // query instead.
-        .with_target_partitions(1);
+        // Two streams: at 1M rows the benchmark query ran in 96 ms with two
+        // partitions and 127 to 137 ms with one (benches/engine.rs, runs
+        // alternated in one session).
+        .with_target_partitions(2);
     let options = config.options_mut();
     options.execution.parquet.schema_force_view_types = false;
     options.sql_parser.map_string_types_to_utf8view = false;
