@@ -28,8 +28,8 @@ use crate::rewrite::{CertifiedPlan, count_column, histogram_column, sum_column};
 /// Datasets up to this many rows (as their Parquet footers declare) are
 /// executed in one stream, larger ones in two. On two cores a small query
 /// spends more on handing batches between threads than it gains, and a
-/// fresh worker more so: the example query (35,000 rows) cost 4.3 to
-/// 4.6 ms more sandboxed than in process with one partition, 5.0 to 5.3 ms
+/// fresh worker more so: the example query (35,000 rows) cost 4.2 to
+/// 4.7 ms more sandboxed than in process with one partition, 5.0 to 5.3 ms
 /// with two; at 1M rows two partitions ran the benchmark query in 96 ms,
 /// one in 127 to 137 ms (benches/engine.rs).
 const ONE_STREAM_ROWS: u64 = 250_000;
