@@ -166,7 +166,7 @@ impl Executor {
             Executor::InProcess => {
                 let state = catalog.execution_state()?;
                 // On its own task, so that a panic becomes the uniform error.
-                let task = tokio::spawn(async move { execute_job(&state, &bytes, &spec).await });
+                let task = tokio::spawn(async move { execute_job(state, &bytes, &spec).await });
                 match task.await {
                     Ok(Ok(answer)) => Ok(answer),
                     Ok(Err(kind)) => {
@@ -248,7 +248,7 @@ async fn warm_up(state: SessionState) -> std::result::Result<Vec<u8>, &'static s
         output: Output::Rows,
         partitions: 2,
     };
-    execute_job(&state, &bytes, &spec).await
+    execute_job(state, &bytes, &spec).await
 }
 
 /// Prepares a forked, confined worker: a two-thread runtime for the
@@ -281,7 +281,7 @@ pub fn worker_job(
     let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|_| "spec".to_owned())?;
     on_worker_thread(
         &runtime,
-        async move { execute_job(&state, &plan, &spec).await },
+        async move { execute_job(state, &plan, &spec).await },
     )
 }
 
@@ -302,12 +302,13 @@ fn on_worker_thread<T: Send + 'static>(
 
 /// The executor proper, the same in a worker and in process: decodes the
 /// plan, runs it, and encodes its output. Errors are data-independent kinds.
+/// Takes the session by value: each job owns one (fresh in process, the
+/// worker's only one), and sets its partitions on it.
 pub async fn execute_job(
-    state: &SessionState,
+    mut state: SessionState,
     plan: &[u8],
     spec: &JobSpec,
 ) -> std::result::Result<Vec<u8>, &'static str> {
-    let mut state = state.clone();
     state.config_mut().options_mut().execution.target_partitions = spec.partitions.clamp(1, 2);
     let state = &state;
     let executable =
