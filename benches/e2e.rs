@@ -11,6 +11,7 @@
 //! ```sh
 //! cargo bench --bench e2e
 //! VEIL_BENCH_WORKERS=4 cargo bench --bench e2e   # more ready workers
+//! VEIL_BENCH_ONLY=in_process cargo bench --bench e2e   # one server only
 //! ```
 
 use std::path::Path;
@@ -78,6 +79,9 @@ fn e2e(c: &mut Criterion) {
         ("in_process", veil::Execution::InProcess),
         ("sandboxed", veil::Execution::Sandboxed(sandbox)),
     ] {
+        if std::env::var("VEIL_BENCH_ONLY").is_ok_and(|only| only != name) {
+            continue;
+        }
         let state = tempfile::tempdir().expect("state");
         let engine = veil::open_engine(&policy, &data, state.path(), &execution).expect("engine");
         let level = engine.executor().level().to_owned();

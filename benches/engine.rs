@@ -331,6 +331,10 @@ fn paired(
         })
     });
     let pairs = pairs.lock().expect("pairs");
+    if pairs.is_empty() {
+        // Filtered out (`cargo bench --bench engine -- group_by`).
+        return;
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
