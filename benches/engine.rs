@@ -365,5 +365,64 @@ fn reaped_children_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-criterion_group!(benches, bench, plan_corpus, sandbox_latency);
+/// The ledger's budget check as its history grows: one durable reservation
+/// on a fresh ledger, and on one whose budget already holds 100,000 draws in
+/// the current window (a busy year under a yearly global budget). The
+/// history is written with SQL in one transaction, as the ledger would have
+/// written it one query at a time.
+fn ledger_reserve(c: &mut Criterion) {
+    use veil_engine::accounting::Budget;
+    use veil_engine::ledger::{Charge, Draw, Ledger};
+    let mut group = c.benchmark_group("ledger_reserve");
+    group.sample_size(50);
+    for (name, prior) in [("fresh", 0), ("100k_prior_draws", 100_000)] {
+        let dir = tempfile::tempdir().expect("tmp");
+        drop(Ledger::open(dir.path()).expect("ledger"));
+        let mut db = rusqlite::Connection::open(dir.path().join("ledger.sqlite")).expect("db");
+        let tx = db.transaction().expect("tx");
+        for i in 0..prior {
+            tx.execute(
+                "INSERT INTO requests (request_id, operator, grant_id, policy_hash, query_hash, state, created_ms)
+                 VALUES (?1, 'op', 'G', 'h', 'q', 'RELEASED', 0)",
+                [format!("old-{i}")],
+            )
+            .expect("request");
+            tx.execute(
+                "INSERT INTO draws (request_id, budget, unit, window_index, amount_micro)
+                 VALUES (?1, 'dataset:D', 'epsilon', 0, 1)",
+                [format!("old-{i}")],
+            )
+            .expect("draw");
+        }
+        tx.commit().expect("commit");
+        drop(db);
+        let ledger = Ledger::open(dir.path()).expect("ledger");
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                let id = format!("new-{n}");
+                let charge = Charge {
+                    request_id: &id,
+                    operator: "op",
+                    grant: "G",
+                    policy_hash: "h",
+                    query_hash: "q",
+                    draws: vec![Draw {
+                        key: "dataset:D".into(),
+                        unit: "epsilon",
+                        total: Budget::total(1e6).expect("total"),
+                        window: None,
+                        amount: Budget::charge(1e-6).expect("charge"),
+                    }],
+                    now_ms: 0,
+                };
+                ledger.reserve(&charge).expect("reserved");
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, plan_corpus, sandbox_latency, ledger_reserve);
 criterion_main!(benches);

@@ -23,6 +23,15 @@
 //! system clock and the latest time the ledger has recorded, so moving the
 //! clock backwards never reopens a window and no window refreshes twice.
 //!
+//! Checking a budget reads one row whatever its history: the `spent` table
+//! holds each (budget, unit, window)'s total, which triggers on `draws`
+//! keep in the same transaction as every draw written or returned (summing
+//! the draws instead grew with every query: 1.3 ms for a reservation on a
+//! fresh ledger, 6.5 ms with 100,000 earlier draws in the window, all under
+//! the writer's lock). Opening checks the totals against the draws and
+//! refuses a file where they differ; a file written before the totals gets
+//! them computed once.
+//!
 //! Amounts are integer micro-units. One connection writes (behind a mutex:
 //! one serialized writer); a second, read-only one serves budget displays, so
 //! readers never wait for a writer's fsync. Any write failure (fsync error,
@@ -213,6 +222,9 @@ pub struct Ledger {
 /// runs, without taking part in writing (it never aborts or migrates).
 pub struct LedgerView {
     reader: Mutex<Connection>,
+    /// Whether the file keeps budget totals. A ledger last written by a
+    /// version without them (which only a writer upgrades) is summed.
+    totals: bool,
 }
 
 impl LedgerView {
@@ -227,8 +239,26 @@ impl LedgerView {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(unavailable)?;
+        let totals = reader
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                [],
+                |r| r.get::<_, bool>(0),
+            )
+            .and_then(|meta| {
+                if !meta {
+                    return Ok(false);
+                }
+                reader.query_row(
+                    "SELECT COUNT(*) > 0 FROM meta WHERE key = 'spent_totals'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(unavailable)?;
         Ok(LedgerView {
             reader: Mutex::new(reader),
+            totals,
         })
     }
 
@@ -256,7 +286,18 @@ impl LedgerView {
             .map_err(unavailable)?;
         let now = now_ms.max(latest.unwrap_or(i64::MIN));
         let index = window.map_or(0, |w| w.index(now));
-        let spent = spent_in(&conn, key, unit, index).map_err(unavailable)?;
+        let spent = if self.totals {
+            spent_in(&conn, key, unit, index)
+        } else {
+            conn.query_row(
+                "SELECT COALESCE(SUM(amount_micro), 0) FROM draws
+                 WHERE budget = ?1 AND unit = ?2 AND window_index = ?3",
+                params![key, unit, index],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|s| u64::try_from(s).unwrap_or(u64::MAX))
+        }
+        .map_err(unavailable)?;
         Ok(Usage {
             spent: Budget::from_micro(spent),
             window: index,
@@ -294,7 +335,30 @@ const SCHEMA: &str = "
         amount_micro INTEGER NOT NULL CHECK (amount_micro > 0),
         PRIMARY KEY (request_id, budget, unit)
     );
-    CREATE INDEX IF NOT EXISTS draws_by_budget ON draws (budget, unit, window_index);
+    DROP INDEX IF EXISTS draws_by_budget;
+    -- What each budget has spent per window: the sum of its draws, kept by
+    -- the triggers below in the transaction that writes or deletes a draw,
+    -- so that checking a budget reads one row however long its history.
+    CREATE TABLE IF NOT EXISTS spent (
+        budget       TEXT    NOT NULL,
+        unit         TEXT    NOT NULL,
+        window_index INTEGER NOT NULL,
+        amount_micro INTEGER NOT NULL CHECK (amount_micro >= 0),
+        PRIMARY KEY (budget, unit, window_index)
+    ) WITHOUT ROWID;
+    CREATE TRIGGER IF NOT EXISTS spent_by_draw AFTER INSERT ON draws BEGIN
+        INSERT OR IGNORE INTO spent (budget, unit, window_index, amount_micro)
+        VALUES (NEW.budget, NEW.unit, NEW.window_index, 0);
+        UPDATE spent SET amount_micro = amount_micro + NEW.amount_micro
+        WHERE budget = NEW.budget AND unit = NEW.unit AND window_index = NEW.window_index;
+    END;
+    CREATE TRIGGER IF NOT EXISTS returned_by_delete AFTER DELETE ON draws BEGIN
+        UPDATE spent SET amount_micro = amount_micro - OLD.amount_micro
+        WHERE budget = OLD.budget AND unit = OLD.unit AND window_index = OLD.window_index;
+    END;
+    CREATE TRIGGER IF NOT EXISTS draws_never_change BEFORE UPDATE ON draws BEGIN
+        SELECT RAISE(ABORT, 'a draw is never changed, only written or returned');
+    END;
     CREATE TABLE IF NOT EXISTS meta (
         key   TEXT PRIMARY KEY,
         value INTEGER NOT NULL
@@ -339,6 +403,7 @@ impl Ledger {
             .map_err(unavailable)?;
         tx.execute_batch(SCHEMA).map_err(unavailable)?;
         migrate_v1(&tx).map_err(unavailable)?;
+        total_existing_draws(&tx).map_err(unavailable)?;
         let aborted = tx
             .execute(
                 "DELETE FROM draws WHERE request_id IN
@@ -352,6 +417,13 @@ impl Ledger {
                 )
             })
             .map_err(unavailable)?;
+        let disagreeing = totals_disagreeing(&tx).map_err(unavailable)?;
+        if disagreeing > 0 {
+            return Err(unavailable(format!(
+                "{} is inconsistent: {disagreeing} budget totals differ from the sums of their draws",
+                path.display()
+            )));
+        }
         tx.commit().map_err(unavailable)?;
         if aborted > 0 {
             tracing::warn!(
@@ -615,14 +687,55 @@ fn clock(tx: &Transaction<'_>, now_ms: i64) -> rusqlite::Result<i64> {
     Ok(now)
 }
 
+/// Spent on a budget in a window: one row of the totals the triggers keep.
 fn spent_in(conn: &Connection, key: &str, unit: &str, window: i64) -> rusqlite::Result<u64> {
-    let spent: i64 = conn.query_row(
-        "SELECT COALESCE(SUM(amount_micro), 0) FROM draws
-         WHERE budget = ?1 AND unit = ?2 AND window_index = ?3",
-        params![key, unit, window],
+    let spent: Option<i64> = conn
+        .query_row(
+            "SELECT amount_micro FROM spent
+             WHERE budget = ?1 AND unit = ?2 AND window_index = ?3",
+            params![key, unit, window],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(spent.map_or(0, |s| u64::try_from(s).unwrap_or(u64::MAX)))
+}
+
+/// Computes the totals once from the draws of a ledger written before they
+/// were kept (marked in `meta`, so this runs once per file); from then on
+/// the triggers keep them.
+fn total_existing_draws(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let done: bool = tx.query_row(
+        "SELECT COUNT(*) > 0 FROM meta WHERE key = 'spent_totals'",
+        [],
         |r| r.get(0),
     )?;
-    Ok(u64::try_from(spent).unwrap_or(u64::MAX))
+    if done {
+        return Ok(());
+    }
+    tx.execute_batch(
+        "DELETE FROM spent;
+         INSERT INTO spent (budget, unit, window_index, amount_micro)
+         SELECT budget, unit, window_index, SUM(amount_micro) FROM draws
+         GROUP BY budget, unit, window_index;
+         INSERT INTO meta (key, value) VALUES ('spent_totals', 1);",
+    )
+}
+
+/// How many (budget, unit, window) totals differ from the sums of their
+/// draws: zero unless the file was changed behind the ledger's back.
+fn totals_disagreeing(tx: &Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "WITH sums AS (
+             SELECT budget, unit, window_index, SUM(amount_micro) AS amount_micro
+             FROM draws GROUP BY budget, unit, window_index),
+         kept AS (
+             SELECT budget, unit, window_index, amount_micro FROM spent
+             WHERE amount_micro != 0)
+         SELECT (SELECT COUNT(*) FROM (SELECT * FROM sums EXCEPT SELECT * FROM kept))
+              + (SELECT COUNT(*) FROM (SELECT * FROM kept EXCEPT SELECT * FROM sums))",
+        [],
+        |r| r.get(0),
+    )
 }
 
 /// Carries charges of the first ledger format (one `charges` table, grant
@@ -832,6 +945,170 @@ mod tests {
         let ledger = Ledger::open(dir.path()).expect("reopen");
         let usage = ledger.usage("grant:G", "epsilon", None, 0).expect("usage");
         assert_eq!(usage.spent.micro(), 300_000);
+    }
+
+    /// Every total equals the sum of its draws (zero totals aside).
+    fn totals_match_draws(dir: &Path) {
+        let db = Connection::open(dir.join("ledger.sqlite")).expect("db");
+        let tx =
+            rusqlite::Transaction::new_unchecked(&db, TransactionBehavior::Deferred).expect("tx");
+        assert_eq!(totals_disagreeing(&tx).expect("check"), 0);
+    }
+
+    /// One draw of a request: budget, window, micro-units.
+    type Part = (&'static str, i64, u64);
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever mix of reservations (over two budgets and windows),
+        /// dispatches, releases, aborts and reopenings, each budget's total
+        /// is what its admitted, unreturned charges add up to, and the
+        /// totals agree with the draws.
+        #[test]
+        fn totals_follow_every_draw_written_or_returned(
+            steps in proptest::collection::vec((0u8..5, 1u32..40, 0i64..3), 1..40),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut ledger = Ledger::open(dir.path()).expect("open");
+            let day = Window { anchor_ms: 0, period_ms: 1_000 };
+            let mut expected: std::collections::HashMap<(&str, i64), u64> = Default::default();
+            // Requests that may still be aborted, with their (budget, window, micro-units).
+            let mut pending: Vec<(String, Vec<Part>)> = Vec::new();
+            for (i, (action, micro, at)) in steps.into_iter().enumerate() {
+                let now = at * 1_000;
+                match action {
+                    0 | 1 => {
+                        let id = format!("r{i}");
+                        let amount = f64::from(micro) / 1e6;
+                        let draws = vec![
+                            draw("grant:G", 1.0, amount, None),
+                            draw("dataset:D", 1.0, amount, Some(day)),
+                        ];
+                        if let Ok(Reserved::New(_)) = ledger.reserve(&charge(&id, draws, now)) {
+                            // The window the ledger's monotone clock put it in.
+                            let window = ledger
+                                .usage("dataset:D", "epsilon", Some(day), now)
+                                .expect("usage")
+                                .window;
+                            let parts = vec![
+                                ("grant:G", 0, u64::from(micro)),
+                                ("dataset:D", window, u64::from(micro)),
+                            ];
+                            for (k, w, m) in &parts {
+                                *expected.entry((k, *w)).or_default() += m;
+                            }
+                            pending.push((id, parts));
+                        }
+                    }
+                    2 => {
+                        if let Some((id, _)) = pending.first() {
+                            let _ = ledger.advance(id, ChargeState::Dispatched, None);
+                        }
+                    }
+                    3 => {
+                        if let Some((id, parts)) = pending.pop()
+                            && ledger.state(&id).expect("state") == Some(ChargeState::Reserved)
+                        {
+                            ledger.abort(&id).expect("abort");
+                            for (k, w, m) in parts {
+                                *expected.entry((k, w)).or_default() -= m;
+                            }
+                        }
+                    }
+                    _ => {
+                        // Reopening aborts what was reserved and never dispatched.
+                        for (id, parts) in &pending {
+                            if ledger.state(id).expect("state") == Some(ChargeState::Reserved) {
+                                for (k, w, m) in parts {
+                                    *expected.entry((k, *w)).or_default() -= m;
+                                }
+                            }
+                        }
+                        pending.clear();
+                        drop(ledger);
+                        ledger = Ledger::open(dir.path()).expect("reopen");
+                    }
+                }
+            }
+            for ((key, window), micro) in &expected {
+                let spent = spent_in(&ledger.writer.lock().expect("lock"), key, "epsilon", *window)
+                    .expect("spent");
+                proptest::prop_assert_eq!(spent, *micro, "{} window {}", key, window);
+            }
+            drop(ledger);
+            totals_match_draws(dir.path());
+        }
+    }
+
+    #[test]
+    fn a_ledger_without_totals_gets_them_and_a_tampered_total_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path()).expect("open");
+        for i in 0..3 {
+            new(ledger.reserve(&charge(
+                &format!("r{i}"),
+                vec![draw("grant:G", 1.0, 0.25, None)],
+                0,
+            )));
+        }
+        drop(ledger);
+        // As a version before the totals left the file.
+        let db = Connection::open(dir.path().join("ledger.sqlite")).expect("db");
+        db.execute_batch(
+            "DROP TRIGGER spent_by_draw; DROP TRIGGER returned_by_delete;
+             DROP TRIGGER draws_never_change; DROP TABLE spent;
+             DELETE FROM meta WHERE key = 'spent_totals';",
+        )
+        .expect("downgrade");
+        drop(db);
+        let view = LedgerView::open(dir.path()).expect("view");
+        assert_eq!(
+            view.usage("grant:G", "epsilon", None, 0)
+                .expect("usage")
+                .spent
+                .micro(),
+            750_000
+        );
+        drop(view);
+        // Reopening aborted the three reservations (never dispatched): zero left.
+        let ledger = Ledger::open(dir.path()).expect("upgrade");
+        assert_eq!(
+            ledger
+                .usage("grant:G", "epsilon", None, 0)
+                .expect("usage")
+                .spent
+                .micro(),
+            0
+        );
+        let r = new(ledger.reserve(&charge("r9", vec![draw("grant:G", 1.0, 0.5, None)], 0)));
+        assert_eq!(r.spent[0].micro(), 500_000);
+        // The 0.5 left admits 0.5 more and nothing beyond.
+        new(ledger.reserve(&charge("r10", vec![draw("grant:G", 1.0, 0.5, None)], 0)));
+        assert!(matches!(
+            ledger.reserve(&charge("r11", vec![draw("grant:G", 1.0, 0.01, None)], 0)),
+            Err(ReserveError::Exhausted { .. })
+        ));
+        ledger
+            .advance("r9", ChargeState::Dispatched, None)
+            .expect("dispatch");
+        ledger
+            .advance("r10", ChargeState::Dispatched, None)
+            .expect("dispatch");
+        drop(ledger);
+        totals_match_draws(dir.path());
+        // A total lowered behind the ledger's back would admit more: refused.
+        let db = Connection::open(dir.path().join("ledger.sqlite")).expect("db");
+        db.execute("UPDATE spent SET amount_micro = 0", [])
+            .expect("tamper");
+        drop(db);
+        let Err(refused) = Ledger::open(dir.path()) else {
+            panic!("a ledger with a tampered total opened");
+        };
+        let refused = refused.to_string();
+        assert!(refused.contains("budget totals differ"), "{refused}");
+        // And a draw cannot be changed in place.
+        let db = Connection::open(dir.path().join("ledger.sqlite")).expect("db");
+        assert!(db.execute("UPDATE draws SET amount_micro = 1", []).is_err());
     }
 
     #[test]
