@@ -75,6 +75,11 @@ pub struct Catalog {
     rows: BTreeMap<String, u64>,
     /// Distinct values of public tables' columns used as group keys.
     public_values: Mutex<BTreeMap<(String, String), PublicValues>>,
+    /// The execution session, built on first use; each job gets a clone
+    /// (sharing its runtime, so Parquet footers are parsed once) with its own
+    /// alias generator, so that its optimized plan names expressions as a
+    /// fresh session would.
+    execution: std::sync::OnceLock<SessionState>,
 }
 
 /// A public column's sorted distinct values.
@@ -144,6 +149,7 @@ impl Catalog {
             units,
             rows,
             public_values: Mutex::new(BTreeMap::new()),
+            execution: std::sync::OnceLock::new(),
         })
     }
 
@@ -309,7 +315,17 @@ impl Catalog {
     /// A session that executes certified plans: reads only the data
     /// directory (see [`execution_state`]).
     pub fn execution_state(&self) -> Result<SessionState> {
-        execution_state(&self.data_dir, None)
+        let shared = match self.execution.get() {
+            Some(state) => state,
+            None => {
+                let state = execution_state(&self.data_dir, None)?;
+                self.execution.get_or_init(|| state)
+            }
+        };
+        let mut state = shared.clone();
+        state.execution_props_mut().alias_generator =
+            Arc::new(datafusion::common::alias::AliasGenerator::new());
+        Ok(state)
     }
 
     /// A table provider that reads a dataset's Parquet file with `schema`
