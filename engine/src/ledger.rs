@@ -239,22 +239,14 @@ impl LedgerView {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(unavailable)?;
+        // The writer creates the table and computes its totals in one
+        // transaction, so a `spent` table is always complete.
         let totals = reader
             .query_row(
-                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'spent'",
                 [],
-                |r| r.get::<_, bool>(0),
+                |r| r.get(0),
             )
-            .and_then(|meta| {
-                if !meta {
-                    return Ok(false);
-                }
-                reader.query_row(
-                    "SELECT COUNT(*) > 0 FROM meta WHERE key = 'spent_totals'",
-                    [],
-                    |r| r.get(0),
-                )
-            })
             .map_err(unavailable)?;
         Ok(LedgerView {
             reader: Mutex::new(reader),
