@@ -581,7 +581,6 @@ mod tests {
                 "floor",
                 "get_field",
                 "greatest",
-                "isnan",
                 "least",
                 "nullif",
                 "round",

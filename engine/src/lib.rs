@@ -44,6 +44,7 @@ pub mod audit_log;
 mod bounded_sample;
 pub mod broker;
 pub mod catalog;
+mod clamp;
 pub mod dp_interval;
 mod error;
 pub mod execute;

@@ -4,8 +4,8 @@
 //! name and are resolved in the executor's own session, which registers only
 //! the functions a certified plan may contain ([`EXECUTOR_SCALAR_FUNCTIONS`]
 //! and friends): a plan naming anything else does not decode. veil's own
-//! functions (the keyed row hash, the bounded sample, the quantile rank and
-//! histogram) carry their parameters in the extension codec; tables are
+//! functions (the keyed row hash, the bounded sample, the clamp, the quantile
+//! rank and histogram) carry their parameters in the extension codec; tables are
 //! `ListingTable`s over the data store and travel natively.
 
 use std::sync::Arc;
@@ -18,13 +18,14 @@ use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded_sample::{BoundedSample, Output};
+use crate::clamp::{Bounds, Clamp};
 use crate::error::{EngineError, Result};
 use crate::keyed_hash::KeyedHash;
 use crate::quantile_grid::QuantileGrid;
 
 /// Built-in scalar functions an executor resolves: what an operator may call
 /// ([`crate::catalog::ALLOWED_SCALAR_FUNCTIONS`]) and what the rewrite adds.
-pub const EXECUTOR_SCALAR_FUNCTIONS: &[&str] = &["get_field", "isnan", "floor"];
+pub const EXECUTOR_SCALAR_FUNCTIONS: &[&str] = &["get_field", "floor"];
 /// Built-in window functions an executor resolves (contribution bounding).
 pub const EXECUTOR_WINDOW_FUNCTIONS: &[&str] = &["row_number", "rank"];
 
@@ -41,6 +42,10 @@ enum Payload {
     },
     QuantileRank {
         grid: QuantileGrid,
+    },
+    Clamp {
+        bounds: Bounds,
+        clamp: Clamp,
     },
     RankHistogram {
         bins: usize,
@@ -94,6 +99,8 @@ impl LogicalExtensionCodec for VeilCodec {
             Payload::KeyedHash { key: h.key() }
         } else if let Some(r) = crate::quantile_grid::rank_grid(node) {
             Payload::QuantileRank { grid: r }
+        } else if let Some((bounds, clamp)) = crate::clamp::clamp_of(node) {
+            Payload::Clamp { bounds, clamp }
         } else {
             return Ok(()); // a built-in: by name
         };
@@ -104,6 +111,7 @@ impl LogicalExtensionCodec for VeilCodec {
         match serde_json::from_slice(buf).map_err(codec_err)? {
             Payload::KeyedHash { key } => Ok(KeyedHash::udf(key)),
             Payload::QuantileRank { grid } => Ok(grid.rank_udf()),
+            Payload::Clamp { bounds, clamp } => Ok(bounds.udf(clamp)),
             _ => internal_err!("`{name}` is not a veil scalar function"),
         }
     }
@@ -182,12 +190,21 @@ mod tests {
         let key = [7u8; 16];
         let sample = BoundedSample::call(3, key, vec![col("column2")], vec![Output::Count(0)]);
         let grid = QuantileGrid::over(0, 100);
+        let bounds = Bounds {
+            lo: 0.5,
+            hi: 99.25,
+            scale: 2,
+            lo_fp: 50,
+            hi_fp: 9925,
+        };
         let plan = values()
             .project(vec![
                 col("column1"),
                 col("column2"),
                 KeyedHash::call(key, vec![col("column2")]).alias("h"),
                 grid.rank_of(col("column2")).alias("r"),
+                bounds.call(Clamp::Value, col("column2")).alias("v"),
+                bounds.call(Clamp::Outside, col("column2")).alias("o"),
             ])
             .and_then(|b| {
                 b.aggregate(

@@ -1,18 +1,17 @@
 //! `ClampValues`: every summed value becomes a fixed-point decimal clamped to
-//! its declared bounds, and every quantile's value its rank on the candidate
-//! grid ([`crate::quantile_grid`]). Values that do not convert (NaN, ±∞, out of range)
-//! become NULL through `TRY_CAST` and are dropped by the sum: no
-//! data-dependent error can arise here.
+//! its declared bounds ([`crate::clamp`]), and every quantile's value its rank
+//! on the candidate grid ([`crate::quantile_grid`]). Values that are no number
+//! (NULL, NaN, text that does not convert) become NULL and are dropped by the
+//! sum: no data-dependent error can arise here.
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::functions::math::expr_fn::isnan;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, lit, try_cast, when};
-use datafusion::scalar::ScalarValue;
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, lit, try_cast};
 
 use super::{
     RewriteContext, RewriteStage, df, fixed_point_bounds, key_column, rank_column, value_column,
 };
 use crate::analyze::GroupKey;
+use crate::clamp::Clamp;
 use crate::error::Result;
 
 /// See the module documentation.
@@ -36,56 +35,18 @@ fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Result<Expr> {
     })
 }
 
-/// A column's values as fixed-point decimals, and whether a value lies
-/// outside the column's bounds. Floating-point values are first clamped to
-/// the bounds as floats, so that ±∞ and values beyond the decimal range are
-/// clamped like any other (not lost); NaN is no value and becomes NULL.
-fn fixed_point(label: &str, ctx: &RewriteContext<'_>) -> Result<(Expr, Expr)> {
-    let column = ctx.column(label)?;
-    let (lo, hi, lo_fp, hi_fp) = fixed_point_bounds(column)?;
-    let p = column.precision as i8;
-    let decimal_type = DataType::Decimal128(DECIMAL_PRECISION, p);
-    let x = ctx.expr(label)?;
-    if ctx.data_type(label)?.is_floating() {
-        let x = cast(x, DataType::Float64);
-        let nan = isnan(x.clone());
-        let outside = (!nan.clone()).and(x.clone().lt(lit(lo)).or(x.clone().gt(lit(hi))));
-        let within = when(nan, lit(ScalarValue::Float64(None)))
-            .when(x.clone().lt(lit(lo)), lit(lo))
-            .when(x.clone().gt(lit(hi)), lit(hi))
-            .otherwise(x)
-            .map_err(df)?;
-        return Ok((try_cast(within, decimal_type), outside));
-    }
-    let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
-    let v = try_cast(x, decimal_type);
-    let outside = v
-        .clone()
-        .lt(decimal(lo_fp))
-        .or(v.clone().gt(decimal(hi_fp)));
-    Ok((v, outside))
-}
-
 /// A column's values as fixed-point decimals clamped to its bounds; NULL
 /// where they are no value (NULL, NaN, text that is no number).
 pub(super) fn clamped(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
-    let column = ctx.column(label)?;
-    let (_, _, lo_fp, hi_fp) = fixed_point_bounds(column)?;
-    let p = column.precision as i8;
-    let decimal = |v: i128| lit(ScalarValue::Decimal128(Some(v), DECIMAL_PRECISION, p));
-    let (v, _) = fixed_point(label, ctx)?;
-    // Rounding to the precision can still step past a bound.
-    when(v.clone().lt(decimal(lo_fp)), decimal(lo_fp))
-        .when(v.clone().gt(decimal(hi_fp)), decimal(hi_fp))
-        .otherwise(v)
-        .map_err(df)
+    let bounds = fixed_point_bounds(ctx.column(label)?)?;
+    Ok(bounds.call(Clamp::Value, ctx.expr(label)?))
 }
 
 /// 1 where a value lies outside the column's bounds (and is clamped), NULL
 /// otherwise: counted like a column's non-NULL values.
 fn outside_bounds(label: &str, ctx: &RewriteContext<'_>) -> Result<Expr> {
-    let (_, outside) = fixed_point(label, ctx)?;
-    when(outside, lit(1i64)).end().map_err(df)
+    let bounds = fixed_point_bounds(ctx.column(label)?)?;
+    Ok(bounds.call(Clamp::Outside, ctx.expr(label)?))
 }
 
 /// Precision of the fixed-point decimals.

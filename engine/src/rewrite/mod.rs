@@ -47,6 +47,7 @@ pub use mark_release::{MarkRelease, ReleaseNode};
 use crate::accounting::{Budget, Mechanism, NoisePlan, plan_noise, vector_sensitivity};
 use crate::analyze::{AggregateCall, GroupKey, PrivateQuery};
 use crate::catalog::Catalog;
+use crate::clamp::Bounds;
 use crate::error::{EngineError, Result, Rule};
 use crate::mechanisms::BoundingKeys;
 use crate::quantile_grid::QuantileGrid;
@@ -125,7 +126,11 @@ impl Summand<'_> {
     /// a square lies between 0 (or the smaller bound's square, when the
     /// bounds do not straddle 0) and the larger bound's square.
     pub fn fixed_point_bounds(&self) -> Result<(i128, i128)> {
-        let (_, _, lo, hi) = fixed_point_bounds(self.column)?;
+        let Bounds {
+            lo_fp: lo,
+            hi_fp: hi,
+            ..
+        } = fixed_point_bounds(self.column)?;
         if !self.squared {
             return Ok((lo, hi));
         }
@@ -735,7 +740,7 @@ pub fn certify(
     let mut sums = Vec::new();
     for summand in &sum_columns {
         let col = summand.column;
-        let (lo, hi, _, _) = fixed_point_bounds(col)?;
+        let Bounds { lo, hi, .. } = fixed_point_bounds(col)?;
         let (lo_fp, hi_fp) = summand.fixed_point_bounds()?;
         let per_row = lo_fp.unsigned_abs().max(hi_fp.unsigned_abs());
         // No group's total can wrap the fixed-point decimal: a group has at
@@ -772,7 +777,7 @@ pub fn certify(
     let mut quantiles = Vec::new();
     let mut quantile_inputs = Vec::new();
     for (label, col, alpha) in &quantile_calls {
-        let (_, _, lo_fp, hi_fp) = fixed_point_bounds(col)?;
+        let Bounds { lo_fp, hi_fp, .. } = fixed_point_bounds(col)?;
         let grid = QuantileGrid::over(lo_fp, hi_fp);
         let (scale, spent) = crate::mechanisms::quantile_scale(
             mechanism, &grid, *alpha, max_rows, max_groups, &share,
@@ -918,17 +923,18 @@ fn truncation_bounds(t: &crate::analyze::Truncation, unit_rows: &[u64]) -> Resul
 
 /// A bounded column's declared bounds, and the same in fixed-point units
 /// (rounded inwards).
-pub(crate) fn fixed_point_bounds(col: &Column) -> Result<(f64, f64, i128, i128)> {
+pub(crate) fn fixed_point_bounds(col: &Column) -> Result<Bounds> {
     let (lo, hi) = col
         .bounds
         .ok_or_else(|| EngineError::Internal("unbounded column".into()))?;
     let scale = 10f64.powi(col.precision as i32);
-    Ok((
+    Ok(Bounds {
         lo,
         hi,
-        (lo * scale).ceil() as i128,
-        (hi * scale).floor() as i128,
-    ))
+        scale: col.precision as i8,
+        lo_fp: (lo * scale).ceil() as i128,
+        hi_fp: (hi * scale).floor() as i128,
+    })
 }
 
 /// The index of an item in a list, adding it on first use.
