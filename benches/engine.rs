@@ -13,6 +13,8 @@
 //! cargo bench --bench engine              # VEIL_BENCH_ROWS=1m to skip 10M
 //! cargo bench --bench engine -- plan_and_rewrite   # the slt corpus, planning only
 //! cargo bench --bench engine -- sandbox_latency    # confined workers vs in process
+//! cargo bench --bench engine -- ledger_reserve     # one durable reservation
+//! cargo bench --bench engine -- audit_proof        # one receipt and proof
 //! ```
 
 #![allow(clippy::disallowed_methods)] // the baseline is a default DataFusion session
@@ -424,5 +426,51 @@ fn ledger_reserve(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, plan_corpus, sandbox_latency, ledger_reserve);
+/// One `GetAuditReceipt` plus `ProveInclusion` on a log of 10,000 entries
+/// (a checkpoint after each): as the server answers them (one entry read,
+/// the proof from its tree in memory) against verifying and re-reading the
+/// whole log for each call, as it did before.
+fn audit_proof(c: &mut Criterion) {
+    use veil_engine::audit_log::{self, AuditLog, Cadence, Entry};
+    let mut group = c.benchmark_group("audit_proof");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = AuditLog::open(dir.path(), Cadence::default()).expect("log");
+    let n = 10_000u64;
+    for i in 0..n {
+        log.append(Entry {
+            operator: "op-univ-07".into(),
+            query: Some(format!("SELECT COUNT(*) FROM wjw.outpatient_visits -- {i}")),
+            ..Entry::default()
+        })
+        .expect("append");
+    }
+    let mut i = 0u64;
+    group.bench_function("server_10k_entries", |b| {
+        b.iter(|| {
+            i = (i + 7919) % n;
+            log.entry(i).expect("read").expect("present");
+            log.prove(i).expect("proof")
+        })
+    });
+    group.bench_function("verify_whole_log_10k_entries", |b| {
+        b.iter(|| {
+            i = (i + 7919) % n;
+            audit_log::entries(dir.path()).expect("entries");
+            audit_log::prove(dir.path(), i).expect("proof")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench,
+    plan_corpus,
+    sandbox_latency,
+    ledger_reserve,
+    audit_proof
+);
 criterion_main!(benches);

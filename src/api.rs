@@ -27,26 +27,21 @@ impl VeilApi {
 }
 
 impl VeilApi {
-    /// Runs `f` on the audit directory off the async threads, after checking
-    /// that entry `index` exists and belongs to `operator`: another
-    /// operator's entry is indistinguishable from a missing one.
+    /// Runs `f` on the engine's audit log off the async threads, after
+    /// checking that entry `index` exists and belongs to `operator`: another
+    /// operator's entry is indistinguishable from a missing one. Each call
+    /// reads one entry and O(log² n) tree nodes, never the whole log.
     async fn own_entry<T: Send + 'static>(
         &self,
         operator: String,
         index: u64,
-        f: impl FnOnce(&std::path::Path, audit_log::Stored, Vec<u8>) -> Result<T, Status>
-        + Send
-        + 'static,
+        f: impl FnOnce(&audit_log::AuditLog, Vec<u8>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let dir = self.shared.engine().audit().dir().to_owned();
+        let engine = Arc::clone(self.shared.engine());
         tokio::task::spawn_blocking(move || {
-            let mut entries = audit_log::entries(&dir).map_err(|e| internal(&e))?;
-            let i = usize::try_from(index).unwrap_or(usize::MAX);
-            match entries.get(i) {
-                Some((stored, _)) if stored.entry.operator == operator => {
-                    let (stored, line) = entries.swap_remove(i);
-                    f(&dir, stored, line)
-                }
+            let audit = engine.audit();
+            match audit.entry(index).map_err(|e| internal(&e))? {
+                Some((stored, line)) if stored.entry.operator == operator => f(audit, line),
                 _ => Err(Status::not_found(format!(
                     "you have no audit entry {index}; a response's `veil.audit_index` names its entry"
                 ))),
@@ -152,8 +147,8 @@ impl Veil for VeilApi {
         let operator = self.shared.operator(&request)?;
         let index = request.into_inner().index;
         let receipt = self
-            .own_entry(operator, index, move |dir, _, line| {
-                let latest = audit_log::verify(dir).map_err(|e| internal(&e))?.latest;
+            .own_entry(operator, index, move |audit, line| {
+                let latest = audit.latest().map_err(|e| internal(&e))?;
                 Ok(AuditReceipt {
                     index,
                     entry_json: String::from_utf8_lossy(&line).into_owned(),
@@ -171,10 +166,10 @@ impl Veil for VeilApi {
         let operator = self.shared.operator(&request)?;
         let index = request.into_inner().index;
         let proof = self
-            .own_entry(operator, index, move |dir, _, _| {
+            .own_entry(operator, index, move |audit, _| {
                 // Only "not yet covered" is the caller's to know; a log that
                 // fails verification is the server's problem.
-                let p = audit_log::prove(dir, index).map_err(|e| {
+                let p = audit.prove(index).map_err(|e| {
                     if e.starts_with("no checkpoint covers") {
                         Status::failed_precondition(e)
                     } else {

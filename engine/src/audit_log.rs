@@ -5,8 +5,8 @@
 //!   line before it (`prev`), so the entries form a hash chain.
 //! - The entries are also the leaves of a Merkle tree in the style of RFC
 //!   6962/9162 (leaf `SHA-256(0x00 ‖ line)`, node `SHA-256(0x01 ‖ l ‖ r)`,
-//!   split at the largest power of two), whose root is kept incrementally
-//!   from the perfect subtrees' roots ("peaks").
+//!   split at the largest power of two). The server keeps the whole tree in
+//!   memory, so a root or an inclusion proof never re-reads the log.
 //! - `audit.checkpoints`: signed checkpoints, one JSON object per line: the
 //!   tree size, root and time, signed with Ed25519 by the key in `audit.key`
 //!   (public half in `audit.pub`). A checkpoint follows every
@@ -18,7 +18,10 @@
 //! checkpoint's root against the tree of that size, every signature, and
 //! that the log is at least as long as the latest checkpoint (a truncated
 //! tail; entries after the latest checkpoint are protected by the chain
-//! only, which is why the default cadence signs after every entry). The server verifies at start and refuses to serve a tampered log.
+//! only, which is why the default cadence signs after every entry). The
+//! server verifies at start and refuses to serve a tampered log; afterwards
+//! it answers receipts and proofs from its own tree, reading only the one
+//! entry asked for and checking it against its leaf.
 //! Entries never carry raw data or results: the result is a hash.
 //!
 //! Limits, by design: whoever can rewrite the state directory can also sign
@@ -148,67 +151,102 @@ fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
-/// The Merkle tree's perfect-subtree roots, largest first: appending is
-/// O(log n) and the root folds them from the right.
+/// The Merkle tree, kept whole: `levels[h][j]` is the root of the perfect
+/// subtree over leaves `j·2^h .. (j+1)·2^h`, for every such subtree that is
+/// complete. Appending is amortized O(1); any root or audit path takes
+/// O(log² n) hashes, whatever the tree's size. About 64 bytes per entry.
 #[derive(Debug, Clone, Default)]
-struct Peaks(Vec<(u64, Hash)>);
-
-impl Peaks {
-    fn push(&mut self, leaf: Hash) {
-        self.0.push((1, leaf));
-        while let [.., (a, l), (b, r)] = self.0[..]
-            && a == b
-        {
-            self.0.truncate(self.0.len() - 2);
-            self.0.push((a + b, node_hash(&l, &r)));
-        }
-    }
-
-    fn root(&self) -> Hash {
-        let mut it = self.0.iter().rev();
-        let Some((_, mut acc)) = it.next().copied() else {
-            return empty_root();
-        };
-        for (_, h) in it {
-            acc = node_hash(h, &acc);
-        }
-        acc
-    }
+struct Tree {
+    levels: Vec<Vec<Hash>>,
 }
 
-/// RFC 6962 MTH of a slice of leaf hashes.
-fn subtree_root(leaves: &[Hash]) -> Hash {
-    match leaves.len() {
-        0 => empty_root(),
-        1 => leaves[0],
-        n => {
-            let k = split(n);
-            node_hash(&subtree_root(&leaves[..k]), &subtree_root(&leaves[k..]))
+impl Tree {
+    fn push(&mut self, leaf: Hash) {
+        let mut node = leaf;
+        for h in 0.. {
+            if self.levels.len() == h {
+                self.levels.push(Vec::new());
+            }
+            let level = &mut self.levels[h];
+            level.push(node);
+            let n = level.len();
+            if n % 2 == 1 {
+                break;
+            }
+            node = node_hash(&level[n - 2], &level[n - 1]);
         }
+    }
+
+    fn size(&self) -> usize {
+        self.levels.first().map_or(0, Vec::len)
+    }
+
+    /// RFC 6962 MTH of leaves `lo..hi` (`hi` at most the size). Its left
+    /// halves are always perfect subtrees, read from `levels`.
+    fn subtree(&self, lo: usize, hi: usize) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return empty_root();
+        }
+        if n.is_power_of_two() && lo.is_multiple_of(n) {
+            return self.levels[n.trailing_zeros() as usize][lo / n];
+        }
+        let k = split(n);
+        node_hash(&self.subtree(lo, lo + k), &self.subtree(lo + k, hi))
+    }
+
+    /// The root of the first `size` leaves.
+    fn root(&self, size: usize) -> Hash {
+        self.subtree(0, size)
+    }
+
+    /// RFC 6962 PATH(m, D[0:size]), from the leaf up.
+    fn path(&self, m: usize, size: usize) -> Vec<Hash> {
+        let mut out = Vec::new();
+        self.path_within(m, 0, size, &mut out);
+        out
+    }
+
+    fn path_within(&self, m: usize, lo: usize, hi: usize, out: &mut Vec<Hash>) {
+        if hi - lo <= 1 {
+            return;
+        }
+        let k = lo + split(hi - lo);
+        if m < k {
+            self.path_within(m, lo, k, out);
+            out.push(self.subtree(k, hi));
+        } else {
+            self.path_within(m, k, hi, out);
+            out.push(self.subtree(lo, k));
+        }
+    }
+
+    /// An inclusion proof of leaf `index` in `checkpoint`, if it covers it.
+    fn prove(
+        &self,
+        index: u64,
+        checkpoint: Option<Checkpoint>,
+    ) -> std::result::Result<InclusionProof, String> {
+        let checkpoint = checkpoint
+            .filter(|c| index < c.size && c.size as usize <= self.size())
+            .ok_or(format!("no checkpoint covers entry {index} yet"))?;
+        let i = index as usize;
+        Ok(InclusionProof {
+            index,
+            leaf: hex::encode(self.levels[0][i]),
+            path: self
+                .path(i, checkpoint.size as usize)
+                .iter()
+                .map(hex::encode)
+                .collect(),
+            checkpoint,
+        })
     }
 }
 
 /// The largest power of two below `n` (n ≥ 2).
 fn split(n: usize) -> usize {
     1 << (usize::BITS - 1 - (n - 1).leading_zeros())
-}
-
-/// RFC 6962 PATH(m, D[n]).
-fn audit_path(m: usize, leaves: &[Hash]) -> Vec<Hash> {
-    let n = leaves.len();
-    if n <= 1 {
-        return vec![];
-    }
-    let k = split(n);
-    if m < k {
-        let mut p = audit_path(m, &leaves[..k]);
-        p.push(subtree_root(&leaves[k..]));
-        p
-    } else {
-        let mut p = audit_path(m - k, &leaves[k..]);
-        p.push(subtree_root(&leaves[..k]));
-        p
-    }
 }
 
 /// Recomputes a root from a leaf and its audit path (RFC 9162 §2.1.3.2).
@@ -264,7 +302,10 @@ struct Inner {
     log: File,
     checkpoints: File,
     key: SigningKey,
-    peaks: Peaks,
+    tree: Tree,
+    /// Where each entry's line starts in `audit.log`, and where the next will.
+    starts: Vec<u64>,
+    end: u64,
     size: u64,
     last: Hash,
     latest: Option<Checkpoint>,
@@ -324,7 +365,9 @@ pub struct Verified {
     pub latest: Option<Checkpoint>,
     /// A partial last line was ignored (a crash while appending).
     pub torn: bool,
-    peaks: Peaks,
+    tree: Tree,
+    starts: Vec<u64>,
+    end: u64,
     last: Hash,
 }
 
@@ -364,15 +407,17 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
             ckpts.push(c);
         }
     }
-    let mut peaks = Peaks::default();
+    let mut tree = Tree::default();
+    let mut starts = Vec::new();
+    let mut end = 0u64;
     let mut last = [0u8; 32];
     let mut size = 0u64;
     let mut next = ckpts.iter().peekable();
-    let check = |peaks: &Peaks,
+    let check = |tree: &Tree,
                  size: u64,
                  next: &mut std::iter::Peekable<std::slice::Iter<'_, Checkpoint>>| {
         while let Some(c) = next.next_if(|c| c.size == size) {
-            if c.root != hex::encode(peaks.root()) {
+            if c.root != hex::encode(tree.root(size as usize)) {
                 return Err(format!(
                     "the entries do not match checkpoint of size {}: an entry was changed, removed or reordered",
                     c.size
@@ -381,7 +426,7 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
         }
         Ok(())
     };
-    check(&peaks, 0, &mut next)?;
+    check(&tree, 0, &mut next)?;
     let (entry_lines, torn_entry) = lines(&log)?;
     {
         for line in &entry_lines {
@@ -399,9 +444,11 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
                 ));
             }
             last = Sha256::digest(line).into();
-            peaks.push(leaf_hash(line));
+            tree.push(leaf_hash(line));
+            starts.push(end);
+            end += line.len() as u64 + 1;
             size += 1;
-            check(&peaks, size, &mut next)?;
+            check(&tree, size, &mut next)?;
         }
     }
     if let Some(c) = next.next() {
@@ -412,11 +459,13 @@ pub fn verify(dir: &Path) -> std::result::Result<Verified, String> {
     }
     Ok(Verified {
         size,
-        root: hex::encode(peaks.root()),
+        root: hex::encode(tree.root(size as usize)),
         checkpoints: ckpts.len() as u64,
         latest: ckpts.last().cloned(),
         torn: torn_entry || torn_checkpoint,
-        peaks,
+        tree,
+        starts,
+        end,
         last,
     })
 }
@@ -510,7 +559,9 @@ impl AuditLog {
                 log: append(&log)?,
                 checkpoints: append(&checkpoints)?,
                 key,
-                peaks: verified.peaks,
+                tree: verified.tree,
+                starts: verified.starts,
+                end: verified.end,
                 size: verified.size,
                 last: verified.last,
                 latest: verified.latest,
@@ -532,6 +583,52 @@ impl AuditLog {
             Ok(i) => i.failed.clone(),
             Err(_) => Some("the audit log lock is poisoned".into()),
         }
+    }
+
+    fn lock(&self) -> std::result::Result<std::sync::MutexGuard<'_, Inner>, String> {
+        self.inner
+            .lock()
+            .map_err(|_| "the audit log lock is poisoned".to_owned())
+    }
+
+    /// Entry `index` and its line as stored, or `None` past the end. The
+    /// line is read alone and checked against the tree: an entry changed
+    /// since the log was opened is an error, never an answer.
+    pub fn entry(&self, index: u64) -> std::result::Result<Option<(Stored, Vec<u8>)>, String> {
+        use std::os::unix::fs::FileExt;
+        let inner = self.lock()?;
+        let Some(i) = usize::try_from(index)
+            .ok()
+            .filter(|i| *i < inner.starts.len())
+        else {
+            return Ok(None);
+        };
+        let start = inner.starts[i];
+        let end = inner.starts.get(i + 1).copied().unwrap_or(inner.end) - 1;
+        let mut line = vec![0u8; (end - start) as usize];
+        File::open(self.dir.join("audit.log"))
+            .and_then(|f| f.read_exact_at(&mut line, start))
+            .map_err(|e| format!("reading audit.log: {e}"))?;
+        if leaf_hash(&line) != inner.tree.levels[0][i] {
+            return Err(format!(
+                "tampering detected: entry {index} changed after the log was opened"
+            ));
+        }
+        let stored = serde_json::from_slice(&line)
+            .map_err(|_| format!("entry {index} is not a valid entry"))?;
+        Ok(Some((stored, line)))
+    }
+
+    /// The latest signed checkpoint.
+    pub fn latest(&self) -> std::result::Result<Option<Checkpoint>, String> {
+        Ok(self.lock()?.latest.clone())
+    }
+
+    /// An inclusion proof of entry `index` in the latest checkpoint that
+    /// covers it, from the tree kept in memory.
+    pub fn prove(&self, index: u64) -> std::result::Result<InclusionProof, String> {
+        let inner = self.lock()?;
+        inner.tree.prove(index, inner.latest.clone())
     }
 
     /// Appends an entry durably (written and synced) and returns its
@@ -571,8 +668,10 @@ impl Inner {
         self.log
             .sync_data()
             .map_err(|e| format!("syncing audit.log: {e}"))?;
+        self.starts.push(self.end);
+        self.end += line.len() as u64;
         line.pop();
-        self.peaks.push(leaf_hash(&line));
+        self.tree.push(leaf_hash(&line));
         self.last = hash;
         self.size += 1;
         self.since_checkpoint += 1;
@@ -581,7 +680,7 @@ impl Inner {
             || self.latest.is_none();
         if due {
             let time = now_rfc3339();
-            let root = hex::encode(self.peaks.root());
+            let root = hex::encode(self.tree.root(self.tree.size()));
             let signature = self
                 .key
                 .sign(Checkpoint::message(self.size, &root, &time).as_bytes());
@@ -638,25 +737,11 @@ pub fn entries(dir: &Path) -> std::result::Result<Vec<(Stored, Vec<u8>)>, String
 }
 
 /// An inclusion proof of entry `index` in the latest checkpoint that covers
-/// it, after verifying the whole log.
+/// it, after verifying the whole log (offline; a server answers from
+/// [`AuditLog::prove`]).
 pub fn prove(dir: &Path, index: u64) -> std::result::Result<InclusionProof, String> {
     let verified = verify(dir)?;
-    let checkpoint = verified
-        .latest
-        .filter(|c| index < c.size)
-        .ok_or(format!("no checkpoint covers entry {index} yet"))?;
-    let leaves: Vec<Hash> = entries(dir)?
-        .iter()
-        .take(checkpoint.size as usize)
-        .map(|(_, line)| leaf_hash(line))
-        .collect();
-    let i = usize::try_from(index).map_err(|_| "index out of range")?;
-    Ok(InclusionProof {
-        index,
-        leaf: hex::encode(leaves[i]),
-        path: audit_path(i, &leaves).iter().map(hex::encode).collect(),
-        checkpoint,
-    })
+    verified.tree.prove(index, verified.latest)
 }
 
 /// Checks an inclusion proof against its checkpoint's root.
@@ -761,23 +846,58 @@ mod tests {
         (dir, receipts)
     }
 
-    proptest! {
-        /// The incremental root equals RFC 6962's recursive MTH, and every
-        /// audit path proves its leaf, for every tree size.
-        #[test]
-        fn peaks_and_paths_agree_with_the_rfc(n in 1usize..70) {
-            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(&i.to_le_bytes())).collect();
-            let mut peaks = Peaks::default();
-            for l in &leaves {
-                peaks.push(*l);
+    /// RFC 6962 MTH of a slice of leaf hashes, as the RFC writes it.
+    fn subtree_root(leaves: &[Hash]) -> Hash {
+        match leaves.len() {
+            0 => empty_root(),
+            1 => leaves[0],
+            n => {
+                let k = split(n);
+                node_hash(&subtree_root(&leaves[..k]), &subtree_root(&leaves[k..]))
             }
-            prop_assert_eq!(peaks.root(), subtree_root(&leaves));
+        }
+    }
+
+    /// RFC 6962 PATH(m, D[n]), as the RFC writes it.
+    fn audit_path(m: usize, leaves: &[Hash]) -> Vec<Hash> {
+        let n = leaves.len();
+        if n <= 1 {
+            return vec![];
+        }
+        let k = split(n);
+        if m < k {
+            let mut p = audit_path(m, &leaves[..k]);
+            p.push(subtree_root(&leaves[k..]));
+            p
+        } else {
+            let mut p = audit_path(m - k, &leaves[k..]);
+            p.push(subtree_root(&leaves[..k]));
+            p
+        }
+    }
+
+    proptest! {
+        /// Every root and audit path of the kept tree equals RFC 6962's
+        /// recursive definition, for every size it passes through, and
+        /// every path proves its leaf and no other.
+        #[test]
+        fn roots_and_paths_agree_with_the_rfc(n in 1usize..70) {
+            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(&i.to_le_bytes())).collect();
+            let mut tree = Tree::default();
+            for l in &leaves {
+                tree.push(*l);
+            }
+            prop_assert_eq!(tree.size(), n);
+            for size in 0..=n {
+                prop_assert_eq!(tree.root(size), subtree_root(&leaves[..size]));
+            }
+            let root = tree.root(n);
             for m in 0..n {
-                let path = audit_path(m, &leaves);
-                prop_assert_eq!(root_from_path(m as u64, n as u64, &leaves[m], &path), Some(peaks.root()));
-                // The proof fails for any other leaf.
+                let path = tree.path(m, n);
+                prop_assert_eq!(&path, &audit_path(m, &leaves));
+                prop_assert_eq!(root_from_path(m as u64, n as u64, &leaves[m], &path), Some(root));
                 let other = leaf_hash(b"other");
-                prop_assert_ne!(root_from_path(m as u64, n as u64, &other, &path), Some(peaks.root()));
+                prop_assert_ne!(root_from_path(m as u64, n as u64, &other, &path), Some(root));
             }
         }
     }
@@ -799,6 +919,55 @@ mod tests {
         let log = AuditLog::open(dir.path(), Cadence::default()).expect("reopen");
         assert_eq!(log.append(entry(13)).expect("append").index, 13);
         assert_eq!(verify(dir.path()).expect("intact").size, 14);
+    }
+
+    /// A server's receipts and proofs, answered from its own tree, match
+    /// what offline verification gives, before and after reopening, with
+    /// sparse checkpoints too; an entry changed behind the server's back is
+    /// refused, not served.
+    #[test]
+    fn the_servers_answers_match_the_offline_ones_and_catch_later_tampering() {
+        let cadence = Cadence {
+            entries: 4,
+            seconds: 3600,
+        };
+        let (dir, _) = log_with(9, cadence);
+        let log = AuditLog::open(dir.path(), cadence).expect("reopen");
+        for i in 9..11 {
+            log.append(entry(i)).expect("append");
+        }
+        // Checkpoints at 1 (the first entry), 5 and 9 of 11 entries.
+        assert_eq!(log.latest().expect("latest").map(|c| c.size), Some(9));
+        let lines = entries(dir.path()).expect("entries");
+        for i in 0..11u64 {
+            let (stored, line) = log.entry(i).expect("read").expect("present");
+            assert_eq!((stored.index, &line), (i, &lines[i as usize].1));
+            match prove(dir.path(), i) {
+                Ok(offline) => {
+                    let online = log.prove(i).expect("covered");
+                    assert_eq!(online, offline);
+                    assert!(check_proof(&online));
+                }
+                Err(e) => {
+                    assert!(i >= 9 && e.starts_with("no checkpoint covers"), "{e}");
+                    assert_eq!(log.prove(i).expect_err("not covered"), e);
+                }
+            }
+        }
+        assert_eq!(log.entry(11).expect("read"), None);
+        assert_eq!(log.entry(u64::MAX).expect("read"), None);
+
+        let path = dir.path().join("audit.log");
+        let text = std::fs::read(&path).expect("read");
+        let at = text.iter().position(|b| *b == b'S').expect("query text");
+        let mut changed = text.clone();
+        changed[at] = b'X';
+        std::fs::write(&path, changed).expect("write");
+        assert!(
+            log.entry(0)
+                .expect_err("tampered")
+                .contains("tampering detected")
+        );
     }
 
     /// Every kind of tampering is caught, with checkpoints every entry or
