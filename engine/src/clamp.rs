@@ -3,8 +3,8 @@
 //! lies outside those bounds.
 //!
 //! Each is one pass over a batch, where the same in SQL is a chain of casts,
-//! `isnan` and `CASE`s that takes about a quarter of a bounded query's time.
-//! What they compute:
+//! `isnan` and `CASE`s, each its own pass (the one pass made a bounded
+//! 1M-row GROUP BY 4 to 10% faster). What they compute:
 //! - floating-point values: NULL and NaN are no value (NULL). Any other value
 //!   is clamped to the bounds as a float first, so that ±∞ and values beyond
 //!   the decimal range are clamped like any other (not lost), then rounded to
