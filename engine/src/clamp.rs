@@ -71,6 +71,19 @@ pub enum Clamp {
 }
 
 impl Bounds {
+    /// Declared bounds kept to `scale` decimal digits: the fixed-point
+    /// bounds round inwards, so they never admit a value outside `lo..=hi`.
+    pub fn new(lo: f64, hi: f64, scale: i8) -> Bounds {
+        let mul = 10f64.powi(i32::from(scale));
+        Bounds {
+            lo,
+            hi,
+            scale,
+            lo_fp: (lo * mul).ceil() as i128,
+            hi_fp: (hi * mul).floor() as i128,
+        }
+    }
+
     fn key(&self) -> (u64, u64, i8, i128, i128) {
         (
             self.lo.to_bits(),
@@ -209,14 +222,7 @@ mod tests {
     use super::*;
 
     fn bounds(lo: f64, hi: f64, scale: i8) -> Bounds {
-        let mul = 10f64.powi(i32::from(scale));
-        Bounds {
-            lo,
-            hi,
-            scale,
-            lo_fp: (lo * mul).ceil() as i128,
-            hi_fp: (hi * mul).floor() as i128,
-        }
+        Bounds::new(lo, hi, scale)
     }
 
     fn decimals(a: &Decimal128Array) -> Vec<Option<i128>> {

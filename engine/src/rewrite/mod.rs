@@ -927,14 +927,7 @@ pub(crate) fn fixed_point_bounds(col: &Column) -> Result<Bounds> {
     let (lo, hi) = col
         .bounds
         .ok_or_else(|| EngineError::Internal("unbounded column".into()))?;
-    let scale = 10f64.powi(col.precision as i32);
-    Ok(Bounds {
-        lo,
-        hi,
-        scale: col.precision as i8,
-        lo_fp: (lo * scale).ceil() as i128,
-        hi_fp: (hi * scale).floor() as i128,
-    })
+    Ok(Bounds::new(lo, hi, col.precision as i8))
 }
 
 /// The index of an item in a list, adding it on first use.
