@@ -252,14 +252,18 @@ async fn warm_up(state: SessionState) -> std::result::Result<Vec<u8>, &'static s
 }
 
 /// Prepares a forked, confined worker: a two-thread runtime for the
-/// session the server warmed up, and the warm-up plan once more on that
-/// runtime. A forked process shares the server's memory until it writes
-/// and maps the server's code only as it first runs it: on the worker's own
-/// threads, the second warm-up takes those page faults, and the first
-/// allocations of its threads' arenas, off the query's path (about 1 ms of
-/// a small query's latency, for 3 to 5 ms of the worker's CPU).
+/// session the server warmed up and, when `rehearse` is set (no query is
+/// waiting for this worker), the warm-up plan once more on that runtime. A
+/// forked process shares the server's memory until it writes and maps the
+/// server's code only as it first runs it: on the worker's own threads, the
+/// rehearsal takes those page faults, and the first allocations of its
+/// threads' arenas, off the query's path (about 1 ms of a small query's
+/// latency, for 3 to 5 ms of the worker's CPU). A query already waiting
+/// would wait for the rehearsal too, so the broker asks for one only when
+/// none is.
 pub fn worker_prepare(
     warmed: &std::result::Result<SessionState, String>,
+    rehearse: bool,
 ) -> std::result::Result<WorkerContext, String> {
     let state = warmed.clone()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -267,7 +271,9 @@ pub fn worker_prepare(
         .max_blocking_threads(2)
         .build()
         .map_err(|_| "runtime".to_owned())?;
-    on_worker_thread(&runtime, warm_up(state.clone()))?;
+    if rehearse {
+        on_worker_thread(&runtime, warm_up(state.clone()))?;
+    }
     Ok(WorkerContext { runtime, state })
 }
 
@@ -485,7 +491,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let warmed = worker_warm(dir.path(), 1 << 30);
         assert!(warmed.is_ok(), "{:?}", warmed.err());
-        let prepared = worker_prepare(&warmed);
-        assert!(prepared.is_ok(), "{:?}", prepared.err());
+        for rehearse in [true, false] {
+            let prepared = worker_prepare(&warmed, rehearse);
+            assert!(prepared.is_ok(), "{:?}", prepared.err());
+        }
     }
 }

@@ -9,7 +9,11 @@
 //! to the server) with it. It asks for a replacement only when a used
 //! worker has exited (one permit per worker slot), so that starting the
 //! next worker does not compete for the CPU with the query that is still
-//! running on the last one; if the server dies, it starts another. A query
+//! running on the last one; if the server dies, it starts another. A new
+//! worker rehearses (runs a small plan once, to fault in what a query needs)
+//! only when no query is waiting for a worker: a query that waits would
+//! wait for the rehearsal too, and under load the rehearsal's CPU is taken
+//! from the queries. A query
 //! takes a ready worker, sends it the job, and waits for the answer up to
 //! the deadline; then the worker is killed through its pidfd (a no-op if it
 //! already exited). Whatever happens to the worker (a crash, a stack
@@ -22,6 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
@@ -158,12 +163,39 @@ impl Permits {
     }
 }
 
+/// The number of queries waiting for a worker, read by the spawner.
+#[derive(Default)]
+struct Waiting(AtomicUsize);
+
+/// One waiting query, counted until dropped.
+struct Wait<'a>(&'a Waiting);
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Waiting {
+    /// Counts one waiting query until the guard is dropped.
+    fn enter(&self) -> Wait<'_> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Wait(self)
+    }
+
+    /// Whether no query is waiting.
+    fn none(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == 0
+    }
+}
+
 /// A pool of ready workers.
 pub struct Pool {
     config: Arc<PoolConfig>,
     ready: Arc<Mutex<mpsc::Receiver<Ready>>>,
     first: Mutex<Option<Worker>>,
     permits: Arc<Permits>,
+    waiting: Arc<Waiting>,
     report: Report,
     /// Test builds only: a probe that replaces every job's spec.
     #[cfg(feature = "test-hooks")]
@@ -196,14 +228,17 @@ impl Pool {
         for _ in 0..config.size.max(1) {
             permits.give();
         }
+        let waiting = Arc::new(Waiting::default());
         let spawner_config = config.clone();
         let spawner_permits = permits.clone();
+        let spawner_waiting = waiting.clone();
         std::thread::Builder::new()
             .name("veil-worker-spawner".into())
             .spawn(move || {
                 let mut server = None;
                 while spawner_permits.take() {
-                    let worker = spawn(&mut server, &spawner_config, &spawner_permits);
+                    let rehearse = spawner_waiting.none();
+                    let worker = spawn(&mut server, &spawner_config, &spawner_permits, rehearse);
                     let failed = worker.is_err();
                     if tx.send(worker).is_err() {
                         break;
@@ -235,6 +270,7 @@ impl Pool {
             ready: Arc::new(Mutex::new(rx)),
             first: Mutex::new(Some(first)),
             permits,
+            waiting,
             report,
             #[cfg(feature = "test-hooks")]
             probe: Mutex::new(None),
@@ -302,7 +338,9 @@ impl Pool {
         let ready = self.ready.clone();
         let min = self.config.min_level;
         let permits = self.permits.clone();
+        let waiting = self.waiting.clone();
         tokio::task::spawn_blocking(move || {
+            let _waiting = waiting.enter();
             let mut next = first.map(Ok);
             loop {
                 let worker = match next.take() {
@@ -417,8 +455,13 @@ impl Server {
     }
 
     /// Asks for one worker: the broker's end of its socket and its pidfd.
-    fn fork(&mut self) -> Result<(UnixStream, OwnedFd), String> {
-        if write_frame(&mut self.control, b"fork").is_err() {
+    fn fork(&mut self, rehearse: bool) -> Result<(UnixStream, OwnedFd), String> {
+        let request = if rehearse {
+            crate::worker::FORK_AND_REHEARSE
+        } else {
+            crate::worker::FORK
+        };
+        if write_frame(&mut self.control, request).is_err() {
             return Err(self.broken("is gone"));
         }
         let mut byte = [0u8; 1];
@@ -467,21 +510,27 @@ impl Server {
 /// is replaced at once and asked again, so that no query sees its end; only
 /// a new server's failure is reported. A worker holds its slot (`permits`)
 /// until it is dropped.
-fn spawn(server: &mut Option<Server>, config: &PoolConfig, permits: &Arc<Permits>) -> Ready {
+fn spawn(
+    server: &mut Option<Server>,
+    config: &PoolConfig,
+    permits: &Arc<Permits>,
+    rehearse: bool,
+) -> Ready {
     if let Some(running) = server.as_mut() {
-        match worker(running, permits) {
+        match worker(running, permits, rehearse) {
             Ok(w) => return Ok(w),
             Err(_) => *server = None,
         }
     }
     let fresh = server.insert(Server::start(config)?);
-    worker(fresh, permits).inspect_err(|_| *server = None)
+    worker(fresh, permits, rehearse).inspect_err(|_| *server = None)
 }
 
-/// Has `server` fork one worker and waits for its report.
-fn worker(server: &mut Server, permits: &Arc<Permits>) -> Ready {
+/// Has `server` fork one worker (rehearsing or not) and waits for its
+/// report.
+fn worker(server: &mut Server, permits: &Arc<Permits>, rehearse: bool) -> Ready {
     let (stream, pidfd) = server
-        .fork()
+        .fork(rehearse)
         .map_err(|e| format!("a worker did not report its confinement ({e})"))?;
     let hello = stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
@@ -510,5 +559,38 @@ fn worker(server: &mut Server, permits: &Arc<Permits>) -> Ready {
                 }
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_counts_as_waiting_until_its_guard_is_dropped_on_any_thread() {
+        let waiting = Arc::new(Waiting::default());
+        assert!(waiting.none());
+        let (entered, leave) = (
+            Arc::new(std::sync::Barrier::new(3)),
+            Arc::new(std::sync::Barrier::new(3)),
+        );
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (waiting, entered, leave) = (waiting.clone(), entered.clone(), leave.clone());
+                std::thread::spawn(move || {
+                    let _wait = waiting.enter();
+                    entered.wait();
+                    leave.wait();
+                })
+            })
+            .collect();
+        entered.wait();
+        assert!(!waiting.none());
+        assert_eq!(waiting.0.load(Ordering::SeqCst), 2);
+        leave.wait();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert!(waiting.none());
     }
 }

@@ -78,6 +78,12 @@ pub(crate) const FORKED: u8 = 1;
 /// The answer when no worker could be forked: one byte, nothing attached.
 pub(crate) const NOT_FORKED: u8 = 0;
 
+/// A fork request whose worker may spend time before its report making its
+/// query faster (no query is waiting for it).
+pub(crate) const FORK_AND_REHEARSE: &[u8] = b"fork+rehearse";
+/// A fork request whose worker is awaited: it reports as soon as it can.
+pub(crate) const FORK: &[u8] = b"fork";
+
 /// Runs the fork server: `warm` once, then one worker per request on the
 /// control channel until the broker closes it.
 ///
@@ -85,12 +91,14 @@ pub(crate) const NOT_FORKED: u8 = 0;
 /// thread (the server refuses to fork otherwise); it reads no data. In
 /// each forked worker, after confinement and before the report, `prepare`
 /// builds what needs threads (a runtime), so that it is off the query's
-/// path; `execute` then gets what it prepared, the job and its body (the
+/// path; its flag says whether the broker asked the worker to rehearse (no
+/// query is waiting for it, so time spent now is not spent on the query's
+/// path). `execute` then gets what it prepared, the job and its body (the
 /// plan).
 pub fn serve<S, T>(
     args: &WorkerArgs,
     warm: impl FnOnce() -> S,
-    prepare: impl Fn(&S) -> T,
+    prepare: impl Fn(&S, bool) -> T,
     execute: impl Fn(T, &Job, Vec<u8>) -> JobResult,
 ) -> ExitCode {
     // Nothing before this: no logging, no runtime, no files.
@@ -128,11 +136,12 @@ pub fn serve<S, T>(
         if !requested {
             continue;
         }
-        if read_frame(&mut &control).is_err() {
+        let Ok(request) = read_frame(&mut &control) else {
             // The broker let go (it shuts down): the workers die with this
             // process (their parent-death signal).
             return ExitCode::SUCCESS;
-        }
+        };
+        let rehearse = request == FORK_AND_REHEARSE;
         let (ours, theirs) = match rustix::net::socketpair(
             AddressFamily::UNIX,
             SocketType::STREAM,
@@ -147,7 +156,7 @@ pub fn serve<S, T>(
         };
         match crate::sys::fork() {
             Ok(Forked::Child) => {
-                let code = worker(theirs, args, server, &warmed, &prepare, &execute);
+                let code = worker(theirs, args, server, &warmed, rehearse, &prepare, &execute);
                 // Never back into the server's frames: their descriptors
                 // are closed in this process and must not be dropped.
                 std::process::exit(code)
@@ -240,7 +249,8 @@ fn worker<S, T>(
     args: &WorkerArgs,
     server: u32,
     warmed: &S,
-    prepare: &impl Fn(&S) -> T,
+    rehearse: bool,
+    prepare: &impl Fn(&S, bool) -> T,
     execute: &impl Fn(T, &Job, Vec<u8>) -> JobResult,
 ) -> i32 {
     let moved =
@@ -250,7 +260,7 @@ fn worker<S, T>(
         return 1;
     }
     let report = crate::confine::confine(&args.data_dir, &args.limits, server);
-    let prepared = prepare(warmed);
+    let prepared = prepare(warmed, rehearse);
     let mut input = std::io::stdin().lock();
     let mut output = std::io::stdout().lock();
     if send_json(&mut output, &FromWorker::Hello(report)).is_err() {

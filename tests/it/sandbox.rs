@@ -277,6 +277,27 @@ async fn a_cross_join_that_exhausts_memory_fails_uniformly_and_the_server_goes_o
     still_serving(&f).await;
 }
 
+/// Queries that arrive together on a one-worker pool wait for workers, so
+/// the workers started meanwhile skip their rehearsal: each query still
+/// gets its own worker and a full answer.
+#[tokio::test]
+async fn queries_that_wait_for_workers_are_each_answered_in_full() {
+    let f = tight_server(Duration::from_secs(60), 1 << 30).await;
+    let mut queries = Vec::new();
+    for _ in 0..6 {
+        let mut client = f.client("op-univ-07").await;
+        queries.push(tokio::spawn(async move { client.query(DP_QUERY).await }));
+    }
+    let mut answers = Vec::new();
+    for q in queries {
+        let fetched = q.await.expect("query task").expect("answered");
+        answers.push(crate::support::column_strings(&fetched, "district"));
+    }
+    assert!(!answers[0].is_empty());
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    assert_eq!(f.charges(), 6);
+}
+
 /// The server answers a DP query, and it is the only charge: the failed
 /// public query cost nothing.
 async fn still_serving(f: &Fixture) {
