@@ -135,8 +135,8 @@ impl Bounds {
                 if x.is_nan() {
                     return None;
                 }
-                // `as` saturates; a bound beyond 38 digits fails the check.
-                let v = (mul * x.max(self.lo).min(self.hi)).round() as i128;
+                // Saturates; a bound beyond 38 digits fails the check.
+                let v = round_half_away(mul * x.max(self.lo).min(self.hi));
                 Decimal128Type::is_valid_decimal_precision(v, DECIMAL_PRECISION)
                     .then(|| self.within(v))
             })
@@ -152,18 +152,36 @@ impl Bounds {
         let one = |outside: bool| outside.then_some(1i64);
         Ok(if values.data_type().is_floating() {
             let floats = cast_with_options(values, &DataType::Float64, &CastOptions::default())?;
+            // NaN compares false both ways: no value, like NULL.
             floats
                 .as_primitive::<Float64Type>()
-                .iter()
-                .map(|x| x.and_then(|x| one(x < self.lo || x > self.hi)))
-                .collect()
+                .unary_opt(|x| one(x < self.lo || x > self.hi))
         } else {
             self.try_decimal(values)?
                 .as_primitive::<Decimal128Type>()
-                .iter()
-                .map(|v| v.and_then(|v| one(v < self.lo_fp || v > self.hi_fp)))
-                .collect()
+                .unary_opt(|v| one(v < self.lo_fp || v > self.hi_fp))
         })
+    }
+}
+
+/// `y.round() as i128` (half away from zero, saturating), with integer
+/// arithmetic where `y` fits an `i64`: `round` and the conversion to `i128`
+/// are library calls, most of the cost of a clamp.
+fn round_half_away(y: f64) -> i128 {
+    if y.abs() < 9.0e18 {
+        // Truncates towards zero. Below 2^52 the fraction is exact (Sterbenz);
+        // above, `y` is an integer and the fraction is 0.
+        let t = y as i64;
+        let fraction = y - t as f64;
+        i128::from(if fraction >= 0.5 {
+            t + 1
+        } else if fraction <= -0.5 {
+            t - 1
+        } else {
+            t
+        })
+    } else {
+        y.round() as i128
     }
 }
 
@@ -347,7 +365,45 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn rounding_matches_the_library_at_its_edges() {
+        let edges = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            0.49999999999999994,
+            -0.49999999999999994,
+            2.5,
+            -2.5,
+            4503599627370495.5,
+            -4503599627370495.5,
+            4503599627370497.0,
+            9.0e18,
+            -9.0e18,
+            8.999999999999999e18,
+            1e300,
+            -1e300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        for y in edges {
+            assert_eq!(round_half_away(y), y.round() as i128, "{y}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn rounding_matches_the_library(
+            y in any::<f64>().prop_filter("a number", |y| !y.is_nan()),
+            half in -(1i64 << 51)..(1i64 << 51),
+        ) {
+            prop_assert_eq!(round_half_away(y), y.round() as i128);
+            // Every value halfway between two integers that a float holds.
+            let y = half as f64 + 0.5;
+            prop_assert_eq!(round_half_away(y), y.round() as i128);
+        }
+
         #[test]
         fn floats_match_the_reference_and_stay_within_the_bounds(
             xs in prop::collection::vec(float(), 0..40),
