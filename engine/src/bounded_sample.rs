@@ -221,12 +221,10 @@ impl Kept {
         let width = entry.len();
         let n = self.len(width);
         if n < k {
-            if self.values.capacity() == 0 {
-                // One allocation per group, not one per doubling.
-                self.values.reserve_exact(k.min(16) * width);
-            }
-            self.values.extend_from_slice(entry);
-            if !self.priorities.is_empty() {
+            if self.priorities.is_empty() {
+                self.keep_all(k, width, entry.iter().copied());
+            } else {
+                self.values.extend_from_slice(entry);
                 self.priorities.push(priority(key, entry));
             }
             return true;
@@ -245,6 +243,16 @@ impl Kept {
             self.largest = self.find_largest(width);
         }
         false
+    }
+
+    /// Appends whole entries to a group that has not overflowed and will
+    /// not: every entry is kept, whatever its priority, so none is hashed.
+    fn keep_all(&mut self, k: usize, width: usize, values: impl IntoIterator<Item = i128>) {
+        if self.values.capacity() == 0 {
+            // One allocation per group, not one per doubling.
+            self.values.reserve_exact(k.min(16) * width);
+        }
+        self.values.extend(values);
     }
 
     /// The index of the largest entry by (priority, values).
@@ -343,27 +351,39 @@ impl Groups {
     }
 
     /// Offers every entry of each state row (a list of values, `width` per
-    /// entry).
+    /// entry). While a group stays within `k` entries, a row's entries are
+    /// appended at once.
     fn merge(&mut self, states: &[ArrayRef], group_of: impl Fn(usize) -> usize) -> Result<()> {
         let [values] = states else {
             return internal_err!("veil_bounded_sample state has one column");
         };
         let values = values.as_list::<i32>();
         let vs = values.values().as_primitive::<Decimal128Type>();
+        let (raw, nulls) = (vs.values(), vs.nulls());
+        let read = |i: usize| match nulls {
+            Some(n) if n.is_null(i) => NULL,
+            _ => raw[i],
+        };
         let offsets = values.value_offsets();
-        let w = self.width;
+        let w = self.width.max(1);
         let mut entry = vec![NULL; w];
         for row in 0..values.len() {
             let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+            if (end - start) % w != 0 {
+                return internal_err!("veil_bounded_sample state has partial entries");
+            }
+            let group = &mut self.groups[group_of(row)];
+            let incoming = (end - start) / w;
+            if group.priorities.is_empty() && group.len(w) + incoming <= self.k {
+                group.keep_all(self.k, w, (start..end).map(read));
+                self.entries += incoming;
+                continue;
+            }
             for at in (start..end).step_by(w) {
                 for (c, slot) in entry.iter_mut().enumerate() {
-                    *slot = if vs.is_null(at + c) {
-                        NULL
-                    } else {
-                        vs.value(at + c)
-                    };
+                    *slot = read(at + c);
                 }
-                if self.groups[group_of(row)].offer(self.k, &self.key, &entry) {
+                if group.offer(self.k, &self.key, &entry) {
                     self.entries += 1;
                 }
             }
@@ -419,12 +439,12 @@ impl Groups {
     }
 
     fn state_of(&self, groups: &[Kept]) -> Vec<ArrayRef> {
-        let values = Decimal128Array::from_iter(
-            groups
-                .iter()
-                .flat_map(|g| g.values.iter().map(|v| (*v != NULL).then_some(*v))),
-        )
-        .with_data_type(raw_type());
+        let all = || groups.iter().flat_map(|g| g.values.iter().copied());
+        let nulls = all()
+            .any(|v| v == NULL)
+            .then(|| NullBuffer::from_iter(all().map(|v| v != NULL)));
+        let raw: Vec<i128> = all().map(|v| if v == NULL { 0 } else { v }).collect();
+        let values = Decimal128Array::new(raw.into(), nulls).with_data_type(raw_type());
         vec![Arc::new(ListArray::new(
             Arc::new(Field::new_list_field(raw_type(), true)),
             OffsetBuffer::from_lengths(groups.iter().map(|g| g.values.len())),
