@@ -132,6 +132,10 @@ pub struct Report {
     pub landlock_abi: i32,
     /// Every step and self-test check, in order.
     pub checks: Vec<Check>,
+    /// How many bytes of the executable's code and read-only data the fork
+    /// server holds on huge pages, which a fork copies as a few page-table
+    /// entries (or why none): a matter of speed, not of confinement.
+    pub code_on_huge_pages: Result<u64, String>,
 }
 
 impl Report {
@@ -154,6 +158,11 @@ impl Report {
                 c.detail
             ));
         }
+        out.push_str(&match &self.code_on_huge_pages {
+            Ok(0) => "  code on huge pages: none (the kernel gave small pages)\n".to_owned(),
+            Ok(bytes) => format!("  code on huge pages: {} MiB\n", bytes >> 20),
+            Err(why) => format!("  code on huge pages: none ({why})\n"),
+        });
         out
     }
 }
@@ -222,8 +231,14 @@ fn die_with(parent: u32) -> Result<String, String> {
 }
 
 /// Confines the calling process (which must still be single-threaded) and
-/// runs the self-test. `parent` is the fork server's process id.
-pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
+/// runs the self-test. `parent` is the fork server's process id;
+/// `code_on_huge_pages` what it achieved, for the report.
+pub fn confine(
+    data_dir: &Path,
+    limits: &Limits,
+    parent: u32,
+    code_on_huge_pages: Result<u64, String>,
+) -> Report {
     let mut checks = Vec::new();
     step(&mut checks, name::ENV, {
         let foreign = std::env::vars_os()
@@ -271,6 +286,7 @@ pub fn confine(data_dir: &Path, limits: &Limits, parent: u32) -> Report {
         level,
         landlock_abi: abi,
         checks,
+        code_on_huge_pages,
     }
 }
 

@@ -17,7 +17,10 @@
 //! query to the next, and nothing flows back into the server. A fork starts
 //! a worker with the server's warm code and memory, where a new program
 //! would be loaded, relocated and faulted in page by page first: that was
-//! most of a worker's CPU time.
+//! most of a worker's CPU time. The server first moves its own code onto
+//! huge pages, since a fork copies the page tables of anonymous memory but
+//! not of file mappings: without that, each worker still faulted in, page
+//! by page, the code it ran.
 //!
 //! The server keeps a copy of each worker's socket. Once it has reaped the
 //! worker it writes a [`FromWorker::Exited`] there, so that a broker still
@@ -105,6 +108,9 @@ pub fn serve<S, T>(
     if crate::confine::prelude(args.parent).is_err() {
         return ExitCode::FAILURE;
     }
+    // Before anything runs that a worker will run again (see
+    // `sys::code_on_huge_pages`); a failure only makes workers slower.
+    let code_on_huge_pages = crate::sys::code_on_huge_pages().map_err(|e| e.to_string());
     let warmed = warm();
     // The control channel, read and written unbuffered: a worker inherits
     // the server's memory, and must not find control bytes in a buffer.
@@ -112,7 +118,10 @@ pub fn serve<S, T>(
         return ExitCode::FAILURE;
     };
     let control = UnixStream::from(control);
-    let server = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let server = ForkServer {
+        pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
+        code_on_huge_pages,
+    };
     let mut live: Vec<Live> = Vec::new();
     loop {
         let mut fds: Vec<PollFd<'_>> = std::iter::once(control.as_fd())
@@ -156,7 +165,7 @@ pub fn serve<S, T>(
         };
         match crate::sys::fork() {
             Ok(Forked::Child) => {
-                let code = worker(theirs, args, server, &warmed, rehearse, &prepare, &execute);
+                let code = worker(theirs, args, &server, &warmed, rehearse, &prepare, &execute);
                 // Never back into the server's frames: their descriptors
                 // are closed in this process and must not be dropped.
                 std::process::exit(code)
@@ -241,13 +250,21 @@ pub(crate) fn describe(code: Option<i32>, signal: Option<i32>, core_dumped: bool
     }
 }
 
+/// What a worker learns from the fork server that forked it.
+struct ForkServer {
+    /// Its process id.
+    pid: u32,
+    /// What [`crate::sys::code_on_huge_pages`] achieved, for the report.
+    code_on_huge_pages: Result<u64, String>,
+}
+
 /// A forked worker: its socket becomes standard input and output, then it
 /// confines itself, prepares, reports, answers one job and returns its
 /// exit code.
 fn worker<S, T>(
     socket: OwnedFd,
     args: &WorkerArgs,
-    server: u32,
+    server: &ForkServer,
     warmed: &S,
     rehearse: bool,
     prepare: &impl Fn(&S, bool) -> T,
@@ -259,7 +276,12 @@ fn worker<S, T>(
     if moved.is_err() {
         return 1;
     }
-    let report = crate::confine::confine(&args.data_dir, &args.limits, server);
+    let report = crate::confine::confine(
+        &args.data_dir,
+        &args.limits,
+        server.pid,
+        server.code_on_huge_pages.clone(),
+    );
     let prepared = prepare(warmed, rehearse);
     let mut input = std::io::stdin().lock();
     let mut output = std::io::stdout().lock();

@@ -606,9 +606,39 @@ fn veil_doctor_reports_every_step_and_the_level() {
         "self-test: list /",
         "self-test: open a UDP socket",
         "self-test: run /bin/sh",
+        "code on huge pages",
     ] {
         assert!(out.contains(step), "`{step}` missing from:\n{out}");
     }
+}
+
+/// The fork server moves its code onto huge pages wherever the kernel
+/// offers transparent huge pages to a process that asks (`madvise` or
+/// `always`), and the workers it forks from that code still run jobs.
+#[tokio::test]
+async fn workers_are_forked_with_their_code_on_huge_pages_where_the_kernel_offers_them() {
+    let d = dirs();
+    let pool = Pool::start(PoolConfig {
+        program: env!("CARGO_BIN_EXE_veil").into(),
+        subcommand: vec!["worker".into()],
+        data_dir: d.data.canonicalize().expect("data dir"),
+        limits: Limits::default(),
+        size: 1,
+        deadline: Duration::from_secs(30),
+        min_level: Level::None,
+    })
+    .expect("pool");
+    let offered = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|modes| !modes.contains("[never]"));
+    let moved = pool.report().code_on_huge_pages.clone();
+    if offered {
+        let bytes = moved.expect("the code moved");
+        assert!(bytes >= 2 << 20, "only {bytes} bytes on huge pages");
+    } else {
+        assert!(!matches!(moved, Ok(n) if n > 0), "{moved:?}");
+    }
+    let answer = probe(&pool, "nothing").await.expect("the worker answered");
+    assert_eq!(answer, "allowed: unknown probe nothing");
 }
 
 #[tokio::test]
