@@ -254,13 +254,14 @@ async fn warm_up(state: SessionState) -> std::result::Result<Vec<u8>, &'static s
 /// Prepares a forked, confined worker: a two-thread runtime for the
 /// session the server warmed up and, when `rehearse` is set (no query is
 /// waiting for this worker), the warm-up plan once more on that runtime. A
-/// forked process shares the server's memory until it writes and maps the
-/// server's code only as it first runs it: on the worker's own threads, the
+/// forked process shares the server's memory until it writes (its code
+/// too, once the server has moved it onto huge pages; code that did not
+/// move it maps only as it first runs it): on the worker's own threads, the
 /// rehearsal takes those page faults, and the first allocations of its
 /// threads' arenas, off the query's path (about 1 ms of a small query's
-/// latency, for 3 to 5 ms of the worker's CPU). A query already waiting
-/// would wait for the rehearsal too, so the broker asks for one only when
-/// none is.
+/// latency, for 3 to 5 ms of the worker's CPU, measured before the move).
+/// A query already waiting would wait for the rehearsal too, so the broker
+/// asks for one only when none is.
 pub fn worker_prepare(
     warmed: &std::result::Result<SessionState, String>,
     rehearse: bool,

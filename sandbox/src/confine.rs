@@ -159,7 +159,7 @@ impl Report {
             ));
         }
         out.push_str(&match &self.code_on_huge_pages {
-            Ok(0) => "  code on huge pages: none (the kernel gave small pages)\n".to_owned(),
+            Ok(0) => "  code on huge pages: none (no read-only mapping of the executable spans an aligned 2 MiB)\n".to_owned(),
             Ok(bytes) => format!("  code on huge pages: {} MiB\n", bytes >> 20),
             Err(why) => format!("  code on huge pages: none ({why})\n"),
         });

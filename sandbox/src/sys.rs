@@ -42,15 +42,7 @@ pub(crate) enum Forked {
 /// Forks the calling process, which must have exactly one thread: that is
 /// checked first, and a process with more is refused.
 pub(crate) fn fork() -> std::io::Result<Forked> {
-    let threads = std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse::<u32>().ok());
-    if threads != Some(1) {
-        return Err(std::io::Error::other(format!(
-            "the fork server has {threads:?} threads; it forks only with one"
-        )));
-    }
+    single_threaded("forks")?;
     // SAFETY: with a single thread there is no lock another thread could
     // hold across the fork and no state another thread could be changing:
     // the child is an exact copy of a quiescent process, and glibc's own
@@ -64,13 +56,29 @@ pub(crate) fn fork() -> std::io::Result<Forked> {
     }
 }
 
+/// Refuses unless the calling process has exactly one thread; `what` names
+/// the operation for the error.
+fn single_threaded(what: &str) -> std::io::Result<()> {
+    let threads = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if threads == Some(1) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the fork server has {threads:?} threads; it {what} only with one"
+        )))
+    }
+}
+
 /// The size of a transparent huge page with 4 KiB base pages (x86-64,
 /// aarch64).
 const HUGE: usize = 2 << 20;
 
 /// Moves the executable's code and read-only data onto anonymous
 /// transparent huge pages, and returns how many bytes of it the kernel
-/// then holds on huge pages (its `AnonHugePages`, before and after).
+/// holds on huge pages.
 ///
 /// A forked child gets copies of its parent's page-table entries for
 /// anonymous memory, but none for file mappings: every worker used to
@@ -81,15 +89,36 @@ const HUGE: usize = 2 << 20;
 /// file-backed. The cost is a one-time copy (about 140 MiB for a release
 /// build) that stays resident in the fork server and is shared by its
 /// workers.
+///
+/// A copy the kernel did not put on huge pages is dropped and the mapping
+/// left as it was: on small anonymous pages a fork would copy tens of
+/// thousands of entries, slower than faulting the code in. So nothing
+/// moves where transparent huge pages are off for this process. An error
+/// (the first mapping's reason) means that nothing moved.
 pub(crate) fn code_on_huge_pages() -> std::io::Result<u64> {
-    let before = anon_huge_bytes()?;
+    single_threaded("moves its code")?;
+    let offered = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")?;
+    if offered.contains("[never]") {
+        return Err(std::io::Error::other(
+            "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled)",
+        ));
+    }
+    if rustix::thread::transparent_huge_pages_are_disabled()? {
+        return Err(std::io::Error::other(
+            "transparent huge pages are off for this process (PR_SET_THP_DISABLE)",
+        ));
+    }
     let exe = std::fs::read_link("/proc/self/exe")?;
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let parse = |hex| usize::from_str_radix(hex, 16).map_err(std::io::Error::other);
+    let (mut moved, mut first_error) = (0u64, None);
     for line in maps.lines() {
-        // start-end perms offset device inode path
-        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-        let [range, perms, _, _, _, path] = fields[..] else {
+        // start-end perms offset device inode path: no field before the
+        // path holds a `/`, and the path may hold spaces.
+        let (Some(at), mut fields) = (line.find('/'), line.split_ascii_whitespace()) else {
+            continue;
+        };
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
             continue;
         };
         let protection = match perms {
@@ -102,11 +131,20 @@ pub(crate) fn code_on_huge_pages() -> std::io::Result<u64> {
         };
         let from = parse(start)?.next_multiple_of(HUGE);
         let to = parse(end)? / HUGE * HUGE;
-        if to > from && std::path::Path::new(path) == exe {
-            replace_with_copy(from, to - from, protection)?;
+        if to <= from || std::path::Path::new(&line[at..]) != exe {
+            continue;
+        }
+        match replace_with_copy(from, to - from, protection) {
+            Ok(bytes) => moved += bytes,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
-    Ok(anon_huge_bytes()?.saturating_sub(before))
+    match first_error {
+        Some(e) if moved == 0 => Err(e),
+        _ => Ok(moved),
+    }
 }
 
 /// The kernel's count of this process's anonymous memory on huge pages.
@@ -121,17 +159,23 @@ fn anon_huge_bytes() -> std::io::Result<u64> {
 }
 
 /// Replaces the `len` bytes mapped at `at` (both multiples of [`HUGE`])
-/// with an identical copy on anonymous memory that asks for huge pages,
-/// mapped with `protection`.
-fn replace_with_copy(at: usize, len: usize, protection: libc::c_int) -> std::io::Result<()> {
+/// with an identical copy on anonymous huge pages, mapped with
+/// `protection`, and returns how many bytes the kernel holds on huge pages.
+/// A copy mostly on small pages is dropped instead (an error).
+fn replace_with_copy(at: usize, len: usize, protection: libc::c_int) -> std::io::Result<u64> {
     let error = std::io::Error::last_os_error;
     // SAFETY: the new mapping belongs to this function until `mremap` puts
-    // it in the place of the old one: atomically (under the address-space
-    // lock), with the same bytes at the same addresses and the same
-    // protection, so that any code running there (this function's caller
-    // included) finds the same instructions before and after, and any
-    // reference into the read-only data the same values. No Rust value
-    // refers to the memory mapped, copied or unmapped here otherwise.
+    // it in the place of the old one, with the same bytes at the same
+    // addresses and the same protection, so that any code running there
+    // (this function's caller included) finds the same instructions before
+    // and after, and any reference into the read-only data the same values.
+    // The copy is writable only at its own address, before it is in place.
+    // `mremap` replaces the old mapping under the address-space lock; the
+    // kernel unmaps the destination before it moves the source, so a
+    // failure after that (an allocation failure in the kernel) leaves a hole
+    // where this code was and the server dies on return: it fails closed,
+    // and the broker starts another. No Rust value refers to the memory
+    // mapped, copied or unmapped here otherwise.
     unsafe {
         let space = libc::mmap(
             std::ptr::null_mut(),
@@ -152,22 +196,45 @@ fn replace_with_copy(at: usize, len: usize, protection: libc::c_int) -> std::io:
         }
         libc::munmap((copy + len) as *mut libc::c_void, HUGE - head);
         let copy = copy as *mut libc::c_void;
-        let failed = libc::madvise(copy, len, libc::MADV_HUGEPAGE) != 0
-            || {
+        let mut huge = 0;
+        let outcome = if libc::madvise(copy, len, libc::MADV_HUGEPAGE) != 0 {
+            Err(error())
+        } else {
+            // Only the copy allocates between the two counts (this
+            // process has one thread).
+            let copied = anon_huge_bytes().and_then(|before| {
                 std::ptr::copy_nonoverlapping(at as *const u8, copy.cast::<u8>(), len);
-                libc::mprotect(copy, len, protection) != 0
+                Ok(anon_huge_bytes()?.saturating_sub(before))
+            });
+            match copied {
+                Err(e) => Err(e),
+                Ok(bytes) if bytes < len as u64 / 2 => Err(std::io::Error::other(format!(
+                    "the kernel gave small pages for {} of {} MiB",
+                    (len as u64 - bytes) >> 20,
+                    len >> 20
+                ))),
+                Ok(bytes) => {
+                    huge = bytes;
+                    if libc::mprotect(copy, len, protection) != 0 {
+                        Err(error())
+                    } else {
+                        Ok(())
+                    }
+                }
             }
-            || libc::mremap(
+        };
+        if outcome.is_ok()
+            && libc::mremap(
                 copy,
                 len,
                 len,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
                 at as *mut libc::c_void,
-            ) == libc::MAP_FAILED;
-        if !failed {
-            return Ok(());
+            ) != libc::MAP_FAILED
+        {
+            return Ok(huge);
         }
-        let why = error();
+        let why = outcome.err().unwrap_or_else(error);
         libc::munmap(copy, len);
         Err(why)
     }

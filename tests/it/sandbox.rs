@@ -630,12 +630,15 @@ async fn workers_are_forked_with_their_code_on_huge_pages_where_the_kernel_offer
     .expect("pool");
     let offered = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|modes| !modes.contains("[never]"));
-    let moved = pool.report().code_on_huge_pages.clone();
-    if offered {
-        let bytes = moved.expect("the code moved");
-        assert!(bytes >= 2 << 20, "only {bytes} bytes on huge pages");
-    } else {
-        assert!(!matches!(moved, Ok(n) if n > 0), "{moved:?}");
+    match pool.report().code_on_huge_pages.clone() {
+        Ok(bytes) => assert!(offered && bytes >= 2 << 20, "{bytes} bytes on huge pages"),
+        Err(why) if !offered => assert!(why.contains("are off"), "{why}"),
+        // The machine, not the code: no free huge page right now, or a
+        // policy that refuses executable anonymous memory.
+        Err(why) if why.contains("small pages") || why.contains("denied") => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED (huge pages): {why}");
+        }
+        Err(why) => panic!("the code did not move: {why}"),
     }
     let answer = probe(&pool, "nothing").await.expect("the worker answered");
     assert_eq!(answer, "allowed: unknown probe nothing");
