@@ -1,6 +1,8 @@
 //! Attack family: make the query fail, or not, depending on one person's
 //! value. Arithmetic on private values is total (division by zero and
-//! unconvertible casts give NULL), so neighbouring datasets answer alike.
+//! unconvertible casts give NULL; the smallest integer divided by -1 and its
+//! absolute value wrap; rounding works on doubles), so neighbouring datasets
+//! answer alike.
 
 use std::sync::Arc;
 
@@ -43,6 +45,13 @@ async fn a_value_that_would_break_arithmetic_cannot_be_detected() {
         "SELECT COUNT(*) AS n FROM pop.residents WHERE CAST((age - 40) * 1000 AS SMALLINT) = 0",
         // Integer overflow wraps in DataFusion: it never fails a query.
         "SELECT COUNT(*) AS n FROM pop.residents WHERE (age - 39) * 9223372036854775807 > 0",
+        // The smallest integer for the person aged 40 only, divided by -1,
+        // or its absolute value (both overflow in DataFusion's kernels).
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE (age - 40 + (-9223372036854775807 - 1)) / (age - 41 + 40 - age) > 0",
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE (age - 40 + (-9223372036854775807 - 1)) % (age - 41 + 40 - age) = 0",
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE abs(age - 40 + (-9223372036854775807 - 1)) >= 0",
+        // Rounding the largest integer to tens overflows; the others round down.
+        "SELECT COUNT(*) AS n FROM pop.residents WHERE round(9223372036854775807 - (age - 40) * (age - 40) * 100, -1) > 0",
     ] {
         let a = without.query("op-univ-07", sql).await;
         let b = with.query("op-univ-07", sql).await;

@@ -59,12 +59,13 @@ impl RewriteStage for AggregatePerUnit {
             .map(|s| ctx.below_aggregate(s))
             .collect();
         let aggregated = join_sources(aggregated, ctx, &ctx.scans, &mut joined, outside)?;
+        let schema = aggregated.schema().clone();
         let mut predicates = per_unit
             .predicates
             .iter()
-            .map(|p| total(p.clone()))
+            .map(|p| total(p.clone(), &schema))
             .collect::<Result<Vec<Expr>>>()?;
-        predicates.extend(key_and_row_filters(ctx, outside)?);
+        predicates.extend(key_and_row_filters(ctx, outside, &schema)?);
         match conjunction(predicates) {
             Some(p) => aggregated.filter(p).map_err(df),
             None => Ok(aggregated),

@@ -4,11 +4,15 @@
 //! otherwise create keys that are not public); keys left to partition
 //! selection only lose NULL, which is never released.
 
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::DFSchema;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::functions::core::expr_fn::nullif;
 use datafusion::logical_expr::expr::{Cast, TryCast};
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlanBuilder, Operator, lit};
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, ExprSchemable, LogicalPlanBuilder, Operator, lit, when,
+};
 use veil_policy::DomainValue;
 
 use super::{RewriteContext, RewriteStage, df};
@@ -28,11 +32,16 @@ impl RewriteStage for FilterRows {
         input: LogicalPlanBuilder,
         ctx: &RewriteContext<'_>,
     ) -> Result<LogicalPlanBuilder> {
+        let schema = input.schema().clone();
         let mut predicates = Vec::new();
         for p in &ctx.query.predicates {
-            predicates.push(total(p.clone())?);
+            predicates.push(total(p.clone(), &schema)?);
         }
-        predicates.extend(key_and_row_filters(ctx, |s| ctx.below_aggregate(s))?);
+        predicates.extend(key_and_row_filters(
+            ctx,
+            |s| ctx.below_aggregate(s),
+            &schema,
+        )?);
         match conjunction(predicates) {
             Some(p) => input.filter(p).map_err(df),
             None => Ok(input),
@@ -45,11 +54,12 @@ impl RewriteStage for FilterRows {
 pub(super) fn key_and_row_filters(
     ctx: &RewriteContext<'_>,
     read: impl Fn(usize) -> bool,
+    schema: &DFSchema,
 ) -> Result<Vec<Expr>> {
     let mut predicates = Vec::new();
     for (s, p) in &ctx.row_filters {
         if read(*s) {
-            predicates.push(total(p.clone())?);
+            predicates.push(total(p.clone(), schema)?);
         }
     }
     for (g, domain) in ctx.query.group_keys.iter().zip(&ctx.key_domains) {
@@ -87,25 +97,70 @@ pub(super) fn key_and_row_filters(
 }
 
 /// The total form of a predicate: no row can make it fail, since whether a
-/// query fails must not depend on the data. Division and remainder by zero
-/// give NULL (`x / NULLIF(y, 0)`), casts become `TRY_CAST` (NULL when a value
-/// does not convert). Idempotent: a divisor already guarded stays as it is.
-pub(super) fn total(e: Expr) -> Result<Expr> {
-    let guarded = |e: &Expr| {
-        matches!(e, Expr::ScalarFunction(f)
-            if f.func.name() == "nullif" && f.args.get(1) == Some(&lit(0)))
-    };
-    e.transform(|e| {
+/// query fails must not depend on the data. Every operation that DataFusion
+/// may fail on a value is replaced by one that gives a value or NULL:
+/// - `x / y` becomes `CASE WHEN y = -1 THEN 0 - x ELSE x / NULLIF(y, 0) END`
+///   and `x % y` becomes `CASE WHEN y = -1 THEN x % 1 ELSE x % NULLIF(y, 0)
+///   END`: division by zero gives NULL, and the smallest integer divided by
+///   -1 wraps (as `+`, `-` and `*` do) instead of failing. Decimal operands
+///   are divided as `DOUBLE`, since a decimal quotient can overflow;
+/// - `abs(x)` becomes `CASE WHEN x < 0 THEN 0 - x ELSE x END` (the smallest
+///   integer stays itself);
+/// - `round`, `ceil`, `floor` and `trunc` take their value as `DOUBLE`
+///   (`TRY_CAST`): on integers and decimals they can overflow;
+/// - casts become `TRY_CAST` (NULL when a value does not convert).
+///
+/// Idempotent: the forms above are recognised and only their operands are
+/// made total again.
+pub(super) fn total(e: Expr, schema: &DFSchema) -> Result<Expr> {
+    total_form(e, schema).map_err(df)
+}
+
+fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
+    e.transform_down(|e| {
+        if let Some((op, x, y)) = total_division(&e) {
+            let (x, y) = (total_form(x, schema)?, total_form(y, schema)?);
+            return Ok(Transformed::new(
+                divide(op, x, y, schema),
+                true,
+                TreeNodeRecursion::Jump,
+            ));
+        }
         Ok(match e {
             Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: op @ (Operator::Divide | Operator::Modulo),
                 right,
-            }) if !guarded(&right) => Transformed::yes(Expr::BinaryExpr(BinaryExpr {
-                left,
-                op,
-                right: Box::new(nullif(*right, lit(0))),
-            })),
+            }) => Transformed::new(
+                divide(
+                    op,
+                    total_form(*left, schema)?,
+                    total_form(*right, schema)?,
+                    schema,
+                ),
+                true,
+                TreeNodeRecursion::Jump,
+            ),
+            Expr::ScalarFunction(f) if f.func.name() == "abs" && f.args.len() == 1 => {
+                let x = total_form(f.args.into_iter().next().expect("one argument"), schema)?;
+                Transformed::new(
+                    when(x.clone().lt(lit(0)), lit(0) - x.clone()).otherwise(x)?,
+                    true,
+                    TreeNodeRecursion::Jump,
+                )
+            }
+            Expr::ScalarFunction(mut f)
+                if ROUNDING.contains(&f.func.name())
+                    && !f.args.is_empty()
+                    && !as_double(&f.args[0]) =>
+            {
+                let x = f.args.remove(0);
+                f.args.insert(
+                    0,
+                    Expr::TryCast(TryCast::new(Box::new(x), DataType::Float64)),
+                );
+                Transformed::yes(Expr::ScalarFunction(f))
+            }
             Expr::Cast(Cast { expr, field }) => {
                 Transformed::yes(Expr::TryCast(TryCast::new(expr, field.data_type().clone())))
             }
@@ -113,20 +168,109 @@ pub(super) fn total(e: Expr) -> Result<Expr> {
         })
     })
     .map(|t| t.data)
-    .map_err(df)
+}
+
+/// Functions that can overflow on an integer or decimal value.
+const ROUNDING: &[&str] = &["round", "ceil", "floor", "trunc"];
+
+fn as_double(e: &Expr) -> bool {
+    matches!(e, Expr::TryCast(c) if c.field.data_type() == &DataType::Float64)
+}
+
+/// The total form of `x op y` for division or remainder.
+fn divide(op: Operator, x: Expr, y: Expr, schema: &DFSchema) -> Expr {
+    let decimal = |e: &Expr| {
+        matches!(
+            e.get_type(schema),
+            Ok(DataType::Decimal32(..)
+                | DataType::Decimal64(..)
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..))
+        )
+    };
+    let (x, y) = if decimal(&x) || decimal(&y) {
+        let double = |e: Expr| {
+            if as_double(&e) {
+                e
+            } else {
+                Expr::TryCast(TryCast::new(Box::new(e), DataType::Float64))
+            }
+        };
+        (double(x), double(y))
+    } else {
+        (x, y)
+    };
+    let by_minus_one = match op {
+        Operator::Divide => lit(0) - x.clone(),
+        _ => binary(x.clone(), Operator::Modulo, lit(1)),
+    };
+    let otherwise = binary(x, op, nullif(y.clone(), lit(0)));
+    // Literal operands: the expression is well formed.
+    when(y.eq(lit(-1)), by_minus_one)
+        .otherwise(otherwise)
+        .expect("one WHEN and an ELSE")
+}
+
+fn binary(l: Expr, op: Operator, r: Expr) -> Expr {
+    Expr::BinaryExpr(BinaryExpr::new(Box::new(l), op, Box::new(r)))
+}
+
+/// The operator and operands of an expression in the total form of
+/// [`divide`].
+fn total_division(e: &Expr) -> Option<(Operator, Expr, Expr)> {
+    let Expr::Case(case) = e else { return None };
+    let ([(w, t)], Some(otherwise), None) =
+        (case.when_then_expr.as_slice(), &case.else_expr, &case.expr)
+    else {
+        return None;
+    };
+    let Expr::BinaryExpr(BinaryExpr {
+        left: y,
+        op: Operator::Eq,
+        right: minus_one,
+    }) = w.as_ref()
+    else {
+        return None;
+    };
+    let Expr::BinaryExpr(BinaryExpr {
+        left: x,
+        op,
+        right: guarded,
+    }) = otherwise.as_ref()
+    else {
+        return None;
+    };
+    let op = *op;
+    let expected = match op {
+        Operator::Divide => lit(0) - x.as_ref().clone(),
+        Operator::Modulo => binary(x.as_ref().clone(), Operator::Modulo, lit(1)),
+        _ => return None,
+    };
+    (**minus_one == lit(-1) && **t == expected && **guarded == nullif(y.as_ref().clone(), lit(0)))
+        .then(|| (op, x.as_ref().clone(), y.as_ref().clone()))
 }
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::datatypes::DataType;
-    use datafusion::common::tree_node::TreeNode;
-    use datafusion::logical_expr::{Expr, cast, col, lit};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::common::DFSchema;
+    use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+    use datafusion::functions::math::expr_fn::{abs, floor, round};
+    use datafusion::logical_expr::{Expr, Operator, cast, col, lit};
     use proptest::prelude::*;
 
-    use super::total;
+    use super::{ROUNDING, as_double, total, total_division};
+
+    fn schema() -> DFSchema {
+        DFSchema::try_from(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+        ]))
+        .expect("schema")
+    }
 
     /// Arithmetic and comparisons over two columns and small literals, with
-    /// casts, division and remainder anywhere.
+    /// casts, division, remainder, `abs` and rounding anywhere.
     fn expr() -> impl Strategy<Value = Expr> {
         let leaf = prop_oneof![Just(col("a")), Just(col("b")), (-2i64..3).prop_map(lit),];
         leaf.prop_recursive(4, 24, 2, |inner| {
@@ -135,29 +279,64 @@ mod tests {
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x % y),
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x + y),
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x.gt(y)),
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| round(vec![x, y])),
+                inner.clone().prop_map(abs),
+                inner.clone().prop_map(floor),
                 inner.prop_map(|x| cast(x, DataType::Int32)),
             ]
         })
     }
 
+    /// Whether anything that can fail is left outside the total forms.
+    fn fallible(e: &Expr) -> bool {
+        let mut found = false;
+        // Each total division becomes its operands' sum, to look inside.
+        let flat = e
+            .clone()
+            .transform_down(|e| {
+                Ok(match total_division(&e) {
+                    Some((_, x, y)) => Transformed::new(x + y, true, TreeNodeRecursion::Continue),
+                    None => Transformed::no(e),
+                })
+            })
+            .expect("flatten")
+            .data;
+        flat.apply(|x| {
+            found |= match x {
+                Expr::BinaryExpr(b) => matches!(b.op, Operator::Divide | Operator::Modulo),
+                Expr::Cast(_) => true,
+                Expr::ScalarFunction(f) => {
+                    f.func.name() == "abs"
+                        || (ROUNDING.contains(&f.func.name()) && !as_double(&f.args[0]))
+                }
+                _ => false,
+            };
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .expect("walk");
+        found
+    }
+
     proptest! {
         #[test]
         fn the_total_form_is_idempotent_and_total(e in expr()) {
-            let once = total(e).expect("total");
-            prop_assert_eq!(total(once.clone()).expect("total"), once.clone());
-            // Nothing that can fail is left: every divisor is guarded, no
-            // plain cast remains.
-            let mut unguarded = false;
-            once.apply(|x| {
-                if let Expr::BinaryExpr(b) = x
-                    && matches!(b.op, datafusion::logical_expr::Operator::Divide | datafusion::logical_expr::Operator::Modulo)
-                {
-                    unguarded |= !matches!(b.right.as_ref(), Expr::ScalarFunction(f) if f.func.name() == "nullif");
-                }
-                unguarded |= matches!(x, Expr::Cast(_));
-                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-            }).expect("walk");
-            prop_assert!(!unguarded, "{once}");
+            let schema = schema();
+            let once = total(e, &schema).expect("total");
+            prop_assert_eq!(total(once.clone(), &schema).expect("total"), once.clone());
+            prop_assert!(!fallible(&once), "{once}");
         }
+    }
+
+    /// A division written in the total form by the operator is itself
+    /// total, but its operands are still made total.
+    #[test]
+    fn a_hand_written_total_form_keeps_no_fallible_operand() {
+        let (x, y) = (abs(col("a")), col("b"));
+        let written = datafusion::logical_expr::when(y.clone().eq(lit(-1)), lit(0) - x.clone())
+            .otherwise(x / super::nullif(y, lit(0)))
+            .expect("case");
+        assert!(total_division(&written).is_some());
+        assert!(fallible(&written));
+        assert!(!fallible(&total(written, &schema()).expect("total")));
     }
 }

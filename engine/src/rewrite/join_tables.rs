@@ -80,10 +80,11 @@ fn truncate(
         .ok_or_else(|| EngineError::Internal("private dataset without unit".into()))?;
     let relation = &ctx.query.sources[s].relation;
     let column = |name: &str| Expr::Column(DfColumn::new(Some(relation.clone()), name));
+    let schema = ctx.scans[s].schema().clone();
     let mut own = Vec::new();
     for (f, p) in &ctx.row_filters {
         if *f == s {
-            own.push(total(p.clone())?);
+            own.push(total(p.clone(), &schema)?);
         }
     }
     for p in &ctx.query.predicates {
@@ -91,7 +92,7 @@ fn truncate(
             .iter()
             .all(|c| c.relation.as_ref() == Some(relation))
         {
-            own.push(total(p.clone())?);
+            own.push(total(p.clone(), &schema)?);
         }
     }
     let mut builder = LogicalPlanBuilder::from(ctx.scans[s].clone());
