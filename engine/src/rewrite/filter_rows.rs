@@ -339,4 +339,26 @@ mod tests {
         assert!(fallible(&written));
         assert!(!fallible(&total(written, &schema()).expect("total")));
     }
+
+    /// A decimal quotient can overflow its type: it is computed in DOUBLE.
+    #[test]
+    fn decimal_operands_are_divided_as_doubles() {
+        let schema = DFSchema::try_from(Schema::new(vec![
+            Field::new("d", DataType::Decimal128(38, 10), true),
+            Field::new("a", DataType::Int64, true),
+        ]))
+        .expect("schema");
+        let once = total(col("d") / col("a"), &schema).expect("total");
+        let Some((_, x, y)) = total_division(&once) else {
+            panic!("a total division: {once}")
+        };
+        assert!(as_double(&x) && as_double(&y), "{once}");
+        assert_eq!(total(once.clone(), &schema).expect("total"), once);
+        // Integers keep integer division.
+        let ints = total(col("a") / lit(2), &schema).expect("total");
+        let Some((_, x, _)) = total_division(&ints) else {
+            panic!("a total division: {ints}")
+        };
+        assert_eq!(x, col("a"));
+    }
 }
