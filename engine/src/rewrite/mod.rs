@@ -910,8 +910,9 @@ pub fn certify(
 /// as they are (each its own contribution), with public group keys only.
 fn truncation_bounds(t: &crate::analyze::Truncation, unit_rows: &[u64]) -> Result<(u32, u32)> {
     let [(a, _), (b, _)] = &t.sides;
-    let rows = (unit_rows[*a] + unit_rows[*b])
-        .checked_mul(2 * u64::from(t.max_matches))
+    let rows = unit_rows[*a]
+        .checked_add(unit_rows[*b])
+        .and_then(|c| c.checked_mul(2 * u64::from(t.max_matches)))
         .and_then(|s| u32::try_from(s).ok())
         .ok_or_else(|| {
             EngineError::Unavailable(
@@ -1025,18 +1026,22 @@ pub(crate) fn key_domain(key: &GroupKey, column: &Column) -> Option<Vec<DomainVa
         GroupKey::Column(_) => column.domain_values().map(<[DomainValue]>::to_vec),
         GroupKey::Bucket { width, .. } => {
             let (lo, hi) = column.bounds?;
-            let first = (lo / *width as f64).floor() as i64;
-            let last = (hi / *width as f64).floor() as i64;
-            if last - first > 1_000_000 {
-                return None;
-            }
-            Some(
-                (first..=last)
-                    .map(|k| DomainValue::Int(k * width))
-                    .collect(),
-            )
+            bucket_domain(lo, hi, *width)
         }
     }
+}
+
+/// Every bucket `width · ⌊x / width⌋` of `x` in `lo..=hi`; `None` beyond a
+/// million buckets or the integers (bounds there saturate).
+fn bucket_domain(lo: f64, hi: f64, width: i64) -> Option<Vec<DomainValue>> {
+    let first = (lo / width as f64).floor() as i64;
+    let last = (hi / width as f64).floor() as i64;
+    if last.checked_sub(first).is_none_or(|n| n > 1_000_000) {
+        return None;
+    }
+    (first..=last)
+        .map(|k| k.checked_mul(width).map(DomainValue::Int))
+        .collect()
 }
 
 /// All public keys: the product of the group keys' domains, in order;
@@ -1069,4 +1074,31 @@ fn key_product(key_domains: &[Option<Vec<DomainValue>>]) -> Result<Option<Vec<Ve
 
 pub(crate) fn df(e: datafusion::error::DataFusionError) -> EngineError {
     EngineError::Internal(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_domains_beyond_the_integers_are_no_public_list() {
+        assert_eq!(
+            bucket_domain(0.0, 20.0, 5),
+            Some((0..=4).map(|k| DomainValue::Int(5 * k)).collect())
+        );
+        assert_eq!(bucket_domain(-1e19, 1e19, 1), None);
+        assert_eq!(bucket_domain(9.2e18, 9.3e18, 1), None);
+        assert_eq!(bucket_domain(0.0, 2e6, 1), None);
+    }
+
+    #[test]
+    fn a_truncated_join_bound_that_overflows_is_refused() {
+        let t = crate::analyze::Truncation {
+            sides: [(0, "k".into()), (1, "k".into())],
+            max_matches: 3,
+        };
+        assert_eq!(truncation_bounds(&t, &[2, 5]).expect("fits"), (1, 42));
+        assert!(truncation_bounds(&t, &[u64::MAX, 2]).is_err());
+        assert!(truncation_bounds(&t, &[u64::MAX / 2, u64::MAX / 2]).is_err());
+    }
 }
