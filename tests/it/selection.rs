@@ -83,8 +83,9 @@ async fn keys_without_a_domain_pass_partition_selection() {
     let threshold = estimate.threshold.expect("a selection threshold");
 
     let r = f.query("op-univ-07", SQL).await.expect("answered");
-    // The lonely key passes with probability below δ = 1e-6 (this test's
-    // false-alarm rate); NULL is never a key; both populous keys pass, sorted.
+    // The lonely key passes with probability below the query's δ (5e-8,
+    // below: this test's false-alarm rate); NULL is never a key; both
+    // populous keys pass, sorted.
     assert_eq!(column_strings(&r, "gender"), vec!["女", "男"]);
     let md = r.schema.metadata();
     assert_eq!(
@@ -105,6 +106,21 @@ async fn keys_without_a_domain_pass_partition_selection() {
         .find(|g| g.grantee == "op-univ-07")
         .expect("grant");
     assert_eq!(applied, tau.max(u64::from(policy.min_group_size(grant))));
+    // τ is set for the query's share of the grant's δ, δ · per_query /
+    // budget = 1e-6 · 0.5 / 10, so that a window's queries spend at most δ
+    // on selection together; the distinct-unit count has noise of scale 6
+    // (ε = 0.5 over three statistics, one group per resident).
+    let at = |delta: f64| {
+        veil_engine::mechanisms::selection_threshold(
+            veil_engine::accounting::Mechanism::DiscreteLaplace,
+            &dashu::rational::RBig::from(6u8),
+            1,
+            delta,
+        )
+        .expect("τ")
+    };
+    assert_eq!(tau, at(1e-6 * 0.5 / 10.0));
+    assert!(tau > at(1e-6), "a query does not spend the whole δ");
     assert_eq!(md.get(meta::TRUNCATED).map(String::as_str), Some("false"));
     // One key ("未说明") was found but not released. The count of keys found
     // has noise of scale 6 (ε = 0.5 over three statistics, one unit in one

@@ -967,6 +967,12 @@ fn sum_index<'a>(
 
 /// δ for partition selection over the query's group columns, or why the
 /// grant cannot select partitions.
+///
+/// The grant's `delta` is its δ budget for a window, composed by basic
+/// composition like its ε (DP-SEMANTICS.md, "Budget and accounting"): each
+/// query spends the share of it that its charge is of the budget, `δ ·
+/// per_query / budget`. The ledger refuses charges beyond the budget, so
+/// the queries of one window spend at most `delta` together on selection.
 fn selection_delta(
     query: &PrivateQuery,
     key_domains: &[Option<Vec<DomainValue>>],
@@ -991,7 +997,7 @@ fn selection_delta(
         .collect::<Result<Vec<_>>>()?
         .join(", ");
     let delta = match dp.accounting.delta() {
-        delta if delta > 0.0 => delta,
+        delta if delta > 0.0 => delta * (dp.per_query / dp.budget).min(1.0),
         _ => {
             return Err(EngineError::rejected(
                 Rule::GroupKeyWithoutDomain,
