@@ -378,3 +378,42 @@ fn a_join_keeps_its_epsilon_end_to_end() {
     assert!(lb <= claimed, "ε lower bound {lb} exceeds {claimed}");
     assert!(lb > 0.1, "the audit sees the victim: {lb}");
 }
+
+/// A row-level unit's rows are bounded by nothing but themselves: read
+/// alone, each row is one contribution; joined, a row could be repeated and
+/// the unit column need not be unique (or exist), so the join is refused
+/// before any data is read, with the rule and a fix.
+#[test]
+fn a_table_whose_unit_is_the_row_is_refused_in_joins_and_answered_alone() {
+    let policy = POLICY.replacen(
+        r#"privacy_unit = { column = "pid", kind = "natural_person", max_groups = 2, max_rows = 3 }
+foreign_keys = [{ column = "pid", references = "t.people" }]"#,
+        r#"privacy_unit = { column = "pid", kind = "row", max_groups = 1, max_rows = 1 }"#,
+        1,
+    );
+    assert!(
+        policy.contains(r#"kind = "row""#),
+        "the test policy changed"
+    );
+    // Two events share pid 1: one unit column value, two units.
+    let events: Vec<Event> = vec![(1, "k1", Some(1.0)), (1, "k2", Some(2.0)), (2, "k2", None)];
+    let files = files(&events, &[(1, "r1")]);
+    let joined = "SELECT k.label, COUNT(*) FROM t.events e JOIN t.kinds k ON e.kind = k.code \
+                  GROUP BY k.label";
+    match crate::support::try_certified_over(&policy, &files, "op", joined, None) {
+        Err(e) => {
+            assert_eq!(e.code(), "UNSUPPORTED_SHAPE", "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("`t.events`") && text.contains(r#"kind = "row""#),
+                "{text}"
+            );
+        }
+        Ok(_) => panic!("a join of a row-level table was certified"),
+    }
+    let (_, exact) = certified_over(&policy, &files, "op", "SELECT COUNT(*) FROM t.events", None);
+    assert!(
+        !exact.groups.is_empty(),
+        "read alone, the table is answered"
+    );
+}

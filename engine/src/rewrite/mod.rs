@@ -541,6 +541,22 @@ pub fn certify(
         .unit
         .as_ref()
         .ok_or_else(|| EngineError::Internal("private dataset without unit".into()))?;
+    // Bounding groups rows by the unit column, which for row-level units
+    // need not exist or be unique: only a row read alone is its own unit.
+    if let Some((row_level, _)) = sources
+        .iter()
+        .find(|(d, _)| !d.is_public() && d.unit.as_ref().is_some_and(|u| u.kind == UnitKind::Row))
+        && query.sources.len() > 1
+        && query.truncated.is_none()
+    {
+        return Err(EngineError::rejected(
+            Rule::UnsupportedShape,
+            format!(
+                "the privacy unit of `{}` is the row (kind = \"row\"), so it cannot be joined: a join can repeat a row, and rows have no key to bound their contributions by. Query the dataset alone, or ask the security officer to declare a person or household unit for it",
+                row_level.id
+            ),
+        ));
+    }
     let dp = grant.dp.as_ref().ok_or_else(|| {
         EngineError::rejected(
             Rule::UnsupportedShape,
@@ -824,8 +840,8 @@ pub fn certify(
         sources,
         scans,
         unit,
-        rows_are_units: query.truncated.is_some()
-            || (unit.kind == UnitKind::Row && query.sources.len() == 1),
+        // A row-level unit is read alone (refused above otherwise).
+        rows_are_units: query.truncated.is_some() || unit.kind == UnitKind::Row,
         row_filters,
         unit_rows,
         key_domains,
