@@ -118,7 +118,7 @@ pub(super) fn total(e: Expr, schema: &DFSchema) -> Result<Expr> {
 
 fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
     e.transform_down(|e| {
-        if let Some((op, x, y)) = total_division(&e) {
+        if let Some((op, x, y)) = total_division(&e, schema) {
             let (x, y) = (total_form(x, schema)?, total_form(y, schema)?);
             return Ok(Transformed::new(
                 divide(op, x, y, schema),
@@ -141,7 +141,11 @@ fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
                 true,
                 TreeNodeRecursion::Jump,
             ),
-            Expr::ScalarFunction(f) if f.func.name() == "abs" && f.args.len() == 1 => {
+            // Unsigned values are their own absolute value, and cannot
+            // overflow it.
+            Expr::ScalarFunction(f)
+                if f.func.name() == "abs" && f.args.len() == 1 && !unsigned(&f.args[0], schema) =>
+            {
                 let x = total_form(f.args.into_iter().next().expect("one argument"), schema)?;
                 Transformed::new(
                     when(x.clone().lt(lit(0)), lit(0) - x.clone()).otherwise(x)?,
@@ -200,6 +204,12 @@ fn divide(op: Operator, x: Expr, y: Expr, schema: &DFSchema) -> Expr {
     } else {
         (x, y)
     };
+    // No unsigned operand can be the smallest integer or -1; a -1 branch
+    // would also turn the quotient's type into a decimal (checked, unlike
+    // the unsigned arithmetic it replaces).
+    if unsigned(&x, schema) || unsigned(&y, schema) {
+        return binary(x, op, nullif(y, lit(0)));
+    }
     let by_minus_one = match op {
         Operator::Divide => lit(0) - x.clone(),
         _ => binary(x.clone(), Operator::Modulo, lit(1)),
@@ -215,9 +225,25 @@ fn binary(l: Expr, op: Operator, r: Expr) -> Expr {
     Expr::BinaryExpr(BinaryExpr::new(Box::new(l), op, Box::new(r)))
 }
 
+fn unsigned(e: &Expr, schema: &DFSchema) -> bool {
+    e.get_type(schema).is_ok_and(|t| t.is_unsigned_integer())
+}
+
 /// The operator and operands of an expression in the total form of
 /// [`divide`].
-fn total_division(e: &Expr) -> Option<(Operator, Expr, Expr)> {
+fn total_division(e: &Expr, schema: &DFSchema) -> Option<(Operator, Expr, Expr)> {
+    if let Expr::BinaryExpr(BinaryExpr {
+        left: x,
+        op: op @ (Operator::Divide | Operator::Modulo),
+        right: guarded,
+    }) = e
+        && let Expr::ScalarFunction(f) = guarded.as_ref()
+        && f.func.name() == "nullif"
+        && f.args.get(1) == Some(&lit(0))
+        && (unsigned(x, schema) || unsigned(&f.args[0], schema))
+    {
+        return Some((*op, x.as_ref().clone(), f.args[0].clone()));
+    }
     let Expr::Case(case) = e else { return None };
     let ([(w, t)], Some(otherwise), None) =
         (case.when_then_expr.as_slice(), &case.else_expr, &case.expr)
@@ -294,7 +320,7 @@ mod tests {
         let flat = e
             .clone()
             .transform_down(|e| {
-                Ok(match total_division(&e) {
+                Ok(match total_division(&e, &schema()) {
                     Some((_, x, y)) => Transformed::new(x + y, true, TreeNodeRecursion::Continue),
                     None => Transformed::no(e),
                 })
@@ -335,7 +361,7 @@ mod tests {
         let written = datafusion::logical_expr::when(y.clone().eq(lit(-1)), lit(0) - x.clone())
             .otherwise(x / super::nullif(y, lit(0)))
             .expect("case");
-        assert!(total_division(&written).is_some());
+        assert!(total_division(&written, &schema()).is_some());
         assert!(fallible(&written));
         assert!(!fallible(&total(written, &schema()).expect("total")));
     }
@@ -349,16 +375,33 @@ mod tests {
         ]))
         .expect("schema");
         let once = total(col("d") / col("a"), &schema).expect("total");
-        let Some((_, x, y)) = total_division(&once) else {
+        let Some((_, x, y)) = total_division(&once, &schema) else {
             panic!("a total division: {once}")
         };
         assert!(as_double(&x) && as_double(&y), "{once}");
         assert_eq!(total(once.clone(), &schema).expect("total"), once);
         // Integers keep integer division.
         let ints = total(col("a") / lit(2), &schema).expect("total");
-        let Some((_, x, _)) = total_division(&ints) else {
+        let Some((_, x, _)) = total_division(&ints, &schema) else {
             panic!("a total division: {ints}")
         };
         assert_eq!(x, col("a"));
+    }
+
+    /// Unsigned values can neither be the smallest integer nor -1: their
+    /// division keeps only the zero guard and `abs` stays, so no literal
+    /// turns them into (checked) decimals.
+    #[test]
+    fn unsigned_operands_keep_their_type() {
+        let schema = DFSchema::try_from(Schema::new(vec![
+            Field::new("u", DataType::UInt64, true),
+            Field::new("a", DataType::Int64, true),
+        ]))
+        .expect("schema");
+        let quotient = total(col("u") / col("a"), &schema).expect("total");
+        assert_eq!(quotient, col("u") / super::nullif(col("a"), lit(0)));
+        assert_eq!(total(quotient.clone(), &schema).expect("total"), quotient);
+        let product = total(abs(col("u")) * abs(col("u")), &schema).expect("total");
+        assert_eq!(product, abs(col("u")) * abs(col("u")));
     }
 }
