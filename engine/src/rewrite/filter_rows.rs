@@ -110,8 +110,13 @@ pub(super) fn key_and_row_filters(
 ///   (`TRY_CAST`): on integers and decimals they can overflow;
 /// - casts become `TRY_CAST` (NULL when a value does not convert).
 ///
-/// Idempotent: the forms above are recognised and only their operands are
-/// made total again.
+/// Unsigned operands can be neither the smallest integer nor -1: their
+/// division keeps only the zero guard and `abs` stays. Idempotent: the forms
+/// above are recognised and only their operands are made total again.
+///
+/// Not covered yet (the session notes of 2026-12-07 list them): casts that
+/// DataFusion's type coercion inserts after this rewrite, decimal `+ - *`
+/// and temporal arithmetic, and patterns taken from column data.
 pub(super) fn total(e: Expr, schema: &DFSchema) -> Result<Expr> {
     total_form(e, schema).map_err(df)
 }
