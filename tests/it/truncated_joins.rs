@@ -351,3 +351,37 @@ fn only_the_declared_shape_is_accepted() {
         );
     }
 }
+
+/// Truncation ranks each side's rows by their unit column, which a
+/// row-level unit need not have unique (or at all): such a side is refused.
+#[test]
+fn a_side_whose_unit_is_the_row_is_refused() {
+    // Both sides: the policy declares truncation between one kind of unit.
+    let policy = POLICY
+        .replacen(
+            r#"privacy_unit = { column = "person", kind = "natural_person", max_groups = 1, max_rows = 2 }"#,
+            r#"privacy_unit = { column = "person", kind = "row", max_groups = 1, max_rows = 1 }"#,
+            1,
+        )
+        .replacen(
+            r#"privacy_unit = { column = "patient", kind = "natural_person", max_groups = 2, max_rows = 1 }"#,
+            r#"privacy_unit = { column = "patient", kind = "row", max_groups = 1, max_rows = 1 }"#,
+            1,
+        );
+    assert_eq!(
+        policy.matches(r#"kind = "row""#).count(),
+        2,
+        "the test policy changed"
+    );
+    match try_certified_over(&policy, &files(&[], &[]), "op", SQL, None) {
+        Ok(_) => panic!("a truncated join of a row-level table was certified"),
+        Err(e) => {
+            let text = e.to_string();
+            assert_eq!(e.code(), "UNSUPPORTED_SHAPE", "{text}");
+            assert!(
+                text.contains("`t.") && text.contains(r#"kind = "row""#),
+                "{text}"
+            );
+        }
+    }
+}

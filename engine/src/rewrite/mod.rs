@@ -543,11 +543,11 @@ pub fn certify(
         .ok_or_else(|| EngineError::Internal("private dataset without unit".into()))?;
     // Bounding groups rows by the unit column, which for row-level units
     // need not exist or be unique: only a row read alone is its own unit.
+    // A truncated join too ranks each side's rows by their unit column.
     if let Some((row_level, _)) = sources
         .iter()
         .find(|(d, _)| !d.is_public() && d.unit.as_ref().is_some_and(|u| u.kind == UnitKind::Row))
         && query.sources.len() > 1
-        && query.truncated.is_none()
     {
         return Err(EngineError::rejected(
             Rule::UnsupportedShape,
@@ -1056,8 +1056,12 @@ pub(crate) fn key_domain(key: &GroupKey, column: &Column) -> Option<Vec<DomainVa
 /// Every bucket `width · ⌊x / width⌋` of `x` in `lo..=hi`; `None` beyond a
 /// million buckets or the integers (bounds there saturate).
 fn bucket_domain(lo: f64, hi: f64, width: i64) -> Option<Vec<DomainValue>> {
-    let first = (lo / width as f64).floor() as i64;
-    let last = (hi / width as f64).floor() as i64;
+    // `as` saturates: a bound beyond the integers would cut the list short.
+    let bucket = |x: f64| {
+        let k = (x / width as f64).floor();
+        (k >= i64::MIN as f64 && k < i64::MAX as f64).then_some(k as i64)
+    };
+    let (first, last) = (bucket(lo)?, bucket(hi)?);
     if last.checked_sub(first).is_none_or(|n| n > 1_000_000) {
         return None;
     }
@@ -1110,6 +1114,10 @@ mod tests {
         );
         assert_eq!(bucket_domain(-1e19, 1e19, 1), None);
         assert_eq!(bucket_domain(9.2e18, 9.3e18, 1), None);
+        // Close to the largest integer, with the upper bound beyond it.
+        assert_eq!(bucket_domain(9.223_372_036_854_775e18, 1e19, 1), None);
+        assert_eq!(bucket_domain(-1e19, -9.223_372_036_854_775e18, 1), None);
+        assert_eq!(bucket_domain(f64::NAN, 1.0, 1), None);
         assert_eq!(bucket_domain(0.0, 2e6, 1), None);
     }
 
