@@ -5,7 +5,7 @@
 //! sum: no data-dependent error can arise here.
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast, lit, try_cast};
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder, lit, try_cast};
 
 use super::{
     RewriteContext, RewriteStage, df, fixed_point_bounds, key_column, rank_column, value_column,
@@ -18,7 +18,9 @@ use crate::error::Result;
 pub struct ClampValues;
 
 /// A group key's value: the column, or its bucket `w · ⌊x / w⌋` (exact
-/// integer arithmetic for integer columns, also below zero).
+/// integer arithmetic for integer columns, also below zero). `TRY_CAST`, as
+/// everywhere a value meets a cast: an unsigned value beyond the 64-bit
+/// integers becomes NULL, which no public key holds.
 fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Result<Expr> {
     let x = ctx.expr(key.column())?;
     let GroupKey::Bucket { width, .. } = key else {
@@ -26,11 +28,11 @@ fn key_expr(key: &GroupKey, ctx: &RewriteContext<'_>) -> Result<Expr> {
     };
     let w = lit(*width);
     Ok(if ctx.data_type(key.column())?.is_integer() {
-        let x = cast(x, DataType::Int64);
+        let x = try_cast(x, DataType::Int64);
         let remainder = ((x.clone() % w.clone()) + w.clone()) % w;
         x - remainder
     } else {
-        let x = cast(x, DataType::Float64);
+        let x = try_cast(x, DataType::Float64);
         datafusion::functions::math::expr_fn::floor(x / lit(*width as f64)) * lit(*width as f64)
     })
 }

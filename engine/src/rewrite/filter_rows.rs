@@ -5,19 +5,20 @@
 //! selection only lose NULL, which is never released.
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::functions::core::expr_fn::nullif;
 use datafusion::logical_expr::expr::{Cast, TryCast};
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
     BinaryExpr, Expr, ExprSchemable, LogicalPlanBuilder, Operator, lit, when,
 };
+use datafusion::optimizer::analyzer::type_coercion::TypeCoercionRewriter;
 use veil_policy::DomainValue;
 
 use super::{RewriteContext, RewriteStage, df};
 use crate::analyze::GroupKey;
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, Rule};
 
 /// See the module documentation.
 pub struct FilterRows;
@@ -50,7 +51,8 @@ impl RewriteStage for FilterRows {
 }
 
 /// The grant's row filters of the tables `read` selects, and their group
-/// keys restricted to their domains, in total form.
+/// keys restricted to their domains, all in total form (coerced here, so
+/// that the executor adds no cast).
 pub(super) fn key_and_row_filters(
     ctx: &RewriteContext<'_>,
     read: impl Fn(usize) -> bool,
@@ -59,7 +61,7 @@ pub(super) fn key_and_row_filters(
     let mut predicates = Vec::new();
     for (s, p) in &ctx.row_filters {
         if read(*s) {
-            predicates.push(total(p.clone(), schema)?);
+            predicates.push(p.clone());
         }
     }
     for (g, domain) in ctx.query.group_keys.iter().zip(&ctx.key_domains) {
@@ -93,32 +95,50 @@ pub(super) fn key_and_row_filters(
             }
         }
     }
-    Ok(predicates)
+    predicates.into_iter().map(|p| total(p, schema)).collect()
 }
 
 /// The total form of a predicate: no row can make it fail, since whether a
-/// query fails must not depend on the data. Every operation that DataFusion
-/// may fail on a value is replaced by one that gives a value or NULL:
+/// query fails must not depend on the data; or a refusal, before any data is
+/// read, of what has no total form.
+///
+/// The predicate is first coerced as DataFusion's analyzer would, so that
+/// the casts coercion needs are explicit here (the executor's analyzer then
+/// finds nothing left to coerce). Then every operation that DataFusion may
+/// fail on a value is replaced by one that gives a value or NULL:
 /// - `x / y` becomes `CASE WHEN y = -1 THEN 0 - x ELSE x / NULLIF(y, 0) END`
 ///   and `x % y` becomes `CASE WHEN y = -1 THEN x % 1 ELSE x % NULLIF(y, 0)
 ///   END`: division by zero gives NULL, and the smallest integer divided by
-///   -1 wraps (as `+`, `-` and `*` do) instead of failing. Decimal operands
-///   are divided as `DOUBLE`, since a decimal quotient can overflow;
-/// - `abs(x)` becomes `CASE WHEN x < 0 THEN 0 - x ELSE x END` (the smallest
-///   integer stays itself);
-/// - `round`, `ceil`, `floor` and `trunc` take their value as `DOUBLE`
-///   (`TRY_CAST`): on integers and decimals they can overflow;
-/// - casts become `TRY_CAST` (NULL when a value does not convert).
+///   -1 wraps (as `+`, `-` and `*` do) instead of failing;
+/// - decimal arithmetic (`+ - * / %`), which arrow checks for overflow, is
+///   computed in `DOUBLE`;
+/// - `abs(x)` of an integer becomes `CASE WHEN x < 0 THEN 0 - x ELSE x END`
+///   (the smallest integer stays itself); of a decimal, it takes a `DOUBLE`;
+/// - `round`, `ceil`, `floor` and `trunc` take their value as `DOUBLE`: on
+///   integers and decimals they can overflow;
+/// - casts, those coercion added included, become `TRY_CAST` (NULL when a
+///   value does not convert).
 ///
-/// Unsigned operands can be neither the smallest integer nor -1: their
-/// division keeps only the zero guard and `abs` stays. Idempotent: the forms
-/// above are recognised and only their operands are made total again.
-///
-/// Not covered yet (the session notes of 2026-12-07 list them): casts that
-/// DataFusion's type coercion inserts after this rewrite, decimal `+ - *`
-/// and temporal arithmetic, and patterns taken from column data.
+/// The literals these forms add have their operand's type, so coercing the
+/// result again adds no cast. Unsigned operands can be neither the smallest
+/// integer nor -1: their division keeps only the zero guard. Refused
+/// ([`refuse_partial`]): arithmetic on dates and times, patterns that are no
+/// literal or do not compile, and operators DataFusion does not evaluate.
+/// Idempotent: the forms above are recognised and only their operands are
+/// made total again.
 pub(super) fn total(e: Expr, schema: &DFSchema) -> Result<Expr> {
-    total_form(e, schema).map_err(df)
+    let mut e = e;
+    // Twice: a function whose value became DOUBLE may coerce its other
+    // arguments anew; the second round changes nothing else.
+    for _ in 0..2 {
+        e = e
+            .rewrite(&mut TypeCoercionRewriter::new(schema))
+            .map_err(|err| EngineError::rejected(Rule::InvalidSql, err.strip_backtrace()))?
+            .data;
+        refuse_partial(&e, schema)?;
+        e = total_form(e, schema).map_err(df)?;
+    }
+    Ok(e)
 }
 
 fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
@@ -126,7 +146,7 @@ fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
         if let Some((op, x, y)) = total_division(&e, schema) {
             let (x, y) = (total_form(x, schema)?, total_form(y, schema)?);
             return Ok(Transformed::new(
-                divide(op, x, y, schema),
+                divide(op, x, y, schema)?,
                 true,
                 TreeNodeRecursion::Jump,
             ));
@@ -142,18 +162,33 @@ fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
                     total_form(*left, schema)?,
                     total_form(*right, schema)?,
                     schema,
-                ),
+                )?,
                 true,
                 TreeNodeRecursion::Jump,
             ),
-            // Unsigned values are their own absolute value, and cannot
-            // overflow it.
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: op @ (Operator::Plus | Operator::Minus | Operator::Multiply),
+                right,
+            }) if decimal(&left, schema) || decimal(&right, schema) => {
+                Transformed::yes(binary(as_double(*left), op, as_double(*right)))
+            }
+            Expr::ScalarFunction(mut f)
+                if f.func.name() == "abs" && f.args.len() == 1 && decimal(&f.args[0], schema) =>
+            {
+                let x = f.args.remove(0);
+                f.args.push(as_double(x));
+                Transformed::yes(Expr::ScalarFunction(f))
+            }
             Expr::ScalarFunction(f)
-                if f.func.name() == "abs" && f.args.len() == 1 && !unsigned(&f.args[0], schema) =>
+                if f.func.name() == "abs"
+                    && f.args.len() == 1
+                    && type_of(&f.args[0], schema).is_signed_integer() =>
             {
                 let x = total_form(f.args.into_iter().next().expect("one argument"), schema)?;
+                let zero = typed(0, &x, schema);
                 Transformed::new(
-                    when(x.clone().lt(lit(0)), lit(0) - x.clone()).otherwise(x)?,
+                    when(x.clone().lt(zero.clone()), zero - x.clone()).otherwise(x)?,
                     true,
                     TreeNodeRecursion::Jump,
                 )
@@ -161,13 +196,10 @@ fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
             Expr::ScalarFunction(mut f)
                 if ROUNDING.contains(&f.func.name())
                     && !f.args.is_empty()
-                    && !as_double(&f.args[0]) =>
+                    && !is_double(&f.args[0]) =>
             {
                 let x = f.args.remove(0);
-                f.args.insert(
-                    0,
-                    Expr::TryCast(TryCast::new(Box::new(x), DataType::Float64)),
-                );
+                f.args.insert(0, as_double(x));
                 Transformed::yes(Expr::ScalarFunction(f))
             }
             Expr::Cast(Cast { expr, field }) => {
@@ -182,135 +214,264 @@ fn total_form(e: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
 /// Functions that can overflow on an integer or decimal value.
 const ROUNDING: &[&str] = &["round", "ceil", "floor", "trunc"];
 
-fn as_double(e: &Expr) -> bool {
+/// Whether `e` is already a value taken as `DOUBLE`.
+fn is_double(e: &Expr) -> bool {
     matches!(e, Expr::TryCast(c) if c.field.data_type() == &DataType::Float64)
 }
 
+/// `e` taken as `DOUBLE` (NULL where it does not convert).
+fn as_double(e: Expr) -> Expr {
+    if is_double(&e) {
+        e
+    } else {
+        Expr::TryCast(TryCast::new(Box::new(e), DataType::Float64))
+    }
+}
+
+/// The type of `e`; `Null` when it has none (a coerced predicate has).
+fn type_of(e: &Expr, schema: &DFSchema) -> DataType {
+    e.get_type(schema).unwrap_or(DataType::Null)
+}
+
+fn decimal(e: &Expr, schema: &DFSchema) -> bool {
+    matches!(
+        type_of(e, schema),
+        DataType::Decimal32(..)
+            | DataType::Decimal64(..)
+            | DataType::Decimal128(..)
+            | DataType::Decimal256(..)
+    )
+}
+
+fn unsigned(e: &Expr, schema: &DFSchema) -> bool {
+    type_of(e, schema).is_unsigned_integer()
+}
+
+/// The integer `v` as a literal of `beside`'s type, so that coercion adds no
+/// cast next to it (nor turns `beside` into another type).
+fn typed(v: i64, beside: &Expr, schema: &DFSchema) -> Expr {
+    let value = ScalarValue::Int64(Some(v));
+    match value.cast_to(&type_of(beside, schema)) {
+        Ok(typed) if !typed.is_null() => lit(typed),
+        _ => lit(value),
+    }
+}
+
 /// The total form of `x op y` for division or remainder.
-fn divide(op: Operator, x: Expr, y: Expr, schema: &DFSchema) -> Expr {
-    let decimal = |e: &Expr| {
-        matches!(
-            e.get_type(schema),
-            Ok(DataType::Decimal32(..)
-                | DataType::Decimal64(..)
-                | DataType::Decimal128(..)
-                | DataType::Decimal256(..))
-        )
-    };
-    let (x, y) = if decimal(&x) || decimal(&y) {
-        let double = |e: Expr| {
-            if as_double(&e) {
-                e
-            } else {
-                Expr::TryCast(TryCast::new(Box::new(e), DataType::Float64))
-            }
-        };
-        (double(x), double(y))
+fn divide(op: Operator, x: Expr, y: Expr, schema: &DFSchema) -> datafusion::common::Result<Expr> {
+    let (x, y) = if decimal(&x, schema) || decimal(&y, schema) {
+        (as_double(x), as_double(y))
     } else {
         (x, y)
     };
-    // No unsigned operand can be the smallest integer or -1; a -1 branch
-    // would also turn the quotient's type into a decimal (checked, unlike
-    // the unsigned arithmetic it replaces).
+    let guarded = nullif(y.clone(), typed(0, &y, schema));
+    // No unsigned operand can be the smallest integer or -1.
     if unsigned(&x, schema) || unsigned(&y, schema) {
-        return binary(x, op, nullif(y, lit(0)));
+        return Ok(binary(x, op, guarded));
     }
     let by_minus_one = match op {
-        Operator::Divide => lit(0) - x.clone(),
-        _ => binary(x.clone(), Operator::Modulo, lit(1)),
+        Operator::Divide => typed(0, &x, schema) - x.clone(),
+        _ => binary(x.clone(), Operator::Modulo, typed(1, &x, schema)),
     };
-    let otherwise = binary(x, op, nullif(y.clone(), lit(0)));
-    // Literal operands: the expression is well formed.
-    when(y.eq(lit(-1)), by_minus_one)
-        .otherwise(otherwise)
-        .expect("one WHEN and an ELSE")
+    when(y.clone().eq(typed(-1, &y, schema)), by_minus_one).otherwise(binary(x, op, guarded))
 }
 
 fn binary(l: Expr, op: Operator, r: Expr) -> Expr {
     Expr::BinaryExpr(BinaryExpr::new(Box::new(l), op, Box::new(r)))
 }
 
-fn unsigned(e: &Expr, schema: &DFSchema) -> bool {
-    e.get_type(schema).is_ok_and(|t| t.is_unsigned_integer())
+/// The operator and operands of an expression that is exactly [`divide`]'s
+/// total form of them.
+fn total_division(e: &Expr, schema: &DFSchema) -> Option<(Operator, Expr, Expr)> {
+    let quotient = |e: &Expr| match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: op @ (Operator::Divide | Operator::Modulo),
+            right,
+        }) => match right.as_ref() {
+            Expr::ScalarFunction(f) if f.func.name() == "nullif" && f.args.len() == 2 => {
+                Some((*op, left.as_ref().clone(), f.args[0].clone()))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let (op, x, y) = match e {
+        Expr::Case(case) => match (case.when_then_expr.as_slice(), &case.else_expr) {
+            ([_], Some(otherwise)) => quotient(otherwise)?,
+            _ => return None,
+        },
+        other => quotient(other)?,
+    };
+    (divide(op, x.clone(), y.clone(), schema).ok()? == *e).then_some((op, x, y))
 }
 
-/// The operator and operands of an expression in the total form of
-/// [`divide`].
-fn total_division(e: &Expr, schema: &DFSchema) -> Option<(Operator, Expr, Expr)> {
-    if let Expr::BinaryExpr(BinaryExpr {
-        left: x,
-        op: op @ (Operator::Divide | Operator::Modulo),
-        right: guarded,
-    }) = e
-        && let Expr::ScalarFunction(f) = guarded.as_ref()
-        && f.func.name() == "nullif"
-        && f.args.get(1) == Some(&lit(0))
-        && (unsigned(x, schema) || unsigned(&f.args[0], schema))
-    {
-        return Some((*op, x.as_ref().clone(), f.args[0].clone()));
+/// Refuses what has no total form (see [`total`]). Patterns are compiled
+/// here, once, by the kernels that would compile them for every batch.
+fn refuse_partial(e: &Expr, schema: &DFSchema) -> Result<()> {
+    let mut refusal = None;
+    e.apply(|e| {
+        refusal = match e {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                binary_refusal(left, *op, right, schema)
+            }
+            Expr::Negative(x) if type_of(x, schema).is_temporal() => Some(TEMPORAL.to_owned()),
+            Expr::Like(like) if like.escape_char.is_some_and(|c| c != '\\') => {
+                Some("LIKE takes no ESCAPE character but the backslash".to_owned())
+            }
+            Expr::SimilarTo(like) if like.escape_char.is_some() => {
+                Some("SIMILAR TO takes no ESCAPE character".to_owned())
+            }
+            Expr::Like(like) => pattern_refusal(
+                &like.pattern,
+                if like.case_insensitive {
+                    Pattern::ILike
+                } else {
+                    Pattern::Like
+                },
+            ),
+            Expr::SimilarTo(like) => {
+                pattern_refusal(&like.pattern, Pattern::Regex(like.case_insensitive))
+            }
+            _ => None,
+        };
+        Ok(match refusal {
+            Some(_) => TreeNodeRecursion::Stop,
+            None => TreeNodeRecursion::Continue,
+        })
+    })
+    .map_err(df)?;
+    match refusal {
+        Some(message) => Err(EngineError::rejected(Rule::UnsupportedShape, message)),
+        None => Ok(()),
     }
-    let Expr::Case(case) = e else { return None };
-    let ([(w, t)], Some(otherwise), None) =
-        (case.when_then_expr.as_slice(), &case.else_expr, &case.expr)
-    else {
-        return None;
+}
+
+const TEMPORAL: &str = "arithmetic on dates and times can fail on a value and is not supported in predicates; compare the column with a date or time literal";
+
+fn binary_refusal(left: &Expr, op: Operator, right: &Expr, schema: &DFSchema) -> Option<String> {
+    use Operator::*;
+    match op {
+        And | Or | Eq | NotEq | Lt | LtEq | Gt | GtEq | IsDistinctFrom | IsNotDistinctFrom
+        | StringConcat | BitwiseAnd | BitwiseOr | BitwiseXor | BitwiseShiftLeft
+        | BitwiseShiftRight => None,
+        // Literals alone are folded while planning, whatever the data.
+        Plus | Minus | Multiply | Divide | Modulo => ((type_of(left, schema).is_temporal()
+            || type_of(right, schema).is_temporal())
+            && !(left.column_refs().is_empty() && right.column_refs().is_empty()))
+        .then(|| TEMPORAL.to_owned()),
+        LikeMatch | NotLikeMatch => pattern_refusal(right, Pattern::Like),
+        ILikeMatch | NotILikeMatch => pattern_refusal(right, Pattern::ILike),
+        RegexMatch | RegexNotMatch => pattern_refusal(right, Pattern::Regex(false)),
+        RegexIMatch | RegexNotIMatch => pattern_refusal(right, Pattern::Regex(true)),
+        other => Some(format!(
+            "the operator `{other}` is not supported in predicates"
+        )),
+    }
+}
+
+/// How a pattern is matched.
+#[derive(Clone, Copy)]
+enum Pattern {
+    Like,
+    ILike,
+    /// A regular expression (`~`, `SIMILAR TO`); case-insensitive or not.
+    Regex(bool),
+}
+
+/// Why a pattern is refused: it must be literal text (or NULL) that
+/// compiles, since the kernels compile it for each batch they see and fail
+/// on it only if they see one.
+fn pattern_refusal(pattern: &Expr, how: Pattern) -> Option<String> {
+    use datafusion::arrow::array::{Scalar, StringArray};
+    use datafusion::arrow::compute::kernels::comparison::{ilike, like, regexp_is_match_scalar};
+    let mut literal = pattern;
+    while let Expr::Cast(Cast { expr, .. }) | Expr::TryCast(TryCast { expr, .. }) = literal {
+        literal = expr;
+    }
+    let text = match literal {
+        Expr::Literal(v, _) if v.is_null() => return None,
+        Expr::Literal(
+            ScalarValue::Utf8(Some(t))
+            | ScalarValue::LargeUtf8(Some(t))
+            | ScalarValue::Utf8View(Some(t)),
+            _,
+        ) => t,
+        _ => return Some("patterns must be literal text".to_owned()),
     };
-    let Expr::BinaryExpr(BinaryExpr {
-        left: y,
-        op: Operator::Eq,
-        right: minus_one,
-    }) = w.as_ref()
-    else {
-        return None;
+    let one = StringArray::from(vec![""]);
+    let compiled = match how {
+        Pattern::Like => {
+            like(&one, &Scalar::new(StringArray::from(vec![text.as_str()]))).map(|_| ())
+        }
+        Pattern::ILike => {
+            ilike(&one, &Scalar::new(StringArray::from(vec![text.as_str()]))).map(|_| ())
+        }
+        Pattern::Regex(insensitive) => {
+            regexp_is_match_scalar(&one, text, insensitive.then_some("i")).map(|_| ())
+        }
     };
-    let Expr::BinaryExpr(BinaryExpr {
-        left: x,
-        op,
-        right: guarded,
-    }) = otherwise.as_ref()
-    else {
-        return None;
-    };
-    let op = *op;
-    let expected = match op {
-        Operator::Divide => lit(0) - x.as_ref().clone(),
-        Operator::Modulo => binary(x.as_ref().clone(), Operator::Modulo, lit(1)),
-        _ => return None,
-    };
-    (**minus_one == lit(-1) && **t == expected && **guarded == nullif(y.as_ref().clone(), lit(0)))
-        .then(|| (op, x.as_ref().clone(), y.as_ref().clone()))
+    compiled
+        .err()
+        .map(|_| "the pattern does not compile".to_owned())
 }
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use datafusion::common::DFSchema;
     use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
     use datafusion::functions::math::expr_fn::{abs, floor, round};
     use datafusion::logical_expr::{Expr, Operator, cast, col, lit};
+    use datafusion::optimizer::analyzer::type_coercion::TypeCoercionRewriter;
     use proptest::prelude::*;
 
-    use super::{ROUNDING, as_double, total, total_division};
+    use super::{ROUNDING, decimal, is_double, total, total_division, type_of};
 
+    /// Integers of two widths, a decimal, a double, text and times.
     fn schema() -> DFSchema {
         DFSchema::try_from(Schema::new(vec![
             Field::new("a", DataType::Int64, true),
             Field::new("b", DataType::Int64, true),
+            Field::new("c", DataType::Int32, true),
+            Field::new("d", DataType::Decimal128(10, 2), true),
+            Field::new("f", DataType::Float64, true),
+            Field::new("u", DataType::UInt64, true),
+            Field::new("s", DataType::Utf8, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new("at", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
         ]))
         .expect("schema")
     }
 
-    /// Arithmetic and comparisons over two columns and small literals, with
-    /// casts, division, remainder, `abs` and rounding anywhere.
+    /// Comparisons of arithmetic over numeric columns and small literals,
+    /// with casts, division, remainder, `abs` and rounding anywhere.
     fn expr() -> impl Strategy<Value = Expr> {
-        let leaf = prop_oneof![Just(col("a")), Just(col("b")), (-2i64..3).prop_map(lit),];
+        let compared = || (numeric(), numeric()).prop_map(|(x, y)| x.gt(y));
+        (compared(), compared(), any::<bool>())
+            .prop_map(|(p, q, both)| if both { p.and(q) } else { p })
+    }
+
+    fn numeric() -> impl Strategy<Value = Expr> {
+        let leaf = prop_oneof![
+            Just(col("a")),
+            Just(col("b")),
+            Just(col("c")),
+            Just(col("d")),
+            Just(col("f")),
+            (-2i64..3).prop_map(lit),
+        ];
         leaf.prop_recursive(4, 24, 2, |inner| {
             prop_oneof![
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x / y),
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x % y),
                 (inner.clone(), inner.clone()).prop_map(|(x, y)| x + y),
-                (inner.clone(), inner.clone()).prop_map(|(x, y)| x.gt(y)),
-                (inner.clone(), inner.clone()).prop_map(|(x, y)| round(vec![x, y])),
+                (inner.clone(), inner.clone()).prop_map(|(x, y)| x * y),
+                (
+                    inner.clone(),
+                    prop_oneof![Just(col("c")), (-2i64..3).prop_map(lit)]
+                )
+                    .prop_map(|(x, y)| round(vec![x, y])),
                 inner.clone().prop_map(abs),
                 inner.clone().prop_map(floor),
                 inner.prop_map(|x| cast(x, DataType::Int32)),
@@ -320,13 +481,19 @@ mod tests {
 
     /// Whether anything that can fail is left outside the total forms.
     fn fallible(e: &Expr) -> bool {
+        let schema = schema();
         let mut found = false;
-        // Each total division becomes its operands' sum, to look inside.
+        // Each total division becomes its operands' comparison, to look
+        // inside (a sum would itself be arithmetic on their types).
         let flat = e
             .clone()
             .transform_down(|e| {
-                Ok(match total_division(&e, &schema()) {
-                    Some((_, x, y)) => Transformed::new(x + y, true, TreeNodeRecursion::Continue),
+                Ok(match total_division(&e, &schema) {
+                    Some((_, x, y)) => Transformed::new(
+                        x.is_null().and(y.is_null()),
+                        true,
+                        TreeNodeRecursion::Continue,
+                    ),
                     None => Transformed::no(e),
                 })
             })
@@ -334,11 +501,19 @@ mod tests {
             .data;
         flat.apply(|x| {
             found |= match x {
-                Expr::BinaryExpr(b) => matches!(b.op, Operator::Divide | Operator::Modulo),
+                Expr::BinaryExpr(b) => match b.op {
+                    Operator::Divide | Operator::Modulo => true,
+                    Operator::Plus | Operator::Minus | Operator::Multiply => {
+                        decimal(&b.left, &schema) || decimal(&b.right, &schema)
+                    }
+                    _ => false,
+                },
                 Expr::Cast(_) => true,
                 Expr::ScalarFunction(f) => {
-                    f.func.name() == "abs"
-                        || (ROUNDING.contains(&f.func.name()) && !as_double(&f.args[0]))
+                    (f.func.name() == "abs"
+                        && (type_of(&f.args[0], &schema).is_signed_integer()
+                            || decimal(&f.args[0], &schema)))
+                        || (ROUNDING.contains(&f.func.name()) && !is_double(&f.args[0]))
                 }
                 _ => false,
             };
@@ -348,13 +523,22 @@ mod tests {
         found
     }
 
+    fn coerced(e: Expr) -> Expr {
+        e.rewrite(&mut TypeCoercionRewriter::new(&schema()))
+            .expect("coerced")
+            .data
+    }
+
     proptest! {
+        /// Total, idempotent, and already coerced: the executor's analyzer
+        /// adds no cast to it.
         #[test]
-        fn the_total_form_is_idempotent_and_total(e in expr()) {
+        fn the_total_form_is_idempotent_total_and_coerced(e in expr()) {
             let schema = schema();
             let once = total(e, &schema).expect("total");
             prop_assert_eq!(total(once.clone(), &schema).expect("total"), once.clone());
             prop_assert!(!fallible(&once), "{once}");
+            prop_assert_eq!(coerced(once.clone()), once);
         }
     }
 
@@ -363,28 +547,28 @@ mod tests {
     #[test]
     fn a_hand_written_total_form_keeps_no_fallible_operand() {
         let (x, y) = (abs(col("a")), col("b"));
-        let written = datafusion::logical_expr::when(y.clone().eq(lit(-1)), lit(0) - x.clone())
-            .otherwise(x / super::nullif(y, lit(0)))
-            .expect("case");
+        // SQL's integer literals are 64-bit, like the columns here.
+        let written =
+            datafusion::logical_expr::when(y.clone().eq(lit(-1i64)), lit(0i64) - x.clone())
+                .otherwise(x / super::nullif(y, lit(0i64)))
+                .expect("case");
         assert!(total_division(&written, &schema()).is_some());
         assert!(fallible(&written));
         assert!(!fallible(&total(written, &schema()).expect("total")));
     }
 
-    /// A decimal quotient can overflow its type: it is computed in DOUBLE.
+    /// Decimal arithmetic can overflow its type: it is computed in DOUBLE.
     #[test]
-    fn decimal_operands_are_divided_as_doubles() {
-        let schema = DFSchema::try_from(Schema::new(vec![
-            Field::new("d", DataType::Decimal128(38, 10), true),
-            Field::new("a", DataType::Int64, true),
-        ]))
-        .expect("schema");
+    fn decimal_arithmetic_is_computed_in_doubles() {
+        let schema = schema();
         let once = total(col("d") / col("a"), &schema).expect("total");
         let Some((_, x, y)) = total_division(&once, &schema) else {
             panic!("a total division: {once}")
         };
-        assert!(as_double(&x) && as_double(&y), "{once}");
+        assert!(is_double(&x) && is_double(&y), "{once}");
         assert_eq!(total(once.clone(), &schema).expect("total"), once);
+        let product = total((col("d") * col("d")).gt(lit(1)), &schema).expect("total");
+        assert!(!fallible(&product), "{product}");
         // Integers keep integer division.
         let ints = total(col("a") / lit(2), &schema).expect("total");
         let Some((_, x, _)) = total_division(&ints, &schema) else {
@@ -398,15 +582,79 @@ mod tests {
     /// turns them into (checked) decimals.
     #[test]
     fn unsigned_operands_keep_their_type() {
-        let schema = DFSchema::try_from(Schema::new(vec![
-            Field::new("u", DataType::UInt64, true),
-            Field::new("a", DataType::Int64, true),
-        ]))
-        .expect("schema");
-        let quotient = total(col("u") / col("a"), &schema).expect("total");
-        assert_eq!(quotient, col("u") / super::nullif(col("a"), lit(0)));
+        let schema = schema();
+        let quotient = total(col("u") / col("u"), &schema).expect("total");
+        assert!(!matches!(quotient, Expr::Case(_)), "{quotient}");
+        assert_eq!(
+            total_division(&quotient, &schema).map(|d| d.1),
+            Some(col("u"))
+        );
         assert_eq!(total(quotient.clone(), &schema).expect("total"), quotient);
         let product = total(abs(col("u")) * abs(col("u")), &schema).expect("total");
         assert_eq!(product, abs(col("u")) * abs(col("u")));
+    }
+
+    /// Casts that coercion would add later (text against numbers, dates
+    /// against timestamps, a narrower integer against a wider one) are
+    /// added here, as `TRY_CAST`.
+    #[test]
+    fn casts_that_coercion_adds_are_tried() {
+        let schema = schema();
+        for e in [
+            col("s").eq(col("a")),
+            col("s").lt(lit(3)),
+            col("day").lt(col("at")),
+            col("c").in_list(vec![lit(1), lit("x")], false),
+            datafusion::functions::core::expr_fn::coalesce(vec![col("s"), col("a")]).eq(lit(1)),
+            round(vec![col("f"), col("a")]).gt(lit(0)),
+        ] {
+            let once = total(e.clone(), &schema).expect("total");
+            assert!(!fallible(&once), "{e}: {once}");
+            assert_eq!(coerced(once.clone()), once, "{e}");
+        }
+    }
+
+    /// What has no total form is refused before any data is read.
+    #[test]
+    fn what_has_no_total_form_is_refused() {
+        let schema = schema();
+        let like = |pattern: Expr| col("s").like(pattern);
+        let regex = |pattern: &str| {
+            Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(
+                Box::new(col("s")),
+                Operator::RegexMatch,
+                Box::new(lit(pattern)),
+            ))
+        };
+        for (e, needle) in [
+            (col("at") - col("at"), "dates and times"),
+            (like(col("s")), "literal"),
+            (regex("("), "compile"),
+            (
+                Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(
+                    Box::new(col("s")),
+                    Operator::RegexMatch,
+                    Box::new(col("s")),
+                )),
+                "literal",
+            ),
+        ] {
+            match total(e.clone().is_not_null(), &schema) {
+                Err(err) => {
+                    assert_eq!(err.code(), "UNSUPPORTED_SHAPE", "{e}: {err}");
+                    assert!(err.to_string().contains(needle), "{e}: {err}");
+                }
+                Ok(t) => panic!("{e} has no total form, yet: {t}"),
+            }
+        }
+        let literal_date = datafusion::logical_expr::cast(lit("2026-01-01"), DataType::Date32);
+        for e in [
+            like(lit("北京%")),
+            regex("^[0-9]+$"),
+            col("s").ilike(lit("a_c")),
+            col("day").lt(literal_date.clone() - literal_date),
+        ] {
+            total(e.clone(), &schema).unwrap_or_else(|err| panic!("{e}: {err}"));
+        }
     }
 }
