@@ -14,8 +14,9 @@ use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, lit, try_cast};
 
 use super::clamp_values::clamped;
-use super::filter_rows::{key_and_row_filters, total};
+use super::filter_rows::key_and_row_filters;
 use super::join_tables::join_sources;
+use super::total::total;
 use super::{RewriteContext, RewriteStage, df};
 use crate::analyze::{AggregateCall, derived_column};
 use crate::error::{EngineError, Result};

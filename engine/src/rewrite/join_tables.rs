@@ -16,7 +16,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, col, lit};
 
-use super::filter_rows::total;
+use super::total::total;
 use super::{RewriteContext, RewriteStage, df};
 use crate::analyze::SourceColumn;
 use crate::error::{EngineError, Result};

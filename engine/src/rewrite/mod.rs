@@ -20,6 +20,9 @@
 //! 6. [`AggregateExactly`]: counts and exact `i128` decimal sums per group.
 //! 7. [`MarkRelease`]: a [`ReleaseNode`] on top, where execution stops and
 //!    the broker's noise takes over.
+//!
+//! Every predicate the stages apply to private rows is first put in total
+//! form (`total.rs`): no value can make it fail, or it is refused.
 
 mod aggregate_exactly;
 mod aggregate_per_unit;
@@ -28,6 +31,7 @@ mod clamp_values;
 mod filter_rows;
 mod join_tables;
 mod mark_release;
+mod total;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::datasource::provider_as_source;
