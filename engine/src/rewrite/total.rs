@@ -30,15 +30,17 @@ use crate::error::{EngineError, Result, Rule};
 ///   computed in `DOUBLE`;
 /// - `abs(x)` of an integer becomes `CASE WHEN x < 0 THEN 0 - x ELSE x END`
 ///   (the smallest integer stays itself); of a decimal, it takes a `DOUBLE`;
-/// - `round`, `ceil`, `floor` and `trunc` take their value as `DOUBLE`: on
-///   integers and decimals they can overflow;
+/// - `round`, `ceil`, `floor` and `trunc` take their value as `DOUBLE` (on
+///   integers and decimals they can overflow) and give back their own type
+///   (`TRY_CAST`);
 /// - casts, those coercion added included, become `TRY_CAST` (NULL when a
 ///   value does not convert).
 ///
 /// The literals these forms add have their operand's type, so coercing the
 /// result again adds no cast. Unsigned operands can be neither the smallest
 /// integer nor -1: their division keeps only the zero guard. Refused
-/// ([`refuse_partial`]): arithmetic on dates and times, patterns that are no
+/// ([`refuse_partial`]): arithmetic on dates and times, conversions of them
+/// that fail even in `TRY_CAST`, `||` over values, patterns that are no
 /// literal or do not compile, and operators DataFusion does not evaluate.
 /// Idempotent: the forms above are recognised and only their operands are
 /// made total again.
@@ -275,18 +277,25 @@ fn refuse_partial(e: &Expr, schema: &DFSchema) -> Result<()> {
 
 const TEMPORAL: &str = "arithmetic on dates and times can fail on a value and is not supported in predicates; compare the column with a date or time literal";
 
-/// Arrow converts dates and times to text, or timestamps to dates and
-/// times, by formatting or checked arithmetic that fails on out-of-range
-/// values even in `TRY_CAST`. Only the conversions that give NULL there are
-/// kept: a date to a timestamp, a timestamp to another unit or zone, a
-/// 64-bit date to a 32-bit one.
+/// Arrow converts dates and times to text, timestamps to dates and times,
+/// and into a time zone by formatting or checked arithmetic that fails (or
+/// panics, in chrono) on out-of-range values even in `TRY_CAST`. Only the
+/// conversions that give NULL there are kept: a date to a timestamp without
+/// a zone, a timestamp to another unit in its own zone, a 64-bit date to a
+/// 32-bit one. Dictionaries are judged by their values.
 fn cast_refusal(from: &DataType, to: &DataType) -> Option<String> {
     use DataType::*;
-    let kept = matches!(
-        (from, to),
-        (Date32, Timestamp(..)) | (Timestamp(..), Timestamp(..)) | (Date64, Date32)
-    );
-    (from.is_temporal() && from != to && !kept).then(|| {
+    let values = match from {
+        Dictionary(_, v) => v.as_ref(),
+        RunEndEncoded(_, v) => v.data_type(),
+        other => other,
+    };
+    let kept = match (values, to) {
+        (Date32, Timestamp(_, None)) | (Date64, Date32) => true,
+        (Timestamp(_, zone), Timestamp(_, other)) => zone == other,
+        (from, to) => from == to,
+    };
+    (values.is_temporal() && !kept).then(|| {
         format!("converting {from} to {to} can fail on a value; compare the column with a literal of its own type")
     })
 }
@@ -374,7 +383,8 @@ mod tests {
 
     use super::{ROUNDING, decimal, is_double, total, total_division, type_of};
 
-    /// Integers of two widths, a decimal, a double, text and times.
+    /// Integers of two widths, a decimal, a double, text and times (one
+    /// dictionary-encoded).
     fn schema() -> DFSchema {
         DFSchema::try_from(Schema::new(vec![
             Field::new("a", DataType::Int64, true),
@@ -385,6 +395,11 @@ mod tests {
             Field::new("u", DataType::UInt64, true),
             Field::new("s", DataType::Utf8, true),
             Field::new("day", DataType::Date32, true),
+            Field::new(
+                "days",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Date32)),
+                true,
+            ),
             Field::new("at", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
         ]))
         .expect("schema")
@@ -599,6 +614,15 @@ mod tests {
             (regex(col("s")), "literal"),
             (cast(col("at"), DataType::Utf8), "converting"),
             (cast(col("day"), DataType::Date64), "converting"),
+            // Into a zone: chrono's offset arithmetic panics near its range.
+            (
+                cast(
+                    col("at"),
+                    DataType::Timestamp(TimeUnit::Second, Some("+08:00".into())),
+                ),
+                "converting",
+            ),
+            (cast(col("days"), DataType::Utf8), "converting"),
             (concat(col("s"), lit("x")), "concatenating"),
         ] {
             match total(e.clone().is_not_null(), &schema) {
@@ -614,6 +638,7 @@ mod tests {
             regex(lit("^[0-9]+$")),
             col("s").ilike(lit("a_c")),
             col("day").lt(col("at")),
+            cast(col("at"), DataType::Timestamp(TimeUnit::Second, None)).is_not_null(),
             col("s").eq(concat(lit("a"), lit("b"))),
         ] {
             total(e.clone(), &schema).unwrap_or_else(|err| panic!("{e}: {err}"));
