@@ -1522,8 +1522,10 @@ fn literal_use(
 ) -> Result<()> {
     let c = ctx.source_column(column)?;
     ctx.require_joined(&c, Use::FilterLiteral)?;
-    // A literal of another type class would make DataFusion cast the column,
-    // and a failing cast is a data-dependent error: refuse it up front.
+    // A literal of another type class would make DataFusion cast the column
+    // (text to a number, say): the rewrite's total form would turn the values
+    // that do not convert into NULL (`rewrite/total.rs`), which silently
+    // drops rows; such a comparison is most likely a mistake, so refuse it.
     let Some(data_type) = ctx.data_type(&c) else {
         return Ok(());
     };
